@@ -1,0 +1,336 @@
+"""Typed configuration: TOML files loaded into dataclasses, ``--set key=value`` overrides.
+
+Every section is a dataclass; unknown keys, wrong types and invalid values are errors that name the
+key. The resolved config is written back to the work dir as TOML, so a run is reproducible from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    """One domain's dataset. ``name`` picks the layout (see fastuda/data and spec/data.md)."""
+
+    name: Literal[
+        "gta", "cityscapes", "synthia", "dark_zurich", "synthetic_source", "synthetic_target",
+        "synthetic_night", "folder",
+    ] = "synthetic_source"
+    root: str = "data/synthetic"
+    split: str = "train"
+    # resize every image (and label, nearest) to (width, height) before cropping; [] keeps the size
+    resize: list[int] = field(default_factory=list)
+    # "folder" datasets: Cityscapes-style pair described by suffixes and a label map
+    image_dir: str = "images"
+    label_dir: str = "labels"
+    image_suffix: str = ".png"
+    label_suffix: str = ".png"
+    # label map "raw id -> train id" for "folder" datasets; empty means labels are train ids already
+    label_map: dict[str, int] = field(default_factory=dict)
+    num_classes: int = 19
+
+
+@dataclass
+class DataConfig:
+    source: DatasetConfig = field(default_factory=DatasetConfig)
+    target: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(name="synthetic_target"))
+    val: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(name="synthetic_target", split="val"))
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    on_error: Literal["raise", "skip"] = "raise"
+    batch_size: int = 2  # images per domain per step (per process)
+    num_workers: int = 2
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    # rare class sampling on the source (DAFormer): P(c) = softmax((1 - f_c) / T)
+    rcs: bool = True
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    # ImageNet normalisation
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+    def __post_init__(self) -> None:
+        _check(len(self.crop_size) == 2 and min(self.crop_size) > 0, "data.crop_size",
+               self.crop_size, "two positive integers (height, width)")
+        _check(len(self.ratio_range) == 2 and 0 < self.ratio_range[0] <= self.ratio_range[1],
+               "data.ratio_range", self.ratio_range, "two numbers 0 < lo <= hi")
+        _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio, "in (0, 1]")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(self.rcs_temperature > 0, "data.rcs_temperature", self.rcs_temperature, "> 0")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["deeplabv2", "daformer"] = "daformer"
+    # deeplabv2: resnet18 | resnet50 | resnet101; daformer: mit_b0 ... mit_b5
+    backbone: str = "mit_b5"
+    num_classes: int = 19
+    pretrained: str = ""  # local checkpoint path; nothing is downloaded
+    decoder_channels: int = 256
+    projection: bool = True  # SePiCo projection head (embeddings output)
+    embed_dim: int = 0  # 0: the published size (512 deeplabv2, 256 daformer)
+    drop_path: float = 0.1
+    dropout: float = 0.1
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
+                   "daformer": tuple(f"mit_b{i}" for i in range(6))}[self.name]
+        _check(self.backbone in allowed, "model.backbone", self.backbone,
+               f"one of {allowed} for model.name = {self.name!r}")
+        _check(self.num_classes >= 1, "model.num_classes", self.num_classes, ">= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fused: bool = True  # fused AdamW where the device supports it
+    grad_clip: float = 0.0  # 0 disables
+
+
+@dataclass
+class SelfTrainingConfig:
+    enabled: bool = True  # False: source-only baseline
+    ema_alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    ignore_top: int = 0  # rows of the pseudo-label weight zeroed (GTA->Cityscapes: 15)
+    ignore_bottom: int = 0  # (GTA->Cityscapes: 120)
+    mix: Literal["classmix", "none"] = "classmix"
+    color_jitter_strength: float = 0.2
+    color_jitter_prob: float = 0.8
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
+    class_balanced_crop: bool = False  # SePiCo target crop
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["none", "sepico", "cluda", "spcl", "bipcl", "corda"] = "none"
+    # SePiCo
+    variant: Literal["proto", "bank", "dist"] = "dist"
+    start_iter: int = 3000
+    contrast_weight: float = 1.0
+    reg_weight: float = 1.0
+    tau: float = 100.0
+    lam: float = 1.0
+    bank_size: int = 200
+    downscale_min_ratio: float = 0.75
+
+    def __post_init__(self) -> None:
+        _check(self.tau > 0, "method.tau", self.tau, "> 0")
+        _check(self.bank_size >= 0, "method.bank_size", self.bank_size, ">= 0")
+
+
+@dataclass
+class OpsConfig:
+    backend: Literal["auto", "cpu", "cuda", "triton", "torch"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    stride: list[int] = field(default_factory=lambda: [341, 341])
+    flip: bool = False
+    batch_size: int = 1
+    num_vis: int = 4  # images in the vis/ PNG grid at each evaluation
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 40000
+    eval_interval: int = 4000
+    checkpoint_interval: int = 4000
+    log_interval: int = 50
+    seed: int = 0
+    deterministic: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        _check(self.max_iters >= 1, "train.max_iters", self.max_iters, ">= 1")
+        for key in ("eval_interval", "checkpoint_interval", "log_interval"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.model.num_classes == self.data.source.num_classes, "model.num_classes",
+               self.model.num_classes, f"equal to data.source.num_classes "
+               f"({self.data.source.num_classes})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+# ----------------------------------------------------------------------------------------------
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected {expected})")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"invalid value for {key}: {value!r} "
+                              f"(expected one of {list(typing.get_args(tp))})")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"invalid value for {key}: {value!r} (expected {tp})")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is type(None) and value is None:
+        return None
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"invalid type for {key}: {value!r} is {type(value).__name__}, "
+                          f"expected {tp.__name__}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
+                          f"valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid [{prefix or 'config'}]: {err}") from err
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_iters=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:  # a TOML literal: numbers, booleans, "strings", [lists]
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare string
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config file, apply ``key=value`` overrides, validate, return a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    try:
+        return from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a config as TOML (the resolved config written to each work dir)."""
+    lines: list[str] = []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    def emit(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k == "label_map"}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict) and k != "label_map"}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in scalars.items())
+        lines.append("")
+        for k, v in tables.items():
+            emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", to_dict(cfg))
+    return "\n".join(lines).lstrip("\n")
