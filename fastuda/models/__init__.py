@@ -1,0 +1,56 @@
+"""Segmentation models: DeepLab-V2 (ResNet) and DAFormer (MiT), one ``build_model(config)`` entry.
+
+Every model is a :class:`SegModel` whose forward returns a dict of named outputs (see base.py).
+Pretrained weights come only from local files (``model.pretrained = "PATH"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastuda.config import ModelConfig
+
+from .base import SegModel
+from .daformer import DAFormer
+from .deeplabv2 import DeepLabV2
+from .mit import MIT_SPECS, MixTransformer
+from .pretrained import load_pretrained
+from .resnet import RESNET_SPECS, ResNet
+
+
+def build_model(cfg: ModelConfig) -> SegModel:
+    """Build the model ``cfg`` describes, load ``cfg.pretrained`` if set, apply channels_last.
+
+    The pretrained-loading report is kept as ``model.pretrained_report`` (None without weights).
+    """
+    model: SegModel
+    if cfg.name == "deeplabv2":
+        if cfg.backbone not in RESNET_SPECS:
+            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a ResNet; deeplabv2 takes "
+                             f"one of {sorted(RESNET_SPECS)}")
+        model = DeepLabV2(cfg.backbone, cfg.num_classes, projection=cfg.projection,
+                          embed_dim=cfg.embed_dim, channels_last=cfg.channels_last)
+    elif cfg.name == "daformer":
+        if cfg.backbone not in MIT_SPECS:
+            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a MiT; daformer takes "
+                             f"one of {sorted(MIT_SPECS)}")
+        model = DAFormer(cfg.backbone, cfg.num_classes, decoder_channels=cfg.decoder_channels,
+                         projection=cfg.projection, embed_dim=cfg.embed_dim,
+                         drop_path=cfg.drop_path, dropout=cfg.dropout,
+                         channels_last=cfg.channels_last)
+    else:
+        raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2' or 'daformer'")
+    model.pretrained_report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm with SyncBatchNorm (multi-GPU training on CUDA only)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+__all__ = ["DAFormer", "DeepLabV2", "MIT_SPECS", "MixTransformer", "RESNET_SPECS", "ResNet",
+           "SegModel", "build_model", "convert_sync_batchnorm", "load_pretrained"]

@@ -1,0 +1,65 @@
+"""SegModel: what every segmentation network of fastuda offers the trainer and the methods.
+
+A model is a ``backbone`` plus heads. ``forward`` returns a dict of named outputs so a method reads
+what it needs (logits, embeddings, fused features) without touching model code:
+
+- ``logits``      [B, num_classes, H/s, W/s]  (s = ``output_stride``; the trainer upsamples)
+- ``embeddings``  [B, embed_dim, h, w], unit L2 norm along channels (only with a projection head)
+- ``features``    the feature map the classifier reads (DAFormer: fused decoder map, DeepLab-V2:
+                  layer-4 output)
+- ``backbone``    the last backbone stage (ImageNet feature distance compares it)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SegModel(nn.Module):
+    """Base class; subclasses set ``backbone``, heads and the three size attributes."""
+
+    output_stride: int
+    embed_dim: int  # channels of "embeddings"; 0 when the model has no projection head
+    num_classes: int
+    feature_channels: int  # channels of "features"
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects images [B, 3, H, W], "
+                             f"got shape {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.startswith("backbone.")]
+
+    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+        """Optimiser groups: backbone at ``lr``, everything else (heads) at ``lr * head_lr_mult``.
+
+        One-dimensional parameters (biases and the weights of BatchNorm/LayerNorm) get no weight
+        decay; all others get ``weight_decay``. Each group carries ``name`` and ``lr_mult`` (its lr
+        relative to ``lr``) so schedulers can rescale it. Frozen parameters and empty groups are
+        left out.
+        """
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "backbone" if name.startswith("backbone.") else "head"
+            buckets.setdefault((part, p.ndim <= 1), []).append(p)
+        groups = []
+        for part in ("backbone", "head"):
+            mult = 1.0 if part == "backbone" else head_lr_mult
+            for no_decay in (False, True):
+                params = buckets.get((part, no_decay))
+                if params:
+                    groups.append({"params": params, "lr": lr * mult, "lr_mult": mult,
+                                   "weight_decay": 0.0 if no_decay else weight_decay,
+                                   "name": part + ("_no_decay" if no_decay else "")})
+        return groups

@@ -1,0 +1,42 @@
+"""DeepLab-V2 (Chen et al., TPAMI 2017): dilated ResNet (output stride 8) + ASPP classifier.
+
+The classifier reads layer 4 directly (no dropout, as in DeepLab-V2 and DAFormer's DLV2 head, so
+``model.dropout`` is not used here). The SePiCo projection head reads layer 4 too: 1x1 conv-BN-ReLU
+to the same width (2048 for ResNet-50/101), 1x1 conv-BN-ReLU to D = 512, L2-normalised.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import SegModel
+from .heads import ASPPClassifier, ProjectionHead
+from .resnet import ResNet
+
+PUBLISHED_EMBED_DIM = 512
+
+
+class DeepLabV2(SegModel):
+    def __init__(self, backbone: str = "resnet101", num_classes: int = 19,
+                 projection: bool = True, embed_dim: int = 0,
+                 channels_last: bool = False) -> None:
+        super().__init__(channels_last)
+        self.backbone = ResNet(backbone, dilate_last_two=True)
+        width = self.backbone.out_channels[-1]
+        self.decode_head = ASPPClassifier(width, num_classes)
+        self.output_stride = 8
+        self.num_classes = num_classes
+        self.feature_channels = width
+        if projection:
+            self.embed_dim = embed_dim or PUBLISHED_EMBED_DIM
+            self.projection_head = ProjectionHead(width, width, self.embed_dim)
+        else:
+            self.embed_dim = 0
+            self.projection_head = None
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        c4 = self.backbone(self._prepare(images))[-1]
+        out = {"logits": self.decode_head(c4), "features": c4, "backbone": c4}
+        if self.projection_head is not None:
+            out["embeddings"] = self.projection_head(c4)
+        return out

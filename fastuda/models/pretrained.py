@@ -1,0 +1,153 @@
+"""Loading pretrained weights from local files (nothing is ever downloaded).
+
+Accepted formats, recognised from their keys:
+
+- ``torchvision_resnet``: torchvision's ImageNet ResNet state dicts (``conv1.weight``, ``bn1.*``,
+  ``layer3.4.conv2.weight``, ``layer1.0.downsample.1.running_var`` ...); ``fc.*`` is dropped.
+- ``mit``: the released ImageNet MiT checkpoints (``mit_b5.pth``: ``patch_embed1.proj.weight``,
+  ``block1.0.attn.q.weight``, ``block1.0.attn.kv.weight``, ``block1.0.attn.sr.weight``,
+  ``block1.0.mlp.dwconv.dwconv.weight``, ``norm4.bias`` ...); ``head.*`` is dropped.
+- ``fastuda``: a state dict of a fastuda SegModel (``backbone.*``, ``decode_head.*`` ...).
+
+A checkpoint may be wrapped in ``{"state_dict": ...}`` or ``{"model": ...}`` and its keys may carry
+DDP's ``module.`` prefix. Each backbone key is mapped by an explicit pattern; keys that match no
+pattern are reported as unexpected, model keys left untouched as missing, and a shape mismatch is an
+error naming the key. Files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import SegModel
+from .daformer import DAFormer
+from .deeplabv2 import DeepLabV2
+
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_LN = r"(weight|bias)"
+# torchvision ResNet (all depths): stem, stage blocks, projection shortcuts
+_RESNET_KEY = re.compile(
+    rf"^(conv1\.weight|bn1\.{_BN}"
+    rf"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.{_BN}"
+    rf"|downsample\.0\.weight|downsample\.1\.{_BN}))$")
+_RESNET_DROPPED = re.compile(r"^fc\.(weight|bias)$")
+# released MiT (SegFormer) ImageNet checkpoints
+_MIT_KEY = re.compile(
+    rf"^(patch_embed[1-4]\.(proj\.(weight|bias)|norm\.{_LN})"
+    rf"|block[1-4]\.\d+\.(norm[12]\.{_LN}"
+    rf"|attn\.(q|kv|proj|sr)\.(weight|bias)|attn\.norm\.{_LN}"
+    rf"|mlp\.(fc1|fc2|dwconv\.dwconv)\.(weight|bias))"
+    rf"|norm[1-4]\.{_LN})$")
+_MIT_DROPPED = re.compile(r"^head\.(weight|bias)$")
+
+# format -> (backbone key pattern, dropped-key pattern, model class it fits)
+_BACKBONE_FORMATS = {
+    "torchvision_resnet": (_RESNET_KEY, _RESNET_DROPPED, DeepLabV2),
+    "mit": (_MIT_KEY, _MIT_DROPPED, DAFormer),
+}
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint file safely and return its flat tensor state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; name the file
+        raise ValueError(f"cannot read pretrained checkpoint {path}: {err}") from err
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"pretrained checkpoint {path} holds no state dict "
+                         f"(got {type(obj).__name__})")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"pretrained checkpoint {path}: entry {key!r} is a "
+                             f"{type(value).__name__}, not a tensor")
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def detect_format(state: dict[str, Tensor]) -> str:
+    """Name the checkpoint format whose patterns match most keys ("unknown" when none)."""
+    scores = {"fastuda": sum(k.startswith("backbone.") for k in state)}
+    for name, (pattern, _, _) in _BACKBONE_FORMATS.items():
+        scores[name] = sum(bool(pattern.match(k)) for k in state)
+    best = max(scores, key=scores.__getitem__)
+    return best if scores[best] > 0 else "unknown"
+
+
+def map_keys(state: dict[str, Tensor], fmt: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map checkpoint keys to model keys. Returns (checkpoint -> model key, dropped, unmatched)."""
+    mapping: dict[str, str] = {}
+    dropped: list[str] = []
+    unmatched: list[str] = []
+    for key in state:
+        if fmt == "fastuda":
+            mapping[key] = key
+            continue
+        pattern, dropped_pattern, _ = _BACKBONE_FORMATS[fmt]
+        if pattern.match(key):
+            mapping[key] = "backbone." + key
+        elif dropped_pattern.match(key):
+            dropped.append(key)  # the ImageNet classifier: not part of a segmentation model
+        else:
+            unmatched.append(key)
+    return mapping, dropped, unmatched
+
+
+def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
+    """Load a local checkpoint into ``model``; return a report of what was loaded.
+
+    Report keys: ``path``, ``format``, ``loaded`` (model keys set), ``missing`` (model keys of the
+    loaded part left at their initialisation: backbone keys for backbone checkpoints, any key for
+    fastuda ones), ``unexpected`` (checkpoint keys with no place in the model) and ``dropped``
+    (ImageNet classifier keys, skipped by design). Raises on shape mismatches, on unreadable files
+    and when nothing in the file fits the model.
+    """
+    state = read_state_dict(path)
+    fmt = detect_format(state)
+    if fmt == "unknown":
+        raise ValueError(f"pretrained checkpoint {path}: keys match no known format (torchvision "
+                         f"ResNet, released MiT, fastuda model); first keys: {list(state)[:5]}")
+    if fmt in _BACKBONE_FORMATS and not isinstance(model, _BACKBONE_FORMATS[fmt][2]):
+        raise ValueError(f"pretrained checkpoint {path} is a {fmt} checkpoint, which does not fit "
+                         f"a {type(model).__name__} model")
+    mapping, dropped, unexpected = map_keys(state, fmt)
+    own = model.state_dict()
+    to_load: dict[str, Tensor] = {}
+    for ckpt_key, model_key in mapping.items():
+        if model_key not in own:
+            unexpected.append(ckpt_key)
+            continue
+        src, dst = state[ckpt_key], own[model_key]
+        if src.shape != dst.shape:
+            raise ValueError(f"pretrained checkpoint {path}: shape mismatch for {ckpt_key!r} "
+                             f"(model key {model_key!r}): checkpoint {tuple(src.shape)}, "
+                             f"model {tuple(dst.shape)}")
+        to_load[model_key] = src
+    if not to_load:
+        raise ValueError(f"pretrained checkpoint {path} ({fmt}): no key fits the "
+                         f"{type(model).__name__} model; first keys: {list(state)[:5]}")
+    model.load_state_dict(to_load, strict=False)
+    scope = "backbone." if fmt in _BACKBONE_FORMATS else ""
+    # old torchvision files predate BatchNorm's step counter; its absence changes nothing
+    missing = [k for k in own if k.startswith(scope) and k not in to_load
+               and not k.endswith("num_batches_tracked")]
+    report = {"path": str(path), "format": fmt, "loaded": sorted(to_load),
+              "missing": missing, "unexpected": unexpected, "dropped": dropped}
+    if missing or unexpected:
+        warnings.warn(f"pretrained checkpoint {path} ({fmt}): {len(missing)} missing key(s) "
+                      f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}",
+                      stacklevel=2)
+    return report

@@ -1,0 +1,147 @@
+"""Dilated ResNet backbones (18/50/101) with torchvision's parameter layout.
+
+Module names match torchvision's ``resnet*`` state dicts (``conv1``, ``bn1``, ``layer1.0.conv1``,
+``layer1.0.downsample.0`` ...), so an ImageNet checkpoint maps onto the backbone key for key.
+The stride sits on the 3x3 conv of a bottleneck (torchvision's "v1.5"). For DeepLab-V2 the last
+two stages trade their stride for dilation (output stride 8); as in torchvision and mmseg
+(``contract_dilation``) the first block of a dilated stage keeps the previous stage's dilation.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+# (block type, blocks per stage) per depth, as in He et al. 2016, Table 1.
+RESNET_SPECS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; unlike torchvision's, it supports dilation."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, padding=dilation,
+                               dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, padding=dilation, dilation=dilation,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride, dilation), 1x1 expand x4, with a residual."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, padding=dilation, dilation=dilation,
+                               bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor returning the outputs of the four stages (no pooling, no fc).
+
+    ``dilate_last_two=True`` gives the DeepLab layout: strides 4, 8, 8, 8 for the four stages.
+    """
+
+    def __init__(self, depth: str = "resnet101", dilate_last_two: bool = True) -> None:
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"unknown ResNet {depth!r}; expected one of {sorted(RESNET_SPECS)}")
+        kind, blocks = RESNET_SPECS[depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.depth = depth
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        self._in_channels = 64
+        self._dilation = 1
+        dilate = (False, False, dilate_last_two, dilate_last_two)
+        self.layer1 = self._make_stage(block, 64, blocks[0], 1, dilate[0])
+        self.layer2 = self._make_stage(block, 128, blocks[1], 2, dilate[1])
+        self.layer3 = self._make_stage(block, 256, blocks[2], 2, dilate[2])
+        self.layer4 = self._make_stage(block, 512, blocks[3], 2, dilate[3])
+        self.out_channels = [c * block.expansion for c in (64, 128, 256, 512)]
+        self.output_stride = 8 if dilate_last_two else 32
+        self._init_weights()
+
+    def _make_stage(self, block: type[nn.Module], channels: int, num_blocks: int, stride: int,
+                    dilate: bool) -> nn.Sequential:
+        previous_dilation = self._dilation
+        if dilate:
+            self._dilation *= stride
+            stride = 1
+        out_channels = channels * block.expansion
+        downsample = None
+        if stride != 1 or self._in_channels != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(self._in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+        # the first block keeps the previous dilation so the sampling grid grows gradually
+        layers = [block(self._in_channels, channels, stride, dilation=previous_dilation,
+                        downsample=downsample)]
+        self._in_channels = out_channels
+        for _ in range(1, num_blocks):
+            layers.append(block(out_channels, channels, 1, dilation=self._dilation))
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c1 = self.layer1(x)
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        c4 = self.layer4(c3)
+        return [c1, c2, c3, c4]
+
+
+def resnet(depth: str, dilate_last_two: bool = True) -> ResNet:
+    """Build a ResNet backbone by name (``resnet18``, ``resnet50``, ``resnet101``)."""
+    return ResNet(depth, dilate_last_two)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["RESNET_SPECS", "BasicBlock", "Bottleneck", "ResNet", "resnet", "count_parameters"]
