@@ -26,9 +26,11 @@ def resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 
 
 def l2_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
-    """Unit-norm along ``dim``; the norm is accumulated in fp32 so fp16/bf16 features stay exact."""
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    return x / norm.clamp_min(eps).to(x.dtype)
+    """Unit-norm along ``dim``. fp16/bf16 input is normalised in fp32 and cast back: a norm in
+    fp16 overflows past 65504 and its reciprocal underflows."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(x.float(), dim=dim, eps=eps).to(x.dtype)
+    return F.normalize(x, dim=dim, eps=eps)
 
 
 class ConvBNReLU(nn.Sequential):

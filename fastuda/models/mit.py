@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -166,7 +165,8 @@ class MixTransformer(nn.Module):
         self.out_channels = list(spec.embed_dims)
         self.depths = spec.depths
         # drop-path grows linearly with block index over the whole network
-        rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
+        total = sum(spec.depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         in_channels = 3
         first = 0
         for i in range(4):
