@@ -1,0 +1,1 @@
+"""Training machinery shared by the entry points: checkpoints, metrics, logging, distribution."""

@@ -1,0 +1,257 @@
+"""The shared self-training step (DAFormer/DACS lineage): EMA teacher, pseudo-labels, ClassMix,
+strong augmentation, and the hooks where a method adds its losses.
+
+One step, as data flows (methods.md):
+    teacher(target)           -> pseudo-label, quality weight                 [no grad]
+    teacher(source)           -> method.update_state (statistics, banks)      [no grad]
+    student(source)           -> CE + method.source_losses                    -> backward
+    student(aug target)       -> method.target_losses                         -> backward
+    ClassMix(source, target)  -> student(aug mixed) -> weighted CE + method.mixed_losses -> backward
+    optimiser step -> teacher EMA
+Each forward is followed by its own backward, so only one graph is alive at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data import strong_augment
+from .base import Method
+
+IGNORE = 255
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (pure functions: easy to test, easy to read)
+# ----------------------------------------------------------------------------------------------
+def ema_alpha(it: int, alpha: float) -> float:
+    """a = min(1 - 1/(t+1), alpha): the teacher starts as a copy and slowly hardens."""
+    return min(1.0 - 1.0 / (it + 1), alpha)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """teacher <- a * teacher + (1 - a) * student, for parameters and floating buffers."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, alpha)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+    for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
+        if tb.dtype.is_floating_point:
+            tb.mul_(alpha).add_(sb, alpha=1.0 - alpha)
+        else:
+            tb.copy_(sb)
+
+
+@torch.no_grad()
+def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0
+                 ) -> tuple[Tensor, Tensor]:
+    """Teacher logits [B, C, H, W] -> (label [B, H, W], weight [B, H, W]).
+
+    The weight is one scalar per image, the fraction of pixels whose max probability reaches the
+    threshold, zeroed in the ignored top/bottom rows."""
+    prob = torch.softmax(logits.float(), dim=1)
+    conf, label = prob.max(dim=1)
+    confident = (conf >= threshold).float()
+    if ignore_top:
+        confident[:, :ignore_top] = 0
+    if ignore_bottom:
+        confident[:, -ignore_bottom:] = 0
+    q = confident.flatten(1).mean(1)  # [B]
+    weight = q[:, None, None].expand_as(conf).clone()
+    if ignore_top:
+        weight[:, :ignore_top] = 0
+    if ignore_bottom:
+        weight[:, -ignore_bottom:] = 0
+    return label, weight
+
+
+@torch.no_grad()
+def classmix_masks(source_label: Tensor, generator: torch.Generator) -> Tensor:
+    """Per image, half of the classes present in the source label (rounded up), as a [B, H, W]
+    bool mask of the source pixels to paste."""
+    masks = []
+    for lbl in source_label:
+        classes = torch.unique(lbl)
+        classes = classes[classes != IGNORE]
+        n = classes.numel()
+        chosen = classes[torch.randperm(n, generator=generator)[: (n + 1) // 2].to(lbl.device)]
+        masks.append(torch.isin(lbl, chosen))
+    return torch.stack(masks)
+
+
+def weighted_ce(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Pixel-wise CE (ignore 255) times the pixel weight, averaged over all pixels (DACS)."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    if weight is None:
+        return F.cross_entropy(logits, label.long(), ignore_index=IGNORE)
+    ce = F.cross_entropy(logits, label.long(), ignore_index=IGNORE, reduction="none")
+    return (ce * weight).mean()
+
+
+def lr_factor(it: int, max_iters: int, warmup_iters: int, power: float) -> float:
+    """Poly decay with a linear warm-up (warm-up starts at 1e-6 of the poly value)."""
+    poly = (1.0 - it / max_iters) ** power
+    if it < warmup_iters:
+        return poly * (1.0 - (1.0 - 1e-6) * (1.0 - it / warmup_iters))
+    return poly
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    finite: bool
+
+
+class SelfTraining:
+    """Owns student, teacher, method, optimiser and scaler; ``step`` runs one iteration."""
+
+    def __init__(self, cfg: Config, model: nn.Module, method: Method, device: torch.device,
+                 *, ddp_model: nn.Module | None = None) -> None:
+        self.cfg, self.device, self.method = cfg, device, method
+        self.student = model  # the bare module (EMA, checkpoints)
+        self.forward_student = ddp_model or model  # what computes gradients (DDP wrapper or not)
+        self.teacher = copy.deepcopy(model).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        o = cfg.optim
+        groups = model.param_groups(o.lr, o.head_lr_mult, o.weight_decay)
+        extra = [p for p in method.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"params": extra, "lr": o.lr * o.head_lr_mult,
+                           "weight_decay": o.weight_decay})
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        fused = o.fused and (device.type == "cuda" or device.type == "cpu")
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay, fused=fused)
+        prec = cfg.train.precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.data_mean, self.data_std = cfg.data.mean, cfg.data.std
+
+    # -- helpers ------------------------------------------------------------------------------
+    def autocast(self):  # noqa: ANN201
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _augment(self, images: Tensor) -> Tensor:
+        st = self.cfg.self_training
+        return strong_augment(images, mean=self.data_mean, std=self.data_std,
+                              generator=self.generator, jitter_strength=st.color_jitter_strength,
+                              jitter_prob=st.color_jitter_prob, blur_prob=st.blur_prob,
+                              blur_sigma=tuple(st.blur_sigma))
+
+    def _backward(self, losses: dict[str, Tensor], log: dict[str, float]) -> bool:
+        """Sum, check, backward; returns False (and does not backward) on a non-finite loss."""
+        if not losses:
+            return True
+        total = sum(losses.values())
+        for k, v in losses.items():
+            log[k] = float(v.detach())
+        if not math.isfinite(float(total.detach())):
+            return False
+        self.scaler.scale(total).backward()
+        return True
+
+    def set_lr(self, it: int) -> float:
+        o = self.cfg.optim
+        f = lr_factor(it, self.cfg.train.max_iters, o.warmup_iters, o.poly_power)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self, source: dict, target: dict, it: int) -> StepResult:
+        cfg, st, method = self.cfg, self.cfg.self_training, self.method
+        dev = self.device
+        log: dict[str, float] = {"lr": self.set_lr(it)}
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        src_img = source["image"].to(dev, non_blocking=True)
+        src_lbl = source["label"].to(dev, non_blocking=True).long()
+        ok = True
+
+        if method.wants_teacher_source(it):
+            with torch.no_grad(), self.autocast():
+                teacher_src = self.teacher(src_img)
+            method.update_state(teacher_src, src_lbl, it)
+
+        # source: supervised CE + the method's source losses
+        student_src = self._augment(src_img) if method.augment_source else src_img
+        with self.autocast():
+            out = self.forward_student(student_src)
+        losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
+        losses.update(method.source_losses(out, src_lbl, it))
+        ok &= self._backward(losses, log)
+        del out, losses
+
+        if st.enabled and ok:
+            tgt_img = target["image"].to(dev, non_blocking=True)
+            with torch.no_grad(), self.autocast():
+                t_logits = self.teacher(tgt_img)["logits"]
+            t_logits = F.interpolate(t_logits.float(), size=tgt_img.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+            plabel, pweight = pseudo_label(t_logits, st.pseudo_threshold, st.ignore_top,
+                                           st.ignore_bottom)
+            log["pseudo.weight"] = float(pweight.mean())
+
+            if method.wants_student_target(it):
+                with self.autocast():
+                    out = self.forward_student(self._augment(tgt_img))
+                ok &= self._backward(method.target_losses(out, plabel, pweight, it), log)
+                del out
+
+            if st.mix == "classmix" and ok:
+                mask = classmix_masks(src_lbl, self.generator)
+                m4 = mask[:, None].to(src_img.dtype)
+                mixed_img = self._augment(m4 * src_img + (1 - m4) * tgt_img)
+                mixed_lbl = torch.where(mask, src_lbl, plabel)
+                mixed_w = torch.where(mask, torch.ones_like(pweight), pweight)
+                with self.autocast():
+                    out = self.forward_student(mixed_img)
+                losses = {"mix.ce": weighted_ce(out["logits"], mixed_lbl, mixed_w)}
+                losses.update(method.mixed_losses(out, mixed_lbl, mixed_w, it))
+                ok &= self._backward(losses, log)
+                del out, losses
+
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(log, finite=False)
+        if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if st.enabled:
+            ema_update(self.teacher, self.student, ema_alpha(it, st.ema_alpha))
+        log["loss"] = sum(v for k, v in log.items() if k.endswith((".ce", ".contrast", ".reg")))
+        return StepResult(log, finite=True)
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,116 @@
+"""SePiCo: semantic-guided pixel contrast (ProtoCL, BankCL, DistCL).
+
+Every step the teacher's projected features of the un-augmented source update dataset-level class
+statistics (exact pooled mean/variance, or a bank of batch centroids). From ``start_iter`` on, the
+student's projected features of the augmented source (ground truth) and target (pseudo-labels) are
+contrasted against those class concepts, plus a regulariser on the mean feature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..config import MethodConfig
+from .base import Losses, Method, Outputs
+
+
+class SePiCo(Method):
+    name = "sepico"
+    augment_source = True
+
+    def __init__(self, cfg: MethodConfig, *, num_classes: int, embed_dim: int,
+                 backend: str = "auto", ignore_index: int = 255,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
+        self.ignore_index = ignore_index
+        self.stats = ops.ClassStatistics(
+            num_classes, embed_dim, cov="diag",
+            bank_size=cfg.bank_size if cfg.variant == "bank" else 0,
+            ignore_index=ignore_index, device=device, backend=backend)
+
+    # -- state: the statistics are part of every checkpoint ---------------------------------------
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return self.stats.state_dict()
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        self.stats.load_state_dict(state)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def wants_teacher_source(self, it: int) -> bool:
+        return True
+
+    def wants_student_target(self, it: int) -> bool:
+        return it >= self.cfg.start_iter
+
+    def _labels_at(self, labels: Tensor, emb: Tensor) -> Tensor:
+        """Labels [B, H, W] brought to the embedding grid by majority vote."""
+        factor = labels.shape[-1] // emb.shape[-1]
+        if labels.shape[-2] != emb.shape[-2] * factor or labels.shape[-1] != emb.shape[-1] * factor:
+            raise ValueError(f"label size {tuple(labels.shape[-2:])} is not a multiple of the "
+                             f"embedding size {tuple(emb.shape[-2:])}")
+        if factor == 1:
+            return labels
+        return ops.downscale_labels(labels, factor, num_classes=self.num_classes,
+                                    min_ratio=self.cfg.downscale_min_ratio,
+                                    ignore_index=self.ignore_index, backend=self.backend)
+
+    @torch.no_grad()
+    def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
+        emb = teacher_source["embeddings"]
+        self.stats.update(emb.float(), self._labels_at(source_label, emb))
+
+    def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
+        if it < self.cfg.start_iter:
+            return {}
+        return self._contrast(out["embeddings"], label, "src")
+
+    def target_losses(self, out: Outputs, pseudo_label: Tensor, pseudo_weight: Tensor,
+                      it: int) -> Losses:
+        if it < self.cfg.start_iter:
+            return {}
+        # no confidence threshold; only the rows whose weight was zeroed (top/bottom) are ignored
+        label = torch.where(pseudo_weight > 0, pseudo_label,
+                            torch.full_like(pseudo_label, self.ignore_index))
+        return self._contrast(out["embeddings"], label, "tgt")
+
+    # -- the losses ---------------------------------------------------------------------------
+    def _contrast(self, emb: Tensor, labels: Tensor, tag: str) -> Losses:
+        emb = emb.float()  # statistics and losses in fp32 under autocast
+        lbl = self._labels_at(labels, emb)
+        cfg, stats = self.cfg, self.stats
+        if cfg.variant == "proto":
+            loss = ops.proto_contrast(emb, lbl, stats.mean, tau=cfg.tau,
+                                      ignore_index=self.ignore_index, backend=self.backend)
+        elif cfg.variant == "dist":
+            loss = ops.dist_contrast(emb, lbl, stats.mean, stats.var, tau=cfg.tau, lam=cfg.lam,
+                                     ignore_index=self.ignore_index, backend=self.backend)
+        else:
+            loss = ops.bank_contrast(emb, lbl, stats.bank, stats.bank_len, tau=cfg.tau,
+                                     ignore_index=self.ignore_index, backend=self.backend)
+        losses = {f"{tag}.contrast": cfg.contrast_weight * loss}
+        if cfg.reg_weight > 0:
+            losses[f"{tag}.reg"] = cfg.reg_weight * self._regulariser(emb, lbl)
+        return losses
+
+    def _regulariser(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """L_reg = sum_c log softmax_c(fbar . mu / tau) / (C ln C), fbar the mean valid feature."""
+        valid = (labels != self.ignore_index).unsqueeze(1).to(emb.dtype)  # [B, 1, h, w]
+        n = valid.sum()
+        if n == 0:
+            return emb.sum() * 0.0
+        fbar = (emb * valid).sum(dim=(0, 2, 3)) / n
+        centroids = self.stats.mean if self.cfg.variant != "bank" else self._bank_means()
+        logp = torch.log_softmax(fbar @ centroids.t() / self.cfg.tau, dim=0)
+        C = self.num_classes
+        return logp.sum() / (C * math.log(C)) if C > 1 else logp.sum() * 0.0
+
+    def _bank_means(self) -> Tensor:
+        live = (torch.arange(self.stats.bank.shape[1], device=self.stats.bank.device)[None, :]
+                < self.stats.bank_len[:, None])
+        total = (self.stats.bank * live[..., None]).sum(1)
+        return total / self.stats.bank_len.clamp_min(1)[:, None].to(total.dtype)

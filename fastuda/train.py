@@ -1,0 +1,223 @@
+"""Training: ``python -m fastuda.train CONFIG [--set key=value ...] [--work-dir DIR] [--resume auto|PATH]``.
+
+Read top to bottom: configuration -> process group -> model, method, self-training state -> data ->
+resume -> the loop (step, log, evaluate, checkpoint). The step itself is
+``fastuda.methods.self_training.SelfTraining.step``.
+
+The work dir holds the resolved ``config.toml``, ``metrics.jsonl``, ``checkpoints/latest.pt`` (and
+``iter_N.pt`` every checkpoint interval), ``tensorboard/`` and ``vis/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, load_config, to_toml
+from .engine import checkpoint as ckpt
+from .engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from .engine.logger import RunLogger
+from .engine.metrics import format_table
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastuda.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="TOML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_iters=100 (repeatable)")
+    p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config>)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the work dir's latest checkpoint (auto) or from PATH")
+    return p.parse_args(argv)
+
+
+class Run:
+    """Everything one training run holds, built from the config."""
+
+    def __init__(self, cfg: Config, work_dir: Path, info: DistInfo, device: torch.device) -> None:
+        from .data import build_train_iterators, build_val_loader
+        from .methods import build_method
+        from .methods.self_training import SelfTraining
+        from .models import build_model, convert_sync_batchnorm
+
+        self.cfg, self.work_dir, self.info, self.device = cfg, work_dir, info, device
+        model = build_model(cfg.model)
+        if info.enabled and device.type == "cuda":
+            model = convert_sync_batchnorm(model)
+        model = model.to(device)
+        method = build_method(cfg, embed_dim=getattr(model, "embed_dim", 0) or 0,
+                              device=device).to(device)
+        ddp = None
+        if info.enabled:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.local_rank] if device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.trainer = SelfTraining(cfg, model, method, device, ddp_model=ddp)
+        self.source, self.target = build_train_iterators(
+            cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+        self.val_loader = build_val_loader(cfg.data, rank=info.rank, world_size=info.world_size)
+        self.iteration = 0
+        self.bad_steps = 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "bad_steps": self.bad_steps,
+                "trainer": self.trainer.state_dict(),
+                "data": {"source": self.source.state_dict(), "target": self.target.state_dict()},
+                "rng": ckpt.rng_state(), "config": to_toml(self.cfg),
+                "world_size": self.info.world_size}
+
+    def load_state_dict(self, state: dict, log: RunLogger) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.source.load_state_dict(state["data"]["source"])
+        self.target.load_state_dict(state["data"]["target"])
+        ckpt.set_rng_state(state["rng"])
+        self.iteration, self.bad_steps = state["iteration"], state["bad_steps"]
+        if state.get("world_size", 1) != self.info.world_size:
+            log.info(f"warning: checkpoint was written with world size {state['world_size']}, "
+                     f"resuming with {self.info.world_size}: the data order differs from an "
+                     "uninterrupted run")
+
+    def save(self, name: str = "latest.pt") -> None:
+        if self.info.is_main:
+            state = self.state_dict()
+            ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / "latest.pt")
+            if name != "latest.pt":
+                ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / name)
+        barrier()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, log: RunLogger) -> dict:
+        from .evaluate import evaluate
+
+        t0 = time.perf_counter()
+        vis = self.work_dir / "vis" / f"iter_{self.iteration:06d}.png" if self.info.is_main \
+            else None
+        record = evaluate(self.trainer.student, self.val_loader, self.cfg, self.device,
+                          teacher=self.trainer.teacher if self.cfg.self_training.enabled else None,
+                          vis_path=vis, autocast=self.trainer.autocast())
+        record["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        log.log_eval(self.iteration, record)
+        log.info(f"evaluation at iteration {self.iteration}:\n{format_table(record)}")
+        return record
+
+
+def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None:
+    """Train per ``cfg`` into ``work_dir``; returns the final evaluation record (rank 0)."""
+    device = pick_device(cfg.train.device)
+    info = init_distributed(device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    latest = ckpt.find_latest(work_dir)
+    if resume is None and latest is not None:
+        raise SystemExit(f"error: {work_dir} already holds checkpoints ({latest}); pass "
+                         "--resume auto to continue that run, or choose another --work-dir")
+    if info.is_main:
+        (work_dir / "config.toml").write_text(to_toml(cfg))
+
+    run = Run(cfg, work_dir, info, device)
+    t = cfg.train
+    log = RunLogger(work_dir, total_iters=t.max_iters, enabled=info.is_main)
+    if resume is not None:
+        path = latest if resume == "auto" else Path(resume)
+        if path is None:
+            log.info(f"--resume auto: no checkpoint in {work_dir}, starting from scratch")
+        else:
+            run.load_state_dict(ckpt.load_checkpoint(path, map_location=device), log)
+            log.info(f"resumed from {path} at iteration {run.iteration}")
+            log.step(run.iteration)
+    log.info(f"training {cfg.model.name}/{cfg.model.backbone}, method {cfg.method.name}, "
+             f"{t.max_iters} iterations, {t.precision}, ops backend {cfg.ops.backend}, "
+             f"device {device}, world size {info.world_size}; work dir {work_dir}")
+
+    window: dict[str, float] = defaultdict(float)
+    n_window, t_window = 0, time.perf_counter()
+    images_per_step = 2 * cfg.data.batch_size * info.world_size
+    record = None
+    try:
+        while run.iteration < t.max_iters:
+            it = run.iteration
+            source, target = next(run.source), next(run.target)
+            result = run.trainer.step(source, target, it)
+            run.iteration = it + 1
+            if not result.finite:
+                run.bad_steps += 1
+                log.info(f"warning: non-finite loss at iteration {it} "
+                         f"({', '.join(f'{k}={v:.4g}' for k, v in result.losses.items())}); "
+                         "step skipped")
+                if run.bad_steps >= t.max_bad_steps:
+                    run.iteration = it  # the skipped steps changed no weights
+                    run.save()
+                    raise SystemExit(f"error: {run.bad_steps} non-finite losses in a row; "
+                                     "stopping. The last good state is in "
+                                     f"{work_dir / 'checkpoints' / 'latest.pt'}")
+            else:
+                run.bad_steps = 0
+                for k, v in result.losses.items():
+                    window[k] += v
+                n_window += 1
+            log.step(1, {k: v for k, v in result.losses.items() if k in ("loss", "src.ce")})
+            if run.iteration % t.log_interval == 0 or run.iteration == t.max_iters:
+                dt = time.perf_counter() - t_window
+                values = {k: v / max(n_window, 1) for k, v in window.items()}
+                values["images_per_s"] = images_per_step * n_window / max(dt, 1e-9)
+                log.log_train(run.iteration, values)
+                window.clear()
+                n_window, t_window = 0, time.perf_counter()
+            if run.iteration % t.eval_interval == 0 or run.iteration == t.max_iters:
+                record = run.evaluate(log)
+                t_window = time.perf_counter()
+            if run.iteration % t.checkpoint_interval == 0 or run.iteration == t.max_iters:
+                run.save(f"iter_{run.iteration}.pt")
+        if record is None:  # resumed a finished run: report its final state again
+            record = run.evaluate(log)
+    finally:
+        log.close()
+        cleanup()
+    return record if info.is_main else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    record = train(cfg, work_dir, args.resume)
+    if record is not None:
+        print(f"target mIoU: {record['mIoU']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The building blocks of the self-training step against hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastuda.methods.self_training import (
+    classmix_masks,
+    ema_alpha,
+    ema_update,
+    lr_factor,
+    pseudo_label,
+    weighted_ce,
+)
+
+
+def test_ema_alpha_schedule() -> None:
+    assert ema_alpha(0, 0.999) == 0.0  # the teacher starts as a copy of the student
+    assert ema_alpha(1, 0.999) == 0.5
+    assert ema_alpha(9, 0.999) == pytest.approx(0.9)
+    assert ema_alpha(100000, 0.999) == 0.999
+
+
+def test_ema_update_parameters_and_buffers() -> None:
+    torch.manual_seed(0)
+    student, teacher = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    student.weight.data = torch.tensor([1.0, 2.0, 3.0])
+    teacher.weight.data = torch.tensor([3.0, 2.0, 1.0])
+    student.running_mean.fill_(4.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, 0.75)
+    assert teacher.weight.tolist() == pytest.approx([2.5, 2.0, 1.5])
+    assert teacher.running_mean.tolist() == pytest.approx([1.0, 1.0, 1.0])  # 0.75*0 + 0.25*4
+    assert int(teacher.num_batches_tracked) == 7
+
+
+def test_pseudo_label_weight_is_the_confident_fraction() -> None:
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[0, 1, :2] = 10.0  # top half: class 1, confident
+    logits[0, 0, 2:, :1] = 10.0  # one column of the bottom half: class 0, confident
+    label, weight = pseudo_label(logits, threshold=0.968)
+    assert label[0, :2].eq(1).all() and label[0, 2:, 0].eq(0).all()
+    expected_q = (8 + 2) / 16
+    assert weight.unique().tolist() == pytest.approx([expected_q])
+    _, w2 = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1)
+    assert w2[0, 0].eq(0).all() and w2[0, -1].eq(0).all()
+    # q counts only the kept rows' confident pixels, over all pixels
+    assert float(w2[0, 1, 0]) == pytest.approx((4 + 1) / 16)
+
+
+def test_classmix_takes_half_the_classes_rounded_up() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lbl = torch.tensor([[[0, 1, 2], [3, 4, 255]], [[5, 5, 5], [5, 5, 5]]])
+    masks = classmix_masks(lbl, gen)
+    chosen0 = lbl[0][masks[0]].unique()
+    assert chosen0.numel() == 3 and 255 not in chosen0.tolist()
+    # every pixel of a chosen class is pasted, none of the others
+    for c in range(5):
+        assert bool(masks[0][lbl[0] == c].all()) == (c in chosen0.tolist())
+    assert masks[1].all()  # one class -> ceil(1/2) = 1 class: all of it
+
+
+def test_weighted_ce_is_mean_over_all_pixels() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4)
+    label = torch.randint(0, 3, (2, 4, 4))
+    label[0, 0, 0] = 255
+    weight = torch.rand(2, 4, 4)
+    ce = F.cross_entropy(logits, label, ignore_index=255, reduction="none")
+    assert float(weighted_ce(logits, label, weight)) == pytest.approx(float((ce * weight).mean()),
+                                                                      rel=1e-6)
+    # logits at a lower stride are upsampled to the label size first
+    small = torch.randn(2, 3, 2, 2)
+    up = F.interpolate(small, size=(4, 4), mode="bilinear", align_corners=False)
+    assert float(weighted_ce(small, label)) == pytest.approx(
+        float(F.cross_entropy(up, label, ignore_index=255)), rel=1e-6)
+
+
+def test_lr_schedule() -> None:
+    assert lr_factor(0, 100, 10, 1.0) == pytest.approx(1e-6)
+    assert lr_factor(5, 100, 10, 1.0) == pytest.approx(0.95 * (1 - (1 - 1e-6) * 0.5))
+    assert lr_factor(10, 100, 10, 1.0) == pytest.approx(0.9)
+    assert lr_factor(50, 100, 0, 2.0) == pytest.approx(0.25)
+    assert math.isclose(lr_factor(99, 100, 10, 1.0), 0.01)

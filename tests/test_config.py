@@ -1,0 +1,79 @@
+"""TOML configs load into typed dataclasses; bad keys and values are errors that name them."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fastuda.config import Config, ConfigError, from_dict, load_config, to_toml
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.toml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    p = write(tmp_path, '[train]\nmax_iters = 10\n[method]\nname = "sepico"\n')
+    cfg = load_config(p, ["train.max_iters=7", "method.variant=bank", "optim.lr=1e-4",
+                          'data.source.root="/x y"', "data.crop_size=[64, 32]"])
+    assert cfg.train.max_iters == 7 and cfg.method.variant == "bank"
+    assert cfg.optim.lr == 1e-4 and cfg.data.source.root == "/x y"
+    assert cfg.data.crop_size == [64, 32]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[train]\nmax_iter = 10\n", "'max_iter'"),
+    ("[trian]\n", "'trian'"),
+    ('[train]\nprecision = "fp8"\n', "train.precision"),
+    ('[train]\nmax_iters = "ten"\n', "train.max_iters"),
+    ("[train]\nmax_iters = 0\n", "train.max_iters"),
+    ('[model]\nname = "deeplabv2"\nbackbone = "mit_b5"\n', "model.backbone"),
+    ("[data]\ncrop_size = [512]\n", "data.crop_size"),
+    ("[method]\ntau = -1.0\n", "method.tau"),
+    ('[ops]\nbackend = "gpu"\n', "ops.backend"),
+    ("[train]\ndeterministic = 1\n", "train.deterministic"),
+])
+def test_invalid_configs_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, ""), ["train.max_iters"])
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+
+
+def test_round_trip_through_toml() -> None:
+    cfg = from_dict({"method": {"name": "sepico", "variant": "proto"},
+                     "data": {"source": {"label_map": {"7": 0, "8": 1}}}})
+    again = from_dict(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+
+
+def test_required_key_names_exist() -> None:
+    cfg = Config()
+    for key in ("train.max_iters", "train.eval_interval", "train.checkpoint_interval",
+                "train.seed", "train.deterministic", "train.precision", "ops.backend",
+                "data.loader", "data.on_error", "model.pretrained", "method.name"):
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.model.num_classes == cfg.data.source.num_classes
