@@ -127,6 +127,14 @@ class SelfTrainingConfig:
     imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
     class_balanced_crop: bool = False  # SePiCo target crop
 
+    def __post_init__(self) -> None:
+        _check(0 < self.pseudo_threshold < 1, "self_training.pseudo_threshold",
+               self.pseudo_threshold, "in (0, 1)")
+        _check(0 <= self.ema_alpha < 1, "self_training.ema_alpha", self.ema_alpha, "in [0, 1)")
+        _check(self.imnet_feature_dist == 0.0, "self_training.imnet_feature_dist",
+               self.imnet_feature_dist, "0 (DAFormer's ImageNet feature distance is not "
+               "implemented in fastuda yet)")
+
 
 @dataclass
 class MethodConfig:
@@ -288,15 +296,42 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a TOML config file, apply ``key=value`` overrides, validate, return a Config."""
-    path = Path(path)
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            and k != "label_map" else v
+    return out
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file with its ``extends = "base.toml"`` (or a list) merged underneath it; paths are
+    relative to the file that names them."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'extends'")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    bases = raw.pop("extends", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'extends' must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, _read_toml(path.parent / base, (*seen, path.resolve())))
+    return _deep_merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config file (with its ``extends`` bases), apply ``key=value`` overrides,
+    validate, return a Config."""
+    path = Path(path)
+    raw = _read_toml(path)
     try:
         return from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as err:

@@ -77,3 +77,19 @@ def test_required_key_names_exist() -> None:
 def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.model.num_classes == cfg.data.source.num_classes
+
+
+def test_extends_merges_bases_underneath(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.toml").write_text('[train]\nmax_iters = 5\nseed = 3\n[data.source]\n'
+                                             'name = "gta"\nroot = "data/gta"\n')
+    (tmp_path / "run.toml").write_text('extends = "base/a.toml"\n[train]\nseed = 4\n')
+    cfg = load_config(tmp_path / "run.toml")
+    assert (cfg.train.max_iters, cfg.train.seed) == (5, 4)
+    assert (cfg.data.source.name, cfg.data.source.root) == ("gta", "data/gta")
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.toml")
+    (tmp_path / "bad.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_config(tmp_path / "bad.toml")
