@@ -1,0 +1,186 @@
+"""Batched tensor augmentations used inside the training step.
+
+`strong_augment` (DACS/DAFormer): colour jitter (brightness, contrast, saturation, hue with strength
+0.2, applied with probability 0.8, the four in a random order) and Gaussian blur (sigma uniform in
+[0.15, 1.15], probability 0.5, kernel about 10% of the image size, odd), on normalised images; all
+images of one call share the random parameters. Colour operations follow the usual definitions
+(torchvision/Pillow): brightness scales, contrast blends with the mean grey level of each image,
+saturation blends with the per-pixel grey level (ITU-R 601 luma), hue rotates the HSV hue.
+
+`class_balanced_crop` (SePiCo): the best of 10 random windows of a pseudo-label map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] in [0,1] -> [B,1,H,W] luma."""
+    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (factor * x + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return (factor * x + (1 - factor) * _grey(x)).clamp(0, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, ((g - b) / safe_delta) % 6,
+                    torch.where(maxc == g, (b - r) / safe_delta + 2, (r - g) / safe_delta + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) % 1.0
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(dim=1)
+    h6 = (h % 1.0) * 6
+    i = torch.floor(h6)
+    f = h6 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    # sector i -> (r, g, b) picks among (v, t, p, q)
+    table = {0: (v, t, p), 1: (q, v, p), 2: (p, v, t), 3: (p, q, v), 4: (t, p, v), 5: (v, p, q)}
+    out = torch.zeros_like(x)
+    for sector, rgb in table.items():
+        mask = (i == sector).unsqueeze(1)
+        out = torch.where(mask, torch.stack(rgb, dim=1), out)
+    return out
+
+
+def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate the hue by ``shift`` turns (in [-0.5, 0.5])."""
+    hsv = rgb_to_hsv(x)
+    hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
+    return hsv_to_rgb(hsv)
+
+
+def blur_kernel_size(extent: int) -> int:
+    """DACS's kernel size: ceil(10% of the extent), made odd by going down one when even."""
+    k = math.ceil(0.1 * extent)
+    return max(1, k if k % 2 == 1 else k - 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, kernel_hw: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+    """Separable Gaussian blur of [B,C,H,W] with reflect padding (kernel size odd)."""
+    b, c, h, w = x.shape
+    kh, kw = kernel_hw or (blur_kernel_size(h), blur_kernel_size(w))
+    out = x
+    for dim, k in ((2, kh), (3, kw)):
+        if k <= 1:
+            continue
+        extent = out.shape[dim]
+        if k // 2 >= extent:  # reflect padding needs the pad below the extent
+            k = 2 * (extent - 1) + 1 if extent > 1 else 1
+            if k <= 1:
+                continue
+        coords = torch.arange(k, dtype=x.dtype, device=x.device) - (k - 1) / 2
+        kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        flat = out.reshape(b * c, 1, out.shape[2], out.shape[3])
+        if dim == 2:
+            flat = F.pad(flat, (0, 0, k // 2, k // 2), mode="reflect")
+            flat = F.conv2d(flat, kernel.view(1, 1, k, 1))
+        else:
+            flat = F.pad(flat, (k // 2, k // 2, 0, 0), mode="reflect")
+            flat = F.conv2d(flat, kernel.view(1, 1, 1, k))
+        out = flat.reshape(b, c, flat.shape[2], flat.shape[3])
+    return out
+
+
+def strong_augment(images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
+                   generator: torch.Generator, jitter_strength: float = 0.2,
+                   jitter_prob: float = 0.8, blur_prob: float = 0.5,
+                   blur_sigma: Sequence[float] = (0.15, 1.15)) -> torch.Tensor:
+    """Colour jitter + Gaussian blur on normalised [B,3,H,W] images (same parameters for all).
+
+    The random numbers come from ``generator`` (a CPU generator; the images may live anywhere), a
+    fixed count per call, so the stream of parameters does not depend on the branches taken.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"strong_augment expects [B,3,H,W] images, got {tuple(images.shape)}")
+    u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+    order = torch.randperm(4, generator=generator).tolist()
+    s = jitter_strength
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    x = (images * sd + m) / 255.0
+    if u[0] < jitter_prob and s > 0:
+        ops = (lambda t: adjust_brightness(t, 1 - s + 2 * s * u[1]),
+               lambda t: adjust_contrast(t, 1 - s + 2 * s * u[2]),
+               lambda t: adjust_saturation(t, 1 - s + 2 * s * u[3]),
+               lambda t: adjust_hue(t, min(0.5, s) * (2 * u[4] - 1)))
+        x = x.clamp(0, 1)
+        for k in order:
+            x = ops[k](x)
+    if u[5] < blur_prob:
+        x = gaussian_blur(x, blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[6])
+    return (x * 255.0 - m) / sd
+
+
+def window_score(window: torch.Tensor, *, max_ratio: float = 0.75, ignore_index: int = 255
+                 ) -> float:
+    """SePiCo's window score: sum of log(pixel count) over the classes present, or -inf when the
+    window holds fewer than two classes or one class covers max_ratio of its valid pixels."""
+    valid = window[window != ignore_index]
+    if valid.numel() == 0:
+        return -math.inf
+    counts = torch.bincount(valid.long().flatten())
+    counts = counts[counts > 0].double()
+    if counts.numel() < 2 or counts.max() / counts.sum() >= max_ratio:
+        return -math.inf
+    return float(torch.log(counts).sum())
+
+
+def candidate_windows(height: int, width: int, crop_size: tuple[int, int], num_windows: int,
+                      generator: torch.Generator) -> list[tuple[int, int]]:
+    """Uniform random (top, left) of crop windows inside an image (0 where the crop is larger)."""
+    ch, cw = crop_size
+    tops = torch.randint(0, max(height - ch, 0) + 1, (num_windows,), generator=generator)
+    lefts = torch.randint(0, max(width - cw, 0) + 1, (num_windows,), generator=generator)
+    return list(zip(tops.tolist(), lefts.tolist(), strict=True))
+
+
+def class_balanced_crop(pseudo_label: torch.Tensor, crop_size: tuple[int, int], *,
+                        num_windows: int = 10, max_ratio: float = 0.75, ignore_index: int = 255,
+                        generator: torch.Generator) -> tuple[int, int]:
+    """(top, left) of the best of ``num_windows`` random windows of a [H,W] pseudo-label map.
+
+    Windows with fewer than two classes or one class above ``max_ratio`` are rejected; when all
+    are, the first window is returned.
+    """
+    if pseudo_label.ndim != 2:
+        raise ValueError(f"pseudo_label must be [H, W], got {tuple(pseudo_label.shape)}")
+    h, w = pseudo_label.shape
+    ch, cw = crop_size
+    windows = candidate_windows(h, w, (ch, cw), num_windows, generator)
+    best, best_score = windows[0], -math.inf
+    for top, left in windows:
+        score = window_score(pseudo_label[top:top + ch, left:left + cw], max_ratio=max_ratio,
+                             ignore_index=ignore_index)
+        if score > best_score:
+            best, best_score = (top, left), score
+    return best
