@@ -73,6 +73,8 @@ def count_matrix(dataset: SegDataset) -> tuple[np.ndarray, np.ndarray]:
     for i in range(len(dataset)):
         entry = images.get(dataset.relpath(i))
         if entry is None:
+            if dataset.on_error == "skip":  # prepare left a bad file out: never drawn by RCS
+                continue
             raise DataError(path, f"has no entry for {dataset.relpath(i)}; {hint}")
         c = entry["counts"][: dataset.num_classes]
         counts[i, : len(c)] = c
