@@ -62,7 +62,8 @@ class DataConfig:
     # rare class sampling on the source (DAFormer): P(c) = softmax((1 - f_c) / T)
     rcs: bool = True
     rcs_temperature: float = 0.01
-    rcs_min_pixels: int = 3000
+    rcs_min_pixels: int = 3000  # scaled by image area / (1024 x 512) for smaller images
+    rcs_min_crop_ratio: float = 0.5  # a rare-class crop must hold this share of rcs_min_pixels
     # ImageNet normalisation
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
