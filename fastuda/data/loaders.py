@@ -240,7 +240,7 @@ def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream:
             raise DataError(dataset.root, "rare class sampling needs a labelled dataset")
         counts, areas = count_matrix(dataset)
         sampler = RareClassSampler(counts, cfg.rcs_temperature, cfg.rcs_min_pixels, areas,
-                                   getattr(cfg, "rcs_min_crop_ratio", 0.5))
+                                   cfg.rcs_min_crop_ratio)
     planner = SamplePlanner(len(dataset), seed=seed, stream=stream, rank=rank,
                             world_size=world_size, ratio_range=tuple(cfg.ratio_range),
                             flip_prob=cfg.flip_prob, rcs=sampler)
