@@ -577,13 +577,18 @@ def _is_generated(root: Path) -> bool:
     return (root / MARKER).is_file() or not any(root.iterdir())
 
 
-def synthetic_complete(root: str | Path) -> bool:
-    """The marker says this generator version wrote the tree, and every image is there."""
-    root = Path(root)
+def _read_marker(root: Path) -> dict[str, Any]:
     try:
         marker = json.loads((root / MARKER).read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def synthetic_complete(root: str | Path) -> bool:
+    """The marker says this generator version wrote the tree, and every image is there."""
+    root = Path(root)
+    marker = _read_marker(root)
     if marker.get("version") != GENERATOR_VERSION:
         return False
     for domain, splits in marker.get("counts", {}).items():
@@ -610,7 +615,13 @@ def ensure_synthetic(root: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not synthetic_complete(path):
-                generate_synthetic(path, progress=True)
+                # an incomplete tree of this generator is rebuilt with its own settings
+                kwargs: dict[str, Any] = {}
+                marker = _read_marker(path)
+                if marker.get("version") == GENERATOR_VERSION:
+                    kwargs = {"seed": marker["seed"], "counts": marker["counts"],
+                              "width": marker["size"][0], "height": marker["size"][1]}
+                generate_synthetic(path, progress=True, **kwargs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

@@ -152,7 +152,7 @@ def resize_pair(image: np.ndarray, label: np.ndarray, resize_wh: tuple[int, int]
     if not resize_wh or (image.shape[1], image.shape[0]) == tuple(resize_wh):
         return image, label
     w, h = resize_wh
-    image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    image = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
     ys = nearest_indices(0, h, h, label.shape[0])
     xs = nearest_indices(0, w, w, label.shape[1])
     return image, label[np.ix_(ys, xs)]

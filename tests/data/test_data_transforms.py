@@ -1,0 +1,109 @@
+"""Crop geometry: nearest/bilinear resampling of the crop window, cat_max_ratio, flip, pad."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastuda.data.loaders import finish_batch
+from fastuda.data.transforms import (
+    CropParams,
+    Geometry,
+    choose_crop,
+    crop_image,
+    nearest_indices,
+    resize_pair,
+    scaled_size,
+)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((37, 53), (18, 29)), ((20, 30), (50, 71)),
+                                          ((64, 128), (45, 90))])
+def test_nearest_matches_pillow(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    # an image whose pixel values are their column / row index shows which source pixel was taken
+    for axis in (0, 1):
+        index = np.indices(src)[axis].astype(np.uint8)
+        ours = index[np.ix_(nearest_indices(0, dst[0], dst[0], src[0]),
+                            nearest_indices(0, dst[1], dst[1], src[1]))]
+        pil = np.asarray(Image.fromarray(index).resize((dst[1], dst[0]),
+                                                       Image.Resampling.NEAREST))
+        # Pillow computes (i + 0.5) * in / out in floating point; where that is an exact integer
+        # k (pixel centre on a pixel edge) it may land on k - 1. Ours is exact there.
+        i = np.indices(dst)[axis]
+        tie = ((2 * i + 1) * src[axis]) % (2 * dst[axis]) == 0
+        np.testing.assert_array_equal(ours[~tie], pil[~tie])
+        np.testing.assert_array_equal(ours[tie], ((2 * i + 1) * src[axis] // (2 * dst[axis]))[tie])
+        assert (np.abs(ours[tie].astype(int) - pil[tie]) <= 1).all()
+
+
+@pytest.mark.parametrize("ratio", [0.55, 1.0, 1.7])
+def test_crop_window_equals_resize_then_crop(ratio: float) -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    sh, sw = scaled_size((60, 90), None, ratio)
+    g = Geometry(60, 90, sh, sw, top=min(7, sh - 20), left=min(11, sw - 30), crop_h=20,
+                 crop_w=30, flip=False)
+    whole = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BILINEAR))
+    expected = whole[g.top:g.top + 20, g.left:g.left + 30].astype(int)
+    assert np.abs(crop_image(image, g).astype(int) - expected).max() <= 1
+
+
+def test_cat_max_ratio_picks_first_passing_draw() -> None:
+    label = np.zeros((10, 40), dtype=np.uint8)
+    label[:, 30:] = 1
+    anchors = ((0.0, 0.0), (0.0, 0.5), (0.0, 0.8), (0.0, 0.99))
+    params = CropParams(1.0, anchors, flip=False)
+    # left = int(v * 31): 0 and 15 hold only class 0; 24 holds 6 columns of 0 and 4 of 1 (60%)
+    g, crop = choose_crop(label, params, (10, 10), None, 0.75)
+    assert (g.top, g.left) == (0, 24)
+    np.testing.assert_array_equal(crop, label[:, 24:34])
+    g, _ = choose_crop(label, params, (10, 10), None, 1.0)  # disabled: the first draw
+    assert g.left == 0
+    fail = CropParams(1.0, ((0.0, 0.0), (0.0, 0.3)), flip=False)
+    g, _ = choose_crop(label, fail, (10, 10), None, 0.75)  # none passes: the last draw
+    assert g.left == 9
+
+
+def test_ignore_pixels_do_not_count_for_cat_max_ratio() -> None:
+    label = np.full((10, 10), 255, dtype=np.uint8)
+    label[:, :2] = 3
+    label[:, 2:3] = 4  # valid: 20 of class 3, 10 of class 4 -> 67% < 75%
+    g, _ = choose_crop(label, CropParams(1.0, ((0.0, 0.0),), False), (10, 10), None, 0.75)
+    assert g.left == 0
+
+
+def test_small_image_is_padded_after_flip() -> None:
+    label = np.arange(4 * 6, dtype=np.uint8).reshape(4, 6)
+    image = np.stack([label * 10] * 3, axis=-1).astype(np.uint8)
+    params = CropParams(1.0, ((0.5, 0.5),), flip=True)
+    g, crop = choose_crop(label, params, (8, 8), (6, 4), 1.0)  # resize to 6x4 = no-op
+    assert (g.top, g.left, g.valid_h, g.valid_w) == (0, 0, 4, 6)
+    expected = np.full((8, 8), 255, dtype=np.uint8)
+    expected[:4, :6] = label[:, ::-1]
+    np.testing.assert_array_equal(crop, expected)
+    img = crop_image(image, g)
+    np.testing.assert_array_equal(img[:4, :6, 0], image[:, ::-1, 0])
+    assert (img[4:] == 0).all() and (img[:, 6:] == 0).all()
+    batch = finish_batch({"image": torch.from_numpy(img).permute(2, 0, 1)[None],
+                          "label": torch.from_numpy(crop)[None], "meta": [g.as_meta()]},
+                         [1.0, 2.0, 3.0], [2.0, 2.0, 2.0])
+    assert (batch["image"][0, :, 4:] == 0).all() and (batch["image"][0, :, :, 6:] == 0).all()
+    np.testing.assert_allclose(batch["image"][0, 0, 0, 0].item(), (img[0, 0, 0] - 1.0) / 2.0)
+
+
+def test_fixed_resize_then_ratio() -> None:
+    assert scaled_size((1052, 1914), (1280, 720), 1.0) == (720, 1280)
+    assert scaled_size((1052, 1914), (1280, 720), 0.5) == (360, 640)
+    assert scaled_size((128, 256), None, 1.5) == (192, 384)
+
+
+def test_val_resize_pair() -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (30, 40), dtype=np.uint8)
+    img2, lab2 = resize_pair(image, label, (20, 15))
+    assert img2.shape == (15, 20, 3) and lab2.shape == (15, 20)
+    np.testing.assert_array_equal(
+        lab2, np.asarray(Image.fromarray(label).resize((20, 15), Image.Resampling.NEAREST)))
