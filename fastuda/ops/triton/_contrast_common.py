@@ -30,7 +30,8 @@ def labels_tile(y_ptr, syb, syp, b, offs_p, pmask, num_classes, ignore_index, er
         n_bad = tl.sum(bad.to(tl.int32), axis=0)
         if n_bad > 0:
             tl.atomic_add(err_ptr, n_bad)
-            tl.atomic_max(err_ptr + 1, tl.max(tl.where(bad, y.to(tl.int32), -2147483648), axis=0))
+            tl.atomic_max(err_ptr + 1, tl.max(tl.where(bad, y.to(tl.int32), -2147483647),
+                                                axis=0))
     valid = valid & ~bad
     return tl.where(valid, y, 0).to(tl.int32), valid
 
