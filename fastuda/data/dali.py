@@ -157,15 +157,25 @@ class DaliTrainBatches:
             while True:
                 try:
                     image, label, info, skipped = pipe.run()
-                except RuntimeError as err:
-                    files = [self.dataset.files[self.planner.plan(p).index].image
-                             for p in range(batch_index * cfg.batch_size,
-                                            (batch_index + 1) * cfg.batch_size)]
-                    raise DataError(", ".join(files), f"DALI failed on this batch: {err}") from err
+                except Exception as err:  # noqa: BLE001 - DALI re-raises worker errors as Exception
+                    raise self._data_error(err, batch_index) from err
                 batch_index += 1
                 yield self._batch(image, label, info, skipped)
         finally:
             del pipe
+
+    def _data_error(self, err: Exception, batch_index: int) -> DataError:
+        """A DataError raised in a DALI worker arrives as text: rebuild it; for any other
+        failure name the files of the batch."""
+        text, marker = str(err), "DataError: "
+        if marker in text:
+            line = text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+            path, _, problem = line.partition(": ")
+            return DataError(path, problem)
+        size = self.cfg.batch_size
+        files = [self.dataset.files[self.planner.plan(p).index].image
+                 for p in range(batch_index * size, (batch_index + 1) * size)]
+        return DataError(", ".join(files), f"DALI failed on this batch: {err}")
 
     def _batch(self, image: Any, label: Any, info: Any, skipped: Any) -> dict[str, Any]:
         info_np = np.array(info.as_tensor())
