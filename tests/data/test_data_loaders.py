@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastuda.config import DataConfig, DatasetConfig
 from fastuda.data import DataError, build_train_iterators, build_val_loader, resolve_loader
-from fastuda.data.loaders import build_train_iterator
+from fastuda.data.loaders import build_train_iterator, dali_available
 
 
 def _cfg(root: Path, **kw: object) -> DataConfig:
@@ -136,6 +136,7 @@ def test_val_loader_skips_without_replacing(tmp_path: Path, synthetic_root: Path
 
 
 def test_auto_loader_choice() -> None:
-    if not torch.cuda.is_available():
-        assert resolve_loader("auto") == "torch"
+    assert resolve_loader("auto") == ("dali" if dali_available() else "torch")
     assert resolve_loader("torch") == "torch"
+    with pytest.raises(DataError, match="unknown loader"):
+        resolve_loader("fast")
