@@ -7,12 +7,13 @@ key. The resolved config is written back to the work dir as TOML, so a run is re
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -168,6 +169,7 @@ class EvalConfig:
     flip: bool = False
     batch_size: int = 1
     num_vis: int = 4  # images in the vis/ PNG grid at each evaluation
+    max_images: int = 0  # evaluate only the first N images of the split (0: all of them)
 
 
 @dataclass
@@ -246,7 +248,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is type(None) and value is None:
         return None
-    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+    wrong = isinstance(tp, type) and (not isinstance(value, tp)
+                                      or (tp is int and isinstance(value, bool)))
+    if wrong:
         raise ConfigError(f"invalid type for {key}: {value!r} is {type(value).__name__}, "
                           f"expected {tp.__name__}")
     return value
@@ -258,7 +262,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"[{prefix}]" if prefix else "the top level"
-        raise ConfigError(f"unknown config key(s) {', '.join(repr(u) for u in unknown)} in {where}; "
+        listed = ", ".join(repr(u) for u in unknown)
+        raise ConfigError(f"unknown config key(s) {listed} in {where}; "
                           f"valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     try:

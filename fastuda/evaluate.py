@@ -75,7 +75,11 @@ def evaluate(model: nn.Module, loader: Iterable[dict], cfg: Config, device: torc
     model.eval()
     conf = ConfusionMatrix(num_classes)
     vis_rows: list = []
+    seen = 0
     for batch in loader:
+        if cfg.eval.max_images and seen >= cfg.eval.max_images:
+            break
+        seen += batch["image"].shape[0]
         images = batch["image"].to(device)
         labels = batch["label"].to(device)
         with autocast or nullcontext():

@@ -1,4 +1,6 @@
-"""Training: ``python -m fastuda.train CONFIG [--set key=value ...] [--work-dir DIR] [--resume auto|PATH]``.
+"""Training entry point.
+
+    python -m fastuda.train CONFIG [--set key=value ...] [--work-dir DIR] [--resume auto|PATH]
 
 Read top to bottom: configuration -> process group -> model, method, self-training state -> data ->
 resume -> the loop (step, log, evaluate, checkpoint). The step itself is

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fastuda.config import Config, ConfigError, from_dict, load_config, to_toml
 

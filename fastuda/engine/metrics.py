@@ -1,7 +1,7 @@
 """Segmentation metrics accumulated over a whole split (not averaged per image).
 
 IoU_c = TP / (TP + FP + FN) with totals over the split; a class that never occurs in the ground
-truth nor in the predictions has no IoU (NaN) and is left out of the mean, as cityscapesscripts does.
+truth nor in the predictions has no IoU (NaN) and is left out of the mean, as in cityscapesscripts.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from PIL import Image
 from torch import Tensor
 
 
-def colorize(label: Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+def colorize(label: Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255
+             ) -> np.ndarray:
     """[H, W] class ids -> [H, W, 3] uint8 (ignored pixels black)."""
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
