@@ -1,0 +1,248 @@
+"""Kernel benchmark: every fastuda op x every backend on this machine, against the published
+formulation (``reference.sepico_style_*``) and the lean PyTorch formulation (``backend="torch"``).
+
+    python benchmarks/kernel_bench.py [--quick] [--json results.json] [--device cpu|cuda]
+
+Scales: DAFormer (N = 51200, D = 256) and DeepLab-V2 (N = 12800, D = 512), C = 19, plus a sweep over
+N and D. Times are medians of repeated runs (forward + backward for the losses). Extra peak memory
+is measured per case in a fresh process: on CPU the growth of the peak resident set over the inputs,
+on CUDA ``max_memory_allocated`` over the inputs. Speed-ups are ratios within the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastuda import ops  # noqa: E402
+from fastuda.ops import reference  # noqa: E402
+
+C = 19
+TAU = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: each returns a zero-argument callable that runs the measured work once
+# ----------------------------------------------------------------------------------------------
+def make_inputs(B: int, D: int, H: int, W: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(B, D, H, W, generator=g), dim=1)
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.1] = 255
+    mean = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
+    var = torch.rand(C, D, generator=g) * 0.01
+    bank = torch.nn.functional.normalize(torch.randn(C, 200, D, generator=g), dim=2)
+    bank_len = torch.full((C,), 200, dtype=torch.long)
+    t = {"feats": feats, "labels": labels, "mean": mean, "var": var, "bank": bank,
+         "bank_len": bank_len}
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def _loss_case(fn: Callable[[torch.Tensor], torch.Tensor], feats: torch.Tensor) -> Callable:
+    def run() -> None:
+        f = feats.detach().requires_grad_(True)
+        fn(f).backward()
+    return run
+
+
+def build_case(op: str, impl: str, x: dict) -> Callable[[], object] | None:
+    """``impl``: "published", "lean" (the reference) or a backend name."""
+    f, y, mu, var = x["feats"], x["labels"], x["mean"], x["var"]
+    backend = "torch" if impl == "lean" else impl
+    if op == "estimator_update":
+        if impl == "published":
+            state = ops.ClassStats(torch.zeros(C, device=f.device), torch.zeros(C, f.shape[1],
+                                   device=f.device), torch.zeros(C, f.shape[1], device=f.device))
+            return lambda: reference.sepico_style_estimator_update(state, f, y, C)
+        est = ops.ClassStatistics(C, f.shape[1], device=f.device, backend=backend)
+        return lambda: est.update(f, y)
+    if op == "class_stats_full":
+        if impl == "published":
+            return None
+        return lambda: ops.class_stats(f, y, C, cov="full", backend=backend)
+    if op == "proto_contrast":
+        if impl == "published":
+            return _loss_case(lambda t: reference.sepico_style_proto_contrast(t, y, mu, tau=TAU), f)
+        return _loss_case(lambda t: ops.proto_contrast(t, y, mu, tau=TAU, backend=backend), f)
+    if op == "dist_contrast":
+        if impl == "published":
+            return _loss_case(lambda t: reference.sepico_style_dist_contrast(t, y, mu, var,
+                                                                            tau=TAU), f)
+        return _loss_case(lambda t: ops.dist_contrast(t, y, mu, var, tau=TAU, backend=backend), f)
+    if op == "bank_contrast":
+        b, bl = x["bank"], x["bank_len"]
+        if impl == "published":
+            return _loss_case(lambda t: reference.sepico_style_bank_contrast(t, y, b, bl,
+                                                                            tau=TAU), f)
+        return _loss_case(lambda t: ops.bank_contrast(t, y, b, bl, tau=TAU, backend=backend), f)
+    if op == "pixel_contrast":
+        if impl == "published":  # the published code builds the N x N matrix: that is "lean" here
+            return None
+        return _loss_case(lambda t: ops.pixel_contrast(t, y, tau=TAU, backend=backend), f)
+    if op == "downscale_labels":
+        if impl == "published":
+            return None
+        big = y.repeat_interleave(4, 1).repeat_interleave(4, 2)
+        return lambda: ops.downscale_labels(big, 4, num_classes=C, backend=backend)
+    raise ValueError(op)
+
+
+OPS = ("estimator_update", "class_stats_full", "proto_contrast", "dist_contrast", "bank_contrast",
+       "pixel_contrast", "downscale_labels")
+
+# (name, B, D, H, W): H*W*B = N
+SCALES = {"daformer": (2, 256, 160, 160), "deeplabv2": (2, 512, 80, 80)}
+# ops whose published/lean forms are too slow or too large at full scale get a smaller one
+SCALE_OVERRIDES = {"class_stats_full": {"daformer": (2, 64, 160, 160),
+                                        "deeplabv2": (2, 128, 80, 80)},
+                   "pixel_contrast": {"daformer": (2, 256, 65, 65),
+                                      "deeplabv2": (2, 512, 33, 33)}}
+
+
+def time_case(run: Callable[[], object], device: str, reps: int, budget_s: float) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+    run()
+    sync()  # warm-up (compiles, allocator)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (time.perf_counter() - start < budget_s or len(times) < 2):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_memory(op: str, impl: str, shape: tuple[int, ...], device: str) -> float:
+    """Extra peak memory (MB) of one run over its inputs, in a fresh process."""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            "import kernel_bench as kb; "
+            f"print(kb._memory_child({op!r}, {impl!r}, {tuple(shape)!r}, {device!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ))
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def _memory_child(op: str, impl: str, shape: tuple[int, ...], device: str) -> float:
+    x = make_inputs(*shape, device)
+    run = build_case(op, impl, x)
+    assert run is not None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def available_backends(device: str) -> list[str]:
+    out = []
+    if device == "cpu" and ops.extension_available():
+        out.append("cpu")
+    if device == "cuda" and ops.cuda_kernels_built():
+        out.append("cuda")
+    if device == "cuda":
+        out.append("triton")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="DAFormer scale only, fewer repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default="bench_results/kernel_bench.json")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset")
+    args = p.parse_args()
+    dev = args.device
+    if dev == "cpu" and not torch.cuda.is_available():
+        print("no GPU present: CUDA and Triton backends are not measured on this machine")
+    reps, budget = (3, 4.0) if args.quick else (7, 15.0)
+    scales = {"daformer": SCALES["daformer"]} if args.quick else SCALES
+    impls = ["published", "lean", *available_backends(dev)]
+    rows = []
+    header = f"{'op':<18} {'scale':<10} {'shape B,D,H,W':<18} {'impl':<10} {'ms':>9} " \
+             f"{'x published':>12} {'x lean':>8} {'extra MB':>9}"
+    print(header)
+    print("-" * len(header))
+    for op in args.ops.split(","):
+        for scale, shape in scales.items():
+            shape = SCALE_OVERRIDES.get(op, {}).get(scale, shape)
+            x = make_inputs(*shape, dev)
+            results: dict[str, float] = {}
+            for impl in impls:
+                try:
+                    run = build_case(op, impl, x)
+                except (ValueError, RuntimeError) as err:  # backend cannot serve this op
+                    print(f"{op:<18} {scale:<10} {impl:<10} unavailable: {err}")
+                    continue
+                if run is None:
+                    continue
+                try:
+                    ms = 1000 * time_case(run, dev, reps, budget)
+                except (ValueError, RuntimeError) as err:
+                    print(f"{op:<18} {scale:<10} {impl:<10} unavailable: {err}")
+                    continue
+                results[impl] = ms
+                mem = float("nan") if args.no_memory else measure_memory(op, impl, shape, dev)
+                pub, lean = results.get("published"), results.get("lean")
+                row = {"op": op, "scale": scale, "shape": list(shape), "impl": impl, "ms": ms,
+                       "speedup_vs_published": (pub / ms) if pub else None,
+                       "speedup_vs_lean": (lean / ms) if lean else None,
+                       "extra_peak_mb": mem,
+                       "feature_input_mb": x["feats"].numel() * 4 / 2**20}
+                rows.append(row)
+                sp = f"{row['speedup_vs_published']:.1f}" if pub else "-"
+                sl = f"{row['speedup_vs_lean']:.1f}" if lean else "-"
+                print(f"{op:<18} {scale:<10} {','.join(map(str, shape)):<18} {impl:<10} "
+                      f"{ms:9.2f} {sp:>12} {sl:>8} {mem:9.1f}", flush=True)
+    if not args.quick:
+        print("\nsweep (proto_contrast forward+backward, fastest backend vs lean):")
+        best = next((b for b in available_backends(dev)), None)
+        for (B, D, H, W) in [(1, 64, 64, 64), (2, 64, 128, 128), (2, 256, 64, 64),
+                             (2, 256, 128, 128), (2, 256, 160, 160), (2, 512, 80, 80),
+                             (2, 1024, 80, 80)]:
+            x = make_inputs(B, D, H, W, dev)
+            entry = {"op": "sweep_proto_contrast", "shape": [B, D, H, W], "N": B * H * W, "D": D}
+            for impl in ("lean", best):
+                if impl is None:
+                    continue
+                run = build_case("proto_contrast", impl, x)
+                entry[f"{impl}_ms"] = 1000 * time_case(run, dev, 3, 5.0)
+            rows.append(entry)
+            print(f"  N={B * H * W:>6} D={D:>4}: " + "  ".join(
+                f"{k}={v:.2f}" for k, v in entry.items() if k.endswith("_ms")))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
