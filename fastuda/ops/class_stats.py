@@ -4,6 +4,9 @@
 pass over channels-first features. ``ClassStatistics`` pools batches into dataset-level statistics
 with the exact merge of ``stats.merge_stats`` (fp64 state), keeps an optional per-class memory bank
 of batch centroids, checkpoints, and all-reduces across processes.
+
+Statistics are not differentiable: the compiled op runs below autograd (its outputs never require
+grad) and the reference path is evaluated under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
     """Per-class ``count [C]``, ``mean [C, D]`` and ``m2`` (``[C, D]`` diag, ``[C, D, D]`` full).
 
     feats ``[N, D]`` or ``[B, D, H, W]`` (fp32/fp16/bf16), labels ``[N]`` / ``[B, H, W]`` integer,
-    weights (optional) per pixel. Results are fp32 (fp64 for fp64 input)."""
+    weights (optional, >= 0) per pixel. Results are fp32 (fp64 for fp64 input). No gradients flow
+    through the statistics (they are computed as under ``torch.no_grad()``)."""
     _backend.check_feats("class_stats", feats)
     _backend.check_labels("class_stats", labels)
     if cov not in ("diag", "full"):
@@ -35,15 +39,35 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
                              supported=_CLASS_STATS_BACKENDS)
     if which == "torch":
         _check_label_range(labels_bp, num_classes, ignore_index)
-        return reference.class_stats(feats, labels, num_classes, ignore_index=ignore_index,
-                                     weights=weights, cov=cov)
+        with torch.no_grad():
+            return ClassStats(*reference.class_stats(feats, labels, num_classes,
+                                                     ignore_index=ignore_index, weights=weights,
+                                                     cov=cov))
+    if weights_bp is not None and weights_bp.device != feats.device:
+        raise ValueError(f"fastuda.ops.class_stats: weights are on {weights_bp.device}, feats on "
+                         f"{feats.device}")
     count, mean, m2 = torch.ops.fastuda.class_stats(
         _backend.as_bdp(feats), labels_bp, num_classes, ignore_index,
         None if weights_bp is None else weights_bp.float(), cov == "full")
     return ClassStats(count, mean, m2)
 
 
-_CLASS_STATS_BACKENDS: tuple[str, ...] = ("torch",)
+# "cuda" is served by the CUDA registration of the same torch.ops.fastuda.class_stats op;
+# _backend.resolve only picks it when those kernels are built.
+_CLASS_STATS_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
+
+
+def _class_stats_fake(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int,
+                      weights: Tensor | None, full_cov: bool) -> tuple[Tensor, Tensor, Tensor]:
+    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    D = feats.shape[1]
+    m2_shape = (num_classes, D, D) if full_cov else (num_classes, D)
+    return (feats.new_empty(num_classes, dtype=acc), feats.new_empty(num_classes, D, dtype=acc),
+            feats.new_empty(m2_shape, dtype=acc))
+
+
+if _backend.extension_available():
+    torch.library.register_fake("fastuda::class_stats")(_class_stats_fake)
 
 
 def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -60,8 +84,10 @@ class ClassStatistics:
     """Dataset-level class statistics for distribution-aware contrast (ops.md section 2).
 
     ``update`` merges a batch exactly (pooled mean/variance, fp64 state); with ``momentum`` set the
-    means follow an EMA instead (mu <- m mu + (1 - m) m_batch for classes present in the batch).
-    ``bank_size > 0`` keeps a ring buffer of the last ``bank_size`` batch centroids per class.
+    means follow an EMA instead (mu <- m mu + (1 - m) m_batch for classes present in the batch) and
+    the variance is the pooled within-batch variance (sum of the batches' m2 over their count).
+    ``bank_size > 0`` keeps a ring buffer of the last ``bank_size`` batch centroids per class
+    (slot ``k`` holds the class's push number ``k mod bank_size``; ``bank_len`` counts live slots).
     """
 
     def __init__(self, num_classes: int, dim: int, *, cov: str = "diag", bank_size: int = 0,
@@ -71,6 +97,11 @@ class ClassStatistics:
             raise ValueError(f"ClassStatistics: cov must be 'diag' or 'full', got {cov!r}")
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise ValueError(f"ClassStatistics: momentum must be in [0, 1), got {momentum}")
+        if bank_size < 0:
+            raise ValueError(f"ClassStatistics: bank_size must be >= 0, got {bank_size}")
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"ClassStatistics: num_classes and dim must be >= 1, got "
+                             f"{num_classes} and {dim}")
         self.num_classes, self.dim, self.cov = num_classes, dim, cov
         self.bank_size, self.momentum = bank_size, momentum
         self.ignore_index, self.backend = ignore_index, backend
@@ -89,11 +120,14 @@ class ClassStatistics:
                group: dist.ProcessGroup | None = None) -> ClassStats:
         """Merge one batch; under torch.distributed the batch statistics of every rank are
         combined first, so all ranks hold identical state. Returns the (global) batch stats."""
+        if feats.shape[1] != self.dim:
+            raise ValueError(f"ClassStatistics: feats have {feats.shape[1]} channels "
+                             f"(shape {tuple(feats.shape)}), the statistics have dim {self.dim}")
         batch = class_stats(feats.detach(), labels, self.num_classes,
                             ignore_index=self.ignore_index, weights=weights, cov=self.cov,
                             backend=self.backend)
         if dist.is_available() and dist.is_initialized():
-            batch = all_reduce_stats(batch, group)
+            batch = all_reduce_stats(ClassStats(*(t.double() for t in batch)), group)
         self.merge(batch)
         return batch
 
@@ -133,13 +167,14 @@ class ClassStatistics:
     @property
     def var(self) -> Tensor:
         if self.cov != "diag":
-            raise AttributeError("ClassStatistics.var is for cov='diag'; use .cov")
-        return (self._m2 / self._count.clamp_min(1)[:, None]).float()
+            raise AttributeError("ClassStatistics.var is for cov='diag'; use .covariance")
+        return self.covariance
 
     @property
     def covariance(self) -> Tensor:
-        """Diagonal variance [C, D] or full covariance [C, D, D] (fp32)."""
-        n = self._count.clamp_min(1)
+        """Diagonal variance [C, D] or full covariance [C, D, D] (fp32); 0 for unseen classes."""
+        # weighted counts may be below 1: divide by the count itself, not by max(count, 1)
+        n = torch.where(self._count > 0, self._count, torch.ones_like(self._count))
         return (self._m2 / (n[:, None] if self.cov == "diag" else n[:, None, None])).float()
 
     @property
@@ -184,7 +219,10 @@ class ClassStatistics:
 
 def all_reduce_stats(stats: ClassStats, group: dist.ProcessGroup | None = None) -> ClassStats:
     """Exact pooled statistics over all ranks: gather every rank's (count, mean, m2) in fp64 and
-    fold them with the Chan merge in rank order, so every rank computes bit-identical results."""
+    fold them with the Chan merge in rank order, so every rank computes bit-identical results.
+    Without an initialised process group the statistics are returned unchanged."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
     world = dist.get_world_size(group)
     if world == 1:
         return stats
