@@ -413,6 +413,19 @@ def test_interpreter_suite_in_subprocess():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Triton's real compiler (through ptxas) accepts every kernel at the launch configurations
+    a GPU run would use: catches what the interpreter cannot see (dot shapes and dtypes,
+    loop-carried types). No GPU needed; runs in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastuda.ops.triton.compile_check", "--quick", "--dtype", "bf16",
+         "--arch", "90"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("regs=") == 11, proc.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA (native kernels) at realistic sizes
 # ----------------------------------------------------------------------------------------------

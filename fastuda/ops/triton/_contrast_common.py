@@ -97,13 +97,18 @@ def acc_tl_dtype(feats: Tensor) -> tl.dtype:
 
 
 def dot_precision(kernel: object, feats: Tensor) -> str:
-    """input_precision of tl.dot on fp32 operands.
+    """input_precision of the kernels' tl.dot calls on fp32 operands.
 
-    The interpreter and fp64 use "ieee"; on a GPU the kernels follow torch's global fp32 matmul
-    setting (torch.set_float32_matmul_precision), like every torch matmul in the same program."""
+    The interpreter and fp64 use "ieee". fp16/bf16 features are exact in tf32 (10-bit mantissa),
+    so "tf32" only rounds the other operand (class table, gradient coefficients) to 2^-11. fp32
+    features follow torch's global fp32 matmul setting (torch.set_float32_matmul_precision):
+    "highest" (torch's default) -> "tf32x3" (three tf32 tensor-core products, about fp32
+    accuracy, far faster than fp32 FMA), otherwise "tf32"."""
     if interpreting(kernel) or feats.dtype == torch.float64:
         return "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if feats.dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def pow2(n: int, lo: int = 16) -> int:

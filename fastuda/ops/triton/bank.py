@@ -181,9 +181,9 @@ def _config(C: int, M: int) -> dict[str, int]:
         return {"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_C": block_c, "BLOCK_M": block_m,
                 "num_warps": 4}
     # the backward keeps a [BLOCK_M, BLOCK_P] fp32 tile of positive gradients in registers
-    block_p = max(16, min(64, 8192 // block_m))
+    block_p = max(16, min(64, 4096 // block_m))
     return {"BLOCK_P": block_p, "BLOCK_D": 32, "BLOCK_C": block_c, "BLOCK_M": block_m,
-            "num_warps": 4 if block_m * block_p <= 4096 else 8}
+            "num_warps": 8}
 
 
 def _class_means(bank: Tensor, bank_len: Tensor, acc: torch.dtype) -> Tensor:

@@ -222,12 +222,12 @@ def _config(feats: Tensor) -> dict[str, object]:
         # the interpreter's bf16 tl.dot is wrong: compute every product in the accumulation dtype
         return {"BLOCK_N": 16, "BLOCK_D": block_d, "DOT": cc.acc_tl_dtype(feats),
                 "num_warps": 4}
-    # anchor features [BLOCK_D, BLOCK_N] and the gradient accumulator stay in registers
-    block_n = max(16, min(64, 8192 // block_d))
+    # anchor features [BLOCK_D, BLOCK_N] and the gradient accumulator stay in registers; the
+    # backward's [BLOCK_N, BLOCK_N] temporaries spill at BLOCK_N = 64 (ptxas, sm_90)
+    block_n = max(16, min(32, (8192 if feats.dtype != torch.float32 else 4096) // block_d))
     dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(feats.dtype,
                                                                      cc.acc_tl_dtype(feats))
-    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "DOT": dot,
-            "num_warps": 4 if block_d * block_n <= 4096 else 8}
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, "DOT": dot, "num_warps": 8}
 
 
 @torch.library.custom_op("fastuda_triton::pixel_contrast_forward", mutates_args=())
