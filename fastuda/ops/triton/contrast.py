@@ -139,7 +139,8 @@ def _centroid_bwd_kernel(
     cmask = offs_c < C
     lse = tl.load(lse_ptr + b * P + offs_p, mask=pmask, other=0.0)
     z = tl.where(cmask[:, None], dots * inv_tau + quad * quad_scale, float("-inf"))
-    prob = tl.exp(z - lse[None, :])
+    # lse is saved as 0 at pixels that do not count: keep exp() there from overflowing (inf * 0)
+    prob = tl.exp(tl.where(valid[None, :], z - lse[None, :], float("-inf")))
     g = tl.load(g_ptr + b * sgb + offs_p * sgp, mask=pmask, other=0.0).to(ACC)
     if HAS_W:
         g = g * tl.load(w_ptr + b * swb + offs_p * swp, mask=pmask, other=0.0).to(ACC)

@@ -219,9 +219,10 @@ def _config(feats: Tensor) -> dict[str, object]:
     D = feats.shape[1]
     block_d = cc.pow2(D)
     if cc.interpreting(_pixel_fwd_kernel):
-        # the interpreter's bf16 tl.dot is wrong: compute every product in the accumulation dtype
-        return {"BLOCK_N": 16, "BLOCK_D": block_d, "DOT": cc.acc_tl_dtype(feats),
-                "num_warps": 4}
+        # the interpreter's bf16 tl.dot is wrong (numpy has no bf16): upcast bf16 there; fp16
+        # keeps the GPU's native-dtype products, so the tests cover that path
+        dot = tl.float16 if feats.dtype == torch.float16 else cc.acc_tl_dtype(feats)
+        return {"BLOCK_N": 16, "BLOCK_D": block_d, "DOT": dot, "num_warps": 4}
     # anchor features [BLOCK_D, BLOCK_N] and the gradient accumulator stay in registers; the
     # backward's [BLOCK_N, BLOCK_N] temporaries spill at BLOCK_N = 64 (ptxas, sm_90)
     block_n = max(16, min(32, (8192 if feats.dtype != torch.float32 else 4096) // block_d))
