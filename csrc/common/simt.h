@@ -1,0 +1,70 @@
+// Portability layer for fastuda's CUDA kernel sources (csrc/cuda/*_kernels.cuh).
+//
+// The same kernel text compiles in two ways:
+//   * under nvcc (csrc/cuda/*.cu): the real CUDA built-ins, launches with <<<...>>>;
+//   * under g++ with FASTUDA_SIMT_HOST defined (csrc/emu/*.cpp -> fastuda._C_emu): the host SIMT
+//     emulator of common/simt_host.h, which runs every block's threads as cooperative fibers so the
+//     CPU test suite executes the kernels' own code (see csrc/README.md).
+// Kernel sources include only this header (plus c10/util/Half.h / BFloat16.h for the scalar types),
+// never ATen or torch headers: nvcc compile time grows by minutes with them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+
+#include <cassert>
+#include <cstdio>
+#define FASTUDA_KNS cuda  // kernel namespace: fastuda::cuda (device) / fastuda::emu (host emulation)
+#define FASTUDA_HD_INLINE __host__ __device__ __forceinline__
+#define FASTUDA_DEVICE_INLINE __device__ __forceinline__
+// kernel<<<grid, block, shared bytes, stream>>>(args...)
+#define FASTUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+// The block's dynamic shared memory as T* (bytes given at launch).
+#define FASTUDA_DYNAMIC_SHARED(T, name)                                  \
+  extern __shared__ __align__(16) unsigned char fastuda_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(fastuda_dynamic_smem_)
+#elif defined(FASTUDA_SIMT_HOST)
+#include "common/simt_host.h"
+#define FASTUDA_KNS emu
+#define FASTUDA_HD_INLINE inline
+#define FASTUDA_DEVICE_INLINE inline
+#define FASTUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::fastuda::simt::launch((grid), (block), (smem), kernel, __VA_ARGS__)
+#define FASTUDA_DYNAMIC_SHARED(T, name) \
+  T* name = reinterpret_cast<T*>(::fastuda::simt::dynamic_shared())
+#else
+// Plain C++ translation units of a CUDA build (the op registrations in csrc/cuda/*.cpp) include the
+// launcher declarations only: they need the namespace and the inline qualifier, nothing else.
+#define FASTUDA_KNS cuda
+#define FASTUDA_HD_INLINE inline
+#endif
+
+namespace fastuda {
+
+// A label outside [0, C) that is not ignore_index. On a GPU: the value is printed and a device-side
+// assert fires (the error surfaces at the next synchronisation, as for torch's own index checks;
+// an op never synchronises the host to look for it). In emulation the launch raises a
+// std::runtime_error with the same message once the kernel has finished. Callers then treat the
+// pixel as ignored, so nothing reads out of bounds either way.
+#if defined(__CUDACC__)
+__device__ __noinline__ inline void report_bad_label(int64_t value, int64_t num_classes,
+                                                     int64_t ignore_index) {
+  printf("fastuda: label value %lld is outside [0, %lld) and is not ignore_index (%lld)\n",
+         static_cast<long long>(value), static_cast<long long>(num_classes),
+         static_cast<long long>(ignore_index));
+  __assert_fail("label value outside [0, num_classes) and not ignore_index", __FILE__, __LINE__,
+                __func__);
+}
+#elif defined(FASTUDA_SIMT_HOST)
+inline void report_bad_label(int64_t value, int64_t num_classes, int64_t ignore_index) {
+  simt::report_kernel_error("label value " + std::to_string(value) + " is outside [0, " +
+                            std::to_string(num_classes) + ") and is not ignore_index (" +
+                            std::to_string(ignore_index) + ")");
+}
+#endif
+
+}  // namespace fastuda
