@@ -13,6 +13,7 @@ The work dir holds the resolved ``config.toml``, ``metrics.jsonl``, ``checkpoint
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -63,6 +64,7 @@ class Run:
 
     def __init__(self, cfg: Config, work_dir: Path, info: DistInfo, device: torch.device) -> None:
         from .data import build_train_iterators, build_val_loader
+        from .data.loaders import TARGET_STREAM, build_train_iterator
         from .methods import build_method
         from .methods.self_training import SelfTraining
         from .models import build_model, convert_sync_batchnorm
@@ -82,6 +84,17 @@ class Run:
         self.trainer = SelfTraining(cfg, model, method, device, ddp_model=ddp)
         self.source, self.target = build_train_iterators(
             cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+        if cfg.self_training.class_balanced_crop and cfg.self_training.enabled:
+            # whole (resized) target images: the step picks the crop from their pseudo-labels
+            size = cfg.data.target.resize
+            if not size:
+                raise ConfigError("self_training.class_balanced_crop needs data.target.resize "
+                                  "(whole target images of one size)")
+            whole = dataclasses.replace(cfg.data, crop_size=[size[1], size[0]],
+                                        ratio_range=[1.0, 1.0], cat_max_ratio=1.0)
+            self.target = build_train_iterator(whole, cfg.data.target, stream=TARGET_STREAM,
+                                               seed=cfg.train.seed, rank=info.rank,
+                                               world_size=info.world_size)
         self.val_loader = build_val_loader(cfg.data, rank=info.rank, world_size=info.world_size)
         self.iteration = 0
         self.bad_steps = 0

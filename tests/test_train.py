@@ -40,8 +40,10 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     for dom, name in (("source", "synthetic_source"), ("target", "synthetic_target"),
                       ("val", "synthetic_target")):
         split = "val" if dom == "val" else "train"
+        # whole target images of one size, for SePiCo's class-balanced crop
+        resize = "[96, 64]" if dom == "target" else "[]"
         sets += [f"data.{dom}.name={name!r}", f"data.{dom}.root={root!r}",
-                 f"data.{dom}.resize=[]", f"data.{dom}.split={split!r}"]
+                 f"data.{dom}.resize={resize}", f"data.{dom}.split={split!r}"]
     return sets
 
 

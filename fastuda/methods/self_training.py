@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..data import strong_augment
+from ..data import class_balanced_crop, strong_augment
 from .base import Method
 
 IGNORE = 255
@@ -168,6 +168,28 @@ class SelfTraining:
         self.scaler.scale(total).backward()
         return True
 
+    def _pseudo_label(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        st = self.cfg.self_training
+        with torch.no_grad(), self.autocast():
+            logits = self.teacher(images)["logits"]
+        logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return pseudo_label(logits, st.pseudo_threshold, st.ignore_top, st.ignore_bottom)
+
+    def _class_balanced_crop(self, images: Tensor) -> Tensor:
+        """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
+        keep the best per image (pseudo-labels are then made again on the crop)."""
+        ch, cw = self.cfg.data.crop_size
+        if images.shape[-2] < ch or images.shape[-1] < cw:
+            raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
+                             f"{tuple(images.shape[-2:])}")
+        label, _ = self._pseudo_label(images)
+        crops = []
+        for img, lbl in zip(images, label, strict=True):
+            top, left = class_balanced_crop(lbl.cpu(), (ch, cw), generator=self.generator)
+            crops.append(img[:, top:top + ch, left:left + cw])
+        return torch.stack(crops)
+
     def set_lr(self, it: int) -> float:
         o = self.cfg.optim
         f = lr_factor(it, self.cfg.train.max_iters, o.warmup_iters, o.poly_power)
@@ -202,12 +224,9 @@ class SelfTraining:
 
         if st.enabled and ok:
             tgt_img = target["image"].to(dev, non_blocking=True)
-            with torch.no_grad(), self.autocast():
-                t_logits = self.teacher(tgt_img)["logits"]
-            t_logits = F.interpolate(t_logits.float(), size=tgt_img.shape[-2:], mode="bilinear",
-                                     align_corners=False)
-            plabel, pweight = pseudo_label(t_logits, st.pseudo_threshold, st.ignore_top,
-                                           st.ignore_bottom)
+            if st.class_balanced_crop:
+                tgt_img = self._class_balanced_crop(tgt_img)
+            plabel, pweight = self._pseudo_label(tgt_img)
             log["pseudo.weight"] = float(pweight.mean())
 
             if method.wants_student_target(it):
