@@ -201,8 +201,8 @@ def _bank_forward(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
     B, D, P = feats.shape
     C, M, _ = bank.shape
     acc = cc.acc_torch_dtype(feats)
-    loss = torch.zeros((B, P), dtype=acc, device=feats.device)
-    nlse = torch.zeros((B, P), dtype=acc, device=feats.device)
+    loss = torch.empty((B, P), dtype=acc, device=feats.device)
+    nlse = torch.empty((B, P), dtype=acc, device=feats.device)
     if B * P == 0:
         return loss, nlse
     cfg = _config(C, M)
@@ -227,7 +227,7 @@ def _bank_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, bank: Tenso
                    bank_len: Tensor, nlse: Tensor, tau: float, ignore_index: int) -> Tensor:
     B, D, P = feats.shape
     C, M, _ = bank.shape
-    grad_feats = torch.zeros((B, D, P), dtype=feats.dtype, device=feats.device)
+    grad_feats = torch.empty((B, D, P), dtype=feats.dtype, device=feats.device)
     if B * P == 0 or D == 0:
         return grad_feats
     cfg = _config(C, M)

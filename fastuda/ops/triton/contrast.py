@@ -285,8 +285,8 @@ def _centroid_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covarian
     B, D, P = feats.shape
     C = centroids.shape[0]
     acc = cc.acc_torch_dtype(feats)
-    loss = torch.zeros((B, P), dtype=acc, device=feats.device)
-    lse = torch.zeros((B, P), dtype=acc, device=feats.device)
+    loss = torch.empty((B, P), dtype=acc, device=feats.device)
+    lse = torch.empty((B, P), dtype=acc, device=feats.device)
     if B * P == 0:
         return loss, lse
     cov_kind = _cov_kind(covariance)
@@ -324,7 +324,7 @@ def _centroid_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroi
     C = centroids.shape[0]
     acc = cc.acc_torch_dtype(feats)
     dev = feats.device
-    grad_feats = torch.zeros((B, D, P), dtype=feats.dtype, device=dev)
+    grad_feats = torch.empty((B, D, P), dtype=feats.dtype, device=dev)
     grad_mu = (torch.zeros(centroids.shape, dtype=centroids.dtype, device=dev) if stats_grad
                else feats.new_empty(0))
     grad_cov = (torch.zeros(covariance.shape, dtype=covariance.dtype, device=dev)
@@ -340,8 +340,8 @@ def _centroid_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroi
         cov_acc = covariance.to(acc)
         sym = (cov_acc + cov_acc.transpose(1, 2)).contiguous()
     if stats_grad:
-        g_dot = torch.zeros((B, C, P), dtype=acc, device=dev)
-        g_quad = torch.zeros((B, C, P), dtype=acc, device=dev)
+        g_dot = torch.empty((B, C, P), dtype=acc, device=dev)
+        g_quad = torch.empty((B, C, P), dtype=acc, device=dev)
     else:
         g_dot = g_quad = cc.dummy(feats)
     grid = (triton.cdiv(P, cfg["BLOCK_P"]), B)

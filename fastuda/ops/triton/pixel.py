@@ -237,7 +237,7 @@ def _pixel_forward(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
                    ) -> tuple[Tensor, Tensor, Tensor]:
     B, D, P = feats.shape
     acc = cc.acc_torch_dtype(feats)
-    loss, nlse, pos_acc = (torch.zeros((B, P), dtype=acc, device=feats.device) for _ in range(3))
+    loss, nlse, pos_acc = (torch.empty((B, P), dtype=acc, device=feats.device) for _ in range(3))
     if B * P == 0:
         return loss, nlse, pos_acc
     cfg = _config(feats)
@@ -266,7 +266,7 @@ def _pixel_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, nlse: Tens
     B, D, P = feats.shape
     acc = cc.acc_torch_dtype(feats)
     dev = feats.device
-    grad_feats = torch.zeros((B, D, P), dtype=feats.dtype, device=dev)
+    grad_feats = torch.empty((B, D, P), dtype=feats.dtype, device=dev)
     grad_a = (torch.zeros((B, P), dtype=acc, device=dev) if pair_weights is not None
               else feats.new_empty(0))
     if B * P == 0 or D == 0:
