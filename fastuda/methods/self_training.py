@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data import class_balanced_crop, strong_augment
+from ..engine.profiling import StageTimer
 from .base import Method
 
 IGNORE = 255
@@ -142,6 +143,7 @@ class SelfTraining:
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.data_mean, self.data_std = cfg.data.mean, cfg.data.std
+        self.timer = StageTimer()  # enabled by fastuda.profile
 
     # -- helpers ------------------------------------------------------------------------------
     def autocast(self):  # noqa: ANN201
@@ -165,7 +167,8 @@ class SelfTraining:
             log[k] = float(v.detach())
         if not math.isfinite(float(total.detach())):
             return False
-        self.scaler.scale(total).backward()
+        with self.timer("backward"):
+            self.scaler.scale(total).backward()
         return True
 
     def _pseudo_label(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,42 +212,54 @@ class SelfTraining:
         ok = True
 
         if method.wants_teacher_source(it):
-            with torch.no_grad(), self.autocast():
+            with self.timer("teacher_forward"), torch.no_grad(), self.autocast():
                 teacher_src = self.teacher(src_img)
-            method.update_state(teacher_src, src_lbl, it)
+            with self.timer("statistics"):
+                method.update_state(teacher_src, src_lbl, it)
 
         # source: supervised CE + the method's source losses
-        student_src = self._augment(src_img) if method.augment_source else src_img
-        with self.autocast():
+        with self.timer("augment"):
+            student_src = self._augment(src_img) if method.augment_source else src_img
+        with self.timer("student_forward"), self.autocast():
             out = self.forward_student(student_src)
-        losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
-        losses.update(method.source_losses(out, src_lbl, it))
+        with self.timer("losses"):
+            losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
+        with self.timer("method_losses"):
+            losses.update(method.source_losses(out, src_lbl, it))
         ok &= self._backward(losses, log)
         del out, losses
 
         if st.enabled and ok:
             tgt_img = target["image"].to(dev, non_blocking=True)
-            if st.class_balanced_crop:
-                tgt_img = self._class_balanced_crop(tgt_img)
-            plabel, pweight = self._pseudo_label(tgt_img)
+            with self.timer("pseudo_labels"):
+                if st.class_balanced_crop:
+                    tgt_img = self._class_balanced_crop(tgt_img)
+                plabel, pweight = self._pseudo_label(tgt_img)
             log["pseudo.weight"] = float(pweight.mean())
 
             if method.wants_student_target(it):
-                with self.autocast():
-                    out = self.forward_student(self._augment(tgt_img))
-                ok &= self._backward(method.target_losses(out, plabel, pweight, it), log)
-                del out
+                with self.timer("augment"):
+                    aug_tgt = self._augment(tgt_img)
+                with self.timer("student_forward"), self.autocast():
+                    out = self.forward_student(aug_tgt)
+                with self.timer("method_losses"):
+                    losses = method.target_losses(out, plabel, pweight, it)
+                ok &= self._backward(losses, log)
+                del out, losses
 
             if st.mix == "classmix" and ok:
-                mask = classmix_masks(src_lbl, self.generator)
-                m4 = mask[:, None].to(src_img.dtype)
-                mixed_img = self._augment(m4 * src_img + (1 - m4) * tgt_img)
-                mixed_lbl = torch.where(mask, src_lbl, plabel)
-                mixed_w = torch.where(mask, torch.ones_like(pweight), pweight)
-                with self.autocast():
+                with self.timer("mixing"):
+                    mask = classmix_masks(src_lbl, self.generator)
+                    m4 = mask[:, None].to(src_img.dtype)
+                    mixed_img = self._augment(m4 * src_img + (1 - m4) * tgt_img)
+                    mixed_lbl = torch.where(mask, src_lbl, plabel)
+                    mixed_w = torch.where(mask, torch.ones_like(pweight), pweight)
+                with self.timer("student_forward"), self.autocast():
                     out = self.forward_student(mixed_img)
-                losses = {"mix.ce": weighted_ce(out["logits"], mixed_lbl, mixed_w)}
-                losses.update(method.mixed_losses(out, mixed_lbl, mixed_w, it))
+                with self.timer("losses"):
+                    losses = {"mix.ce": weighted_ce(out["logits"], mixed_lbl, mixed_w)}
+                with self.timer("method_losses"):
+                    losses.update(method.mixed_losses(out, mixed_lbl, mixed_w, it))
                 ok &= self._backward(losses, log)
                 del out, losses
 
@@ -254,10 +269,12 @@ class SelfTraining:
         if cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.timer("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if st.enabled:
-            ema_update(self.teacher, self.student, ema_alpha(it, st.ema_alpha))
+            with self.timer("ema"):
+                ema_update(self.teacher, self.student, ema_alpha(it, st.ema_alpha))
         log["loss"] = sum(v for k, v in log.items() if k.endswith((".ce", ".contrast", ".reg")))
         return StepResult(log, finite=True)
 
