@@ -41,7 +41,8 @@ TORCH_LIBRARY(fastuda, m) {
         "Tensor bank_len, Tensor neg_lse, float tau, int ignore_index) -> Tensor grad_feats");
   // 6. pixel-to-pixel supervised contrast on L2-normalised feats; pair weight a_i * a_j
   m.def("pixel_contrast_forward(Tensor feats, Tensor labels, float tau, int ignore_index, "
-        "Tensor? weights, Tensor? pair_weights) -> (Tensor loss, Tensor neg_lse, Tensor pos_acc)");
+        "Tensor? weights, Tensor? pair_weights) "
+        "-> (Tensor loss, Tensor neg_lse, Tensor pos_acc, Tensor n_pos)");
   m.def("pixel_contrast_backward(Tensor grad_loss, Tensor feats, Tensor labels, Tensor neg_lse, "
         "Tensor pos_acc, float tau, int ignore_index, Tensor? weights, Tensor? pair_weights) "
         "-> (Tensor grad_feats, Tensor grad_pair_weights)");

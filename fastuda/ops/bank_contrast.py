@@ -1,19 +1,63 @@
 """Memory-bank contrast (BankCL): positives are the bank entries of the pixel's class, negatives the
-mean entry of every other class (ops.md section 5)."""
+mean entry of every other class (ops.md section 5).
+
+The compiled kernels (``torch.ops.fastuda.bank_contrast_forward/backward``) return the per-pixel
+loss and the negatives' logsumexp the backward reuses; this module registers their autograd and
+fake implementations and does the reduction. The bank is a buffer of detached batch centroids: the
+compiled backends give it no gradient (and refuse a bank that requires one).
+"""
 
 from __future__ import annotations
 
+import importlib
+
+import torch
 from torch import Tensor
 
 from . import _backend, reference
 from .class_stats import _check_label_range
 
-_BACKENDS: tuple[str, ...] = ("torch",)
+_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
+_OP = "fastuda::bank_contrast_forward"
+
+
+_supported_cache: dict[bool, tuple[str, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _supported(with_triton: bool) -> tuple[str, ...]:
+    """The backends this op can run: the compiled ones that registered a kernel, the reference,
+    and (only when asked: importing the Triton module imports triton, which must not happen
+    before a test switches on its interpreter) "triton" when fastuda.ops.triton.contrast
+    provides it. Computed once; a constant under torch.compile."""
+    if with_triton in _supported_cache:
+        return _supported_cache[with_triton]
+    out = ["torch"]
+    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        if _backend.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                _OP, key):
+            out.append(name)
+    if with_triton:
+        try:
+            mod = importlib.import_module("fastuda.ops.triton.contrast")
+            if hasattr(mod, "bank_contrast_per_pixel"):
+                out.append("triton")
+        except Exception:  # any failure to import means no Triton backend
+            pass
+    _supported_cache[with_triton] = tuple(b for b in (*_BACKENDS, "triton") if b in out)
+    return _supported_cache[with_triton]
 
 
 def bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, *, tau: float,
                   ignore_index: int = 255, reduction: str = "mean",
                   backend: str = "auto") -> Tensor:
+    """BankCL loss. feats ``[N, D]`` / ``[B, D, H, W]``, labels ``[N]`` / ``[B, H, W]``, bank
+    ``[C, M, D]`` (entries ``j < bank_len[c]`` are live), ``bank_len [C]``.
+
+    l_i = -(1/M_y) sum_j log(exp(f.b_yj/tau) / (exp(f.b_yj/tau) + sum_k exp(f.bbar_k/tau))), over
+    the live entries of the pixel's class y and the mean live entry bbar_k of every other class
+    with one; pixels whose class has no live entry are skipped. ``reduction``: "mean" (over the
+    pixels that count), "sum" or "none" (per-pixel, shaped like labels)."""
     _backend.check_feats("bank_contrast", feats)
     _backend.check_labels("bank_contrast", labels)
     labels_bp = _backend.as_bp(labels, feats)
@@ -21,8 +65,81 @@ def bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
         raise ValueError(f"fastuda.ops.bank_contrast: bank {tuple(bank.shape)} / bank_len "
                          f"{tuple(bank_len.shape)} do not match feats {tuple(feats.shape)} "
                          "(expected bank [C, M, D] and bank_len [C])")
-    which = _backend.resolve("bank_contrast", backend, feats.device, supported=_BACKENDS)
-    _check_label_range(labels_bp, bank.shape[0], ignore_index)
-    assert which == "torch"
-    return reference.bank_contrast(feats, labels, bank, bank_len, tau=tau,
-                                   ignore_index=ignore_index, reduction=reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"fastuda.ops.bank_contrast: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    which = _backend.resolve("bank_contrast", backend, feats.device, supported=_supported(
+        backend == "triton" or (backend == "auto" and feats.device.type == "cuda")))
+    if which == "torch":
+        _check_label_range(labels_bp, bank.shape[0], ignore_index)
+        return reference.bank_contrast(feats, labels, bank, bank_len, tau=tau,
+                                       ignore_index=ignore_index, reduction=reduction)
+    if bank.requires_grad:
+        raise ValueError("fastuda.ops.bank_contrast: the compiled backends give the bank no "
+                         "gradient (it holds detached centroids); pass bank.detach() or use "
+                         "backend='torch'")
+    feats_bdp = _backend.as_bdp(feats)
+    if which == "triton":
+        from .triton.contrast import bank_contrast_per_pixel
+        _check_label_range(labels_bp, bank.shape[0], ignore_index)
+        per = bank_contrast_per_pixel(feats_bdp, labels_bp, bank, bank_len, tau, ignore_index)
+    else:
+        per = torch.ops.fastuda.bank_contrast_forward(feats_bdp, labels_bp, bank, bank_len,
+                                                      float(tau), int(ignore_index))[0]
+    if reduction == "none":
+        return per.reshape(labels.shape)
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / _counted(labels_bp, bank_len, ignore_index).clamp_min(1)
+
+
+def _counted(labels_bp: Tensor, bank_len: Tensor, ignore_index: int) -> Tensor:
+    """Number of pixels that count: a valid label whose class has a live entry (labels are
+    already range-checked by the kernel). A tensor, so no host sync and torch.compile-friendly."""
+    y = labels_bp.long()
+    valid = y != ignore_index
+    lens = bank_len.to(device=y.device, dtype=torch.long)
+    return (valid & (lens[torch.where(valid, y, 0)] > 0)).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and fake (meta) implementations of the compiled op
+# ---------------------------------------------------------------------------------------------
+def _out_dtype(feats: Tensor) -> torch.dtype:
+    return torch.float64 if feats.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, tau: float,
+                  ignore_index: int) -> tuple[Tensor, Tensor]:
+    B, _, P = feats.shape
+    loss = feats.new_empty((B, P), dtype=_out_dtype(feats))
+    return loss, torch.empty_like(loss)
+
+
+def _fake_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, bank: Tensor,
+                   bank_len: Tensor, neg_lse: Tensor, tau: float, ignore_index: int) -> Tensor:
+    return feats.new_empty(feats.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    feats, labels, bank, bank_len, tau, ignore_index = inputs
+    ctx.save_for_backward(feats, labels, bank, bank_len, output[1])
+    ctx.tau, ctx.ignore_index = tau, ignore_index
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_neg_lse: Tensor | None):
+    feats, labels, bank, bank_len, neg_lse = ctx.saved_tensors
+    grad_feats = None
+    if ctx.needs_input_grad[0]:
+        if grad_loss is None:
+            grad_loss = neg_lse.new_zeros(neg_lse.shape)
+        grad_feats = torch.ops.fastuda.bank_contrast_backward(
+            grad_loss, feats, labels, bank, bank_len, neg_lse, ctx.tau, ctx.ignore_index)
+    return grad_feats, None, None, None, None, None
+
+
+if _backend.extension_available():
+    torch.library.register_fake("fastuda::bank_contrast_forward")(_fake_forward)
+    torch.library.register_fake("fastuda::bank_contrast_backward")(_fake_backward)
+    torch.library.register_autograd("fastuda::bank_contrast_forward", _backward,
+                                    setup_context=_setup_context)

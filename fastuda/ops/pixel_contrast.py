@@ -1,23 +1,155 @@
 """Pixel-to-pixel supervised contrast (CLUDA-style) with an online logsumexp over column tiles, so
-the [N, N] similarity matrix is never stored (ops.md section 6)."""
+the [N, N] similarity matrix is never stored (ops.md section 6).
+
+The features are L2-normalised here (``F.normalize`` on the [B, D, P] view, so autograd covers that
+step); the compiled kernels (``torch.ops.fastuda.pixel_contrast_forward/backward``) see unit
+features and return the per-pixel loss plus what the backward needs: the negatives' logsumexp,
+the positives' accumulated sigmoid and the number of positives of each anchor.
+"""
 
 from __future__ import annotations
 
+import importlib
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, reference
 
-_BACKENDS: tuple[str, ...] = ("torch",)
+_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
+_OP = "fastuda::pixel_contrast_forward"
+
+
+_supported_cache: dict[bool, tuple[str, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _supported(with_triton: bool) -> tuple[str, ...]:
+    """The backends this op can run: the compiled ones that registered a kernel, the reference,
+    and (only when asked: importing the Triton module imports triton, which must not happen
+    before a test switches on its interpreter) "triton" when fastuda.ops.triton.contrast
+    provides it. Computed once; a constant under torch.compile."""
+    if with_triton in _supported_cache:
+        return _supported_cache[with_triton]
+    out = ["torch"]
+    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        if _backend.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                _OP, key):
+            out.append(name)
+    if with_triton:
+        try:
+            mod = importlib.import_module("fastuda.ops.triton.contrast")
+            if hasattr(mod, "pixel_contrast_per_pixel"):
+                out.append("triton")
+        except Exception:  # any failure to import means no Triton backend
+            pass
+    _supported_cache[with_triton] = tuple(b for b in (*_BACKENDS, "triton") if b in out)
+    return _supported_cache[with_triton]
 
 
 def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor | None = None,
                    pair_weights: Tensor | None = None, ignore_index: int = 255,
                    reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Supervised contrast among the valid pixels of a batch on L2-normalised features.
+
+    For anchor i: l_i = -(1/|P_i|) sum_p w_ip [s_ip - log(exp(s_ip) + sum_n exp(s_in))] with
+    s = cos/tau, positives P_i the other valid pixels of its class, negatives those of the others,
+    w_ip = a_i a_p with ``pair_weights`` a (gradients flow to a), else 1. ``weights`` scale each
+    anchor's loss. Anchors without a positive do not count; "mean" averages over those that do."""
     _backend.check_feats("pixel_contrast", feats)
     _backend.check_labels("pixel_contrast", labels)
-    _backend.as_bp(labels, feats)
-    which = _backend.resolve("pixel_contrast", backend, feats.device, supported=_BACKENDS)
-    assert which == "torch"
-    return reference.pixel_contrast(feats, labels, tau=tau, weights=weights,
-                                    pair_weights=pair_weights, ignore_index=ignore_index,
-                                    reduction=reduction)
+    labels_bp = _backend.as_bp(labels, feats)
+    weights_bp = None if weights is None else _backend.as_bp(weights, feats, "weights")
+    pair_bp = None if pair_weights is None else _backend.as_bp(pair_weights, feats, "pair_weights")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"fastuda.ops.pixel_contrast: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    if tau <= 0:
+        raise ValueError(f"fastuda.ops.pixel_contrast: tau must be > 0, got {tau}")
+    which = _backend.resolve("pixel_contrast", backend, feats.device, supported=_supported(
+        backend == "triton" or (backend == "auto" and feats.device.type == "cuda")))
+    if which == "torch":
+        return reference.pixel_contrast(feats, labels, tau=tau, weights=weights,
+                                        pair_weights=pair_weights, ignore_index=ignore_index,
+                                        reduction=reduction)
+    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    # normalise in the accumulation dtype, as the reference does
+    unit = F.normalize(_backend.as_bdp(feats).to(acc), dim=1)
+    pair_bp = None if pair_bp is None else pair_bp.to(acc)
+    # anchor weights that need a gradient are applied here, outside the kernel
+    kernel_weights = None
+    if weights_bp is not None and not weights_bp.requires_grad:
+        kernel_weights, weights_bp = weights_bp.to(acc), None
+    if which == "triton":
+        from .triton.contrast import pixel_contrast_per_pixel
+        per = pixel_contrast_per_pixel(unit, labels_bp, tau, ignore_index, kernel_weights,
+                                       pair_bp)
+        counted = _anchors_with_positive(labels_bp, ignore_index)
+    else:
+        per, _, _, n_pos = torch.ops.fastuda.pixel_contrast_forward(
+            unit, labels_bp, float(tau), int(ignore_index), kernel_weights, pair_bp)
+        counted = n_pos > 0
+    if weights_bp is not None:
+        per = per * weights_bp.to(acc)
+    if reduction == "none":
+        return per.reshape(labels.shape)
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / counted.sum().clamp_min(1)
+
+
+def _anchors_with_positive(labels_bp: Tensor, ignore_index: int) -> Tensor:
+    """Valid pixels whose class has another valid pixel (any label value is a class)."""
+    y = labels_bp.long()
+    valid = y != ignore_index
+    # ignored pixels share the value ignore_index, which no valid pixel has
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    return valid & (counts[inverse] > 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and fake (meta) implementations of the compiled op
+# ---------------------------------------------------------------------------------------------
+def _fake_forward(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
+                  weights: Tensor | None, pair_weights: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, _, P = feats.shape
+    dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    loss = feats.new_empty((B, P), dtype=dtype)
+    return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
+
+
+def _fake_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, neg_lse: Tensor,
+                   pos_acc: Tensor, tau: float, ignore_index: int, weights: Tensor | None,
+                   pair_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    grad_pair = (feats.new_empty((0,), dtype=torch.float32) if pair_weights is None
+                 else pair_weights.new_empty(labels.shape))
+    return feats.new_empty(feats.shape), grad_pair
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    feats, labels, tau, ignore_index, weights, pair_weights = inputs
+    ctx.save_for_backward(feats, labels, output[1], output[2], weights, pair_weights)
+    ctx.tau, ctx.ignore_index = tau, ignore_index
+
+
+def _backward(ctx, grad_loss: Tensor, *_aux_grads: Tensor | None):
+    feats, labels, neg_lse, pos_acc, weights, pair_weights = ctx.saved_tensors
+    need_feats, need_pair = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+    if not (need_feats or need_pair):
+        return None, None, None, None, None, None
+    if grad_loss is None:
+        grad_loss = neg_lse.new_zeros(neg_lse.shape)
+    grad_feats, grad_pair = torch.ops.fastuda.pixel_contrast_backward(
+        grad_loss, feats, labels, neg_lse, pos_acc, ctx.tau, ctx.ignore_index, weights,
+        pair_weights)
+    return (grad_feats if need_feats else None), None, None, None, None, (
+        grad_pair if need_pair else None)
+
+
+if _backend.extension_available():
+    torch.library.register_fake("fastuda::pixel_contrast_forward")(_fake_forward)
+    torch.library.register_fake("fastuda::pixel_contrast_backward")(_fake_backward)
+    torch.library.register_autograd("fastuda::pixel_contrast_forward", _backward,
+                                    setup_context=_setup_context)

@@ -1,0 +1,332 @@
+// Memory-bank contrast (BankCL), CPU: ops.md section 5.
+//
+// For pixel i of class y with L = bank_len[y] live entries b_{y,j} and nu_i the logsumexp of
+// f_i . bbar_k / tau over the other classes k with a live entry (bbar_k = their mean entry):
+//   l_i = (1 / L) sum_j softplus(nu_i - f_i . b_{y,j} / tau).
+// Plan: counting-sort the pixels by class and copy their features into a class-sorted [n, D]
+// matrix (input dtype, so at most the size of the input); then per chunk of rows of one class two
+// GEMMs give every positive logit (rows x L) and the C negative logits (rows x C). The backward
+// recomputes them, turns them into d loss / d logit and maps back with two more GEMMs, writing the
+// rows over the sorted features before one scatter into [B, D, P]. The bank receives no gradient
+// (it holds detached batch centroids).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/pair_contrast.h"
+#include "cpu/pair_contrast_host.h"
+
+namespace fastuda::cpu {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 256;
+constexpr int64_t kLabelChunk = 8192;  // label-pass work unit (fixed, so results never depend
+                                       // on the thread count)
+
+struct Problem {
+  int64_t B, D, P, C, M;
+  std::vector<int64_t> lens;      // [C] live entries per class
+  std::vector<int64_t> class_start;  // [C + 1] first sorted row of each class
+  std::vector<int64_t> slot;      // [B * P] sorted row of each pixel, -1 if not counted
+  std::vector<int64_t> order;     // [n] pixel id of each sorted row
+  struct Chunk { int64_t cls, row0, rows; };
+  std::vector<Chunk> chunks;
+};
+
+void check_inputs(const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& bank,
+                  const at::Tensor& bank_len, double tau) {
+  const char* op = "fastuda::bank_contrast";
+  TORCH_CHECK(feats.dim() == 3, op, ": feats must be [B, D, P], got shape ", feats.sizes());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == feats.size(0) &&
+                  labels.size(1) == feats.size(2),
+              op, ": labels shape ", labels.sizes(), " does not match feats shape ",
+              feats.sizes(), " (expected [", feats.size(0), ", ", feats.size(2), "])");
+  TORCH_CHECK(bank.dim() == 3 && bank.size(2) == feats.size(1), op, ": bank shape ",
+              bank.sizes(), " does not match feats shape ", feats.sizes(),
+              " (expected [C, M, ", feats.size(1), "])");
+  TORCH_CHECK(bank_len.dim() == 1 && bank_len.size(0) == bank.size(0), op, ": bank_len shape ",
+              bank_len.sizes(), " does not match bank shape ", bank.sizes(), " (expected [",
+              bank.size(0), "])");
+  TORCH_CHECK(at::isFloatingType(bank.scalar_type()), op, ": bank must be floating, got ",
+              bank.scalar_type());
+  TORCH_CHECK(tau > 0, op, ": tau must be > 0, got ", tau);
+  const auto dt = feats.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": feats must be float32/float16/bfloat16/float64, got ", dt);
+}
+
+// Class of every pixel (range-checked in the same pass), then a stable counting sort of the
+// pixels whose class has a live bank entry.
+Problem sort_pixels(const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& bank,
+                    const at::Tensor& bank_len, int64_t ignore_index) {
+  Problem pb{feats.size(0), feats.size(1), feats.size(2), bank.size(0), bank.size(1)};
+  const int64_t C = pb.C, N = pb.B * pb.P;
+  const at::Tensor lens_t = bank_len.to(at::kCPU, at::kLong).contiguous();
+  pb.lens.assign(lens_t.const_data_ptr<int64_t>(), lens_t.const_data_ptr<int64_t>() + C);
+  for (int64_t c = 0; c < C; ++c)
+    TORCH_CHECK(pb.lens[c] >= 0 && pb.lens[c] <= pb.M, "fastuda::bank_contrast: bank_len[", c,
+                "] = ", pb.lens[c], " is outside [0, ", pb.M, "] (M = bank.shape[1])");
+
+  const int64_t n_chunks = (N + kLabelChunk - 1) / kLabelChunk;
+  std::vector<int64_t> counts(n_chunks * C, 0);
+  std::vector<int64_t> cls(N);  // class of each pixel, -1 when it does not count
+  std::vector<int64_t> bad_at(n_chunks, -1), bad_value(n_chunks, 0);
+  const int64_t sB = labels.stride(0), sP = labels.stride(1), P = pb.P;
+  with_labels(labels, "fastuda::bank_contrast", [&](auto* y) {
+    at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        int64_t* cnt = counts.data() + k * C;
+        for (int64_t i = k * kLabelChunk, e = std::min(N, i + kLabelChunk); i < e; ++i) {
+          const int64_t v = static_cast<int64_t>(y[(i / P) * sB + (i % P) * sP]);
+          int64_t c = -1;
+          if (v != ignore_index) {
+            if (v < 0 || v >= C) {
+              if (bad_at[k] < 0) bad_at[k] = i, bad_value[k] = v;
+            } else if (pb.lens[v] > 0) {
+              c = v;
+              ++cnt[c];
+            }
+          }
+          cls[i] = c;
+        }
+      }
+    });
+  });
+  for (int64_t k = 0; k < n_chunks; ++k)
+    TORCH_CHECK(bad_at[k] < 0, "fastuda::bank_contrast: label value ", bad_value[k],
+                " (at flat pixel ", bad_at[k], ") is outside [0, ", C,
+                ") and is not ignore_index (", ignore_index, ")");
+
+  // offsets: class-major, then chunk order, so the sort is stable
+  pb.class_start.assign(C + 1, 0);
+  std::vector<int64_t> offset(n_chunks * C);
+  int64_t run = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    pb.class_start[c] = run;
+    for (int64_t k = 0; k < n_chunks; ++k) offset[k * C + c] = run, run += counts[k * C + c];
+  }
+  pb.class_start[C] = run;
+  pb.slot.assign(N, -1);
+  pb.order.resize(run);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      int64_t* off = offset.data() + k * C;
+      for (int64_t i = k * kLabelChunk, e = std::min(N, i + kLabelChunk); i < e; ++i) {
+        if (cls[i] < 0) continue;
+        const int64_t r = off[cls[i]]++;
+        pb.slot[i] = r;
+        pb.order[r] = i;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = pb.class_start[c]; r < pb.class_start[c + 1]; r += kRowsPerChunk)
+      pb.chunks.push_back({c, r, std::min(kRowsPerChunk, pb.class_start[c + 1] - r)});
+  return pb;
+}
+
+// bank [C, M, D] in acc_t and the mean live entry of each class [C, D] (0 for an empty class).
+template <typename acc_t>
+std::pair<at::Tensor, at::Tensor> bank_and_means(const at::Tensor& bank, const Problem& pb) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor b = bank.to(at::kCPU, acc_type).contiguous();
+  at::Tensor bbar = at::zeros({pb.C, pb.D}, b.options());
+  const acc_t* bp = b.const_data_ptr<acc_t>();
+  acc_t* mp = bbar.data_ptr<acc_t>();
+  for (int64_t c = 0; c < pb.C; ++c) {
+    if (pb.lens[c] == 0) continue;
+    for (int64_t j = 0; j < pb.lens[c]; ++j)
+      for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] += bp[(c * pb.M + j) * pb.D + d];
+    for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] /= static_cast<acc_t>(pb.lens[c]);
+  }
+  return {b, bbar};
+}
+
+// Positive logits [rows, L] and negative logits [rows, C] (both still without the 1 / tau) of
+// the sorted feature rows x (acc_t, leading dimension D).
+template <typename acc_t>
+void chunk_logits(const acc_t* x, const Problem::Chunk& ch, const Problem& pb, const at::Tensor& b,
+                  const at::Tensor& bbar, acc_t* pos, acc_t* neg) {
+  const int64_t L = pb.lens[ch.cls];
+  const at::Tensor xv = matrix_view(x, ch.rows, pb.D, pb.D);
+  at::Tensor pv = matrix_view(pos, ch.rows, L, L);
+  at::Tensor nv = matrix_view(neg, ch.rows, pb.C, pb.C);
+  at::mm_out(pv, xv, b[ch.cls].narrow(0, 0, L).t());
+  at::mm_out(nv, xv, bbar.t());
+}
+
+// nu = logsumexp over the classes k != y with a live entry of neg[k] / tau; -inf if none.
+template <typename acc_t>
+acc_t negative_lse(const acc_t* neg, int64_t y, const Problem& pb, acc_t inv_tau) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t k = 0; k < pb.C; ++k)
+    if (k != y && pb.lens[k] > 0) m = std::max(m, neg[k] * inv_tau);
+  if (m == -std::numeric_limits<acc_t>::infinity()) return m;
+  acc_t s = 0;
+  for (int64_t k = 0; k < pb.C; ++k)
+    if (k != y && pb.lens[k] > 0) s += std::exp(neg[k] * inv_tau - m);
+  return m + std::log(s);
+}
+
+// The sorted feature rows of one chunk as acc_t: a view into `sorted` when the input is acc_t
+// already, else converted into `buf`.
+template <typename scalar_t, typename acc_t>
+const acc_t* chunk_rows(const scalar_t* sorted, const Problem::Chunk& ch, int64_t D,
+                        std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return sorted + ch.row0 * D;
+  } else {
+    buf.resize(ch.rows * D);
+    const scalar_t* src = sorted + ch.row0 * D;
+    for (int64_t e = 0; e < ch.rows * D; ++e) buf[e] = static_cast<acc_t>(src[e]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem& pb, double tau,
+                  at::Tensor& loss, at::Tensor& neg_lse) {
+  const int64_t n = pb.class_start[pb.C];
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+  auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
+  at::Tensor sorted = at::empty({n, pb.D}, feats.options());
+  gather_rows<scalar_t, scalar_t>(feats, pb.slot.data(), sorted.data_ptr<scalar_t>());
+  acc_t* loss_p = loss.data_ptr<acc_t>();
+  acc_t* nlse_p = neg_lse.data_ptr<acc_t>();
+  const scalar_t* sp = sorted.const_data_ptr<scalar_t>();
+  at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> xbuf, pos(kRowsPerChunk * pb.M), neg(kRowsPerChunk * pb.C);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const Problem::Chunk& ch = pb.chunks[ci];
+      const int64_t L = pb.lens[ch.cls];
+      const acc_t* x = chunk_rows<scalar_t, acc_t>(sp, ch, pb.D, xbuf);
+      chunk_logits<acc_t>(x, ch, pb, b, bbar, pos.data(), neg.data());
+      for (int64_t r = 0; r < ch.rows; ++r) {
+        const int64_t pix = pb.order[ch.row0 + r];
+        const acc_t nu = negative_lse<acc_t>(neg.data() + r * pb.C, ch.cls, pb, inv_tau);
+        nlse_p[pix] = nu;
+        if (nu == -std::numeric_limits<acc_t>::infinity()) continue;  // no negative: loss 0
+        const acc_t* pr = pos.data() + r * L;
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < L; ++j) sum += softplus_fast(nu - pr[j] * inv_tau);
+        loss_p[pix] = sum / static_cast<acc_t>(L);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bank_contrast_forward_cpu(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& bank,
+    const at::Tensor& bank_len, double tau, int64_t ignore_index) {
+  check_inputs(feats, labels, bank, bank_len, tau);
+  const Problem pb = sort_pixels(feats, labels, bank, bank_len, ignore_index);
+  const auto out_type = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::zeros({pb.B, pb.P}, feats.options().dtype(out_type));
+  at::Tensor neg_lse = at::zeros({pb.B, pb.P}, feats.options().dtype(out_type));
+  if (pb.class_start[pb.C] == 0) return {loss, neg_lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "bank_contrast_forward",
+                                  [&] { forward_impl<scalar_t>(feats, bank, pb, tau, loss, neg_lse); });
+  return {loss, neg_lse};
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& bank,
+                   const at::Tensor& neg_lse, const Problem& pb, double tau, at::Tensor& grad) {
+  const int64_t n = pb.class_start[pb.C];
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+  auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
+  const at::Tensor g_t = grad_loss.to(acc_type);
+  const at::Tensor nu_t = neg_lse.to(acc_type).contiguous();
+  const acc_t* gp = g_t.const_data_ptr<acc_t>();
+  const int64_t gsB = g_t.stride(0), gsP = g_t.stride(1);
+  const acc_t* nup = nu_t.const_data_ptr<acc_t>();
+  at::Tensor sorted = at::empty({n, pb.D}, feats.options());
+  scalar_t* sp = sorted.data_ptr<scalar_t>();
+  gather_rows<scalar_t, scalar_t>(feats, pb.slot.data(), sp);
+  at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> xbuf, ybuf, pos(kRowsPerChunk * pb.M), neg(kRowsPerChunk * pb.C);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const Problem::Chunk& ch = pb.chunks[ci];
+      const int64_t L = pb.lens[ch.cls];
+      const acc_t* x = chunk_rows<scalar_t, acc_t>(sp, ch, pb.D, xbuf);
+      chunk_logits<acc_t>(x, ch, pb, b, bbar, pos.data(), neg.data());
+      // logits -> d loss / d logit, scaled by 1 / tau (d logit / d f = entry / tau)
+      for (int64_t r = 0; r < ch.rows; ++r) {
+        const int64_t pix = pb.order[ch.row0 + r];
+        const acc_t nu = nup[pix];
+        acc_t* pr = pos.data() + r * L;
+        acc_t* nr = neg.data() + r * pb.C;
+        if (nu == -std::numeric_limits<acc_t>::infinity()) {  // no negative: zero gradient
+          std::fill(pr, pr + L, acc_t(0));
+          std::fill(nr, nr + pb.C, acc_t(0));
+          continue;
+        }
+        const acc_t cg = gp[(pix / pb.P) * gsB + (pix % pb.P) * gsP] * inv_tau /
+                         static_cast<acc_t>(L);
+        acc_t dnu = 0;
+#pragma omp simd reduction(+ : dnu)
+        for (int64_t j = 0; j < L; ++j) {
+          const acc_t sg = cg * sigmoid_fast(nu - pr[j] * inv_tau);
+          pr[j] = -sg;
+          dnu += sg;
+        }
+        for (int64_t k = 0; k < pb.C; ++k)
+          nr[k] = (k != ch.cls && pb.lens[k] > 0) ? dnu * std::exp(nr[k] * inv_tau - nu)
+                                                  : acc_t(0);
+      }
+      // rows of d loss / d f = coef_pos @ bank[y, :L] + coef_neg @ bbar
+      acc_t* y;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        y = sp + ch.row0 * pb.D;  // the features of these rows are no longer needed
+      } else {
+        ybuf.resize(ch.rows * pb.D);
+        y = ybuf.data();
+      }
+      at::Tensor yv = matrix_view(y, ch.rows, pb.D, pb.D);
+      at::mm_out(yv, matrix_view(pos.data(), ch.rows, L, L), b[ch.cls].narrow(0, 0, L));
+      yv.addmm_(matrix_view(neg.data(), ch.rows, pb.C, pb.C), bbar);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        scalar_t* dst = sp + ch.row0 * pb.D;
+        for (int64_t e = 0; e < ch.rows * pb.D; ++e) dst[e] = static_cast<scalar_t>(y[e]);
+      }
+    }
+  });
+  scatter_rows<scalar_t, scalar_t>(sp, pb.slot.data(), grad);
+}
+
+at::Tensor bank_contrast_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& feats,
+                                      const at::Tensor& labels, const at::Tensor& bank,
+                                      const at::Tensor& bank_len, const at::Tensor& neg_lse,
+                                      double tau, int64_t ignore_index) {
+  check_inputs(feats, labels, bank, bank_len, tau);
+  TORCH_CHECK(grad_loss.sizes() == labels.sizes() && neg_lse.sizes() == labels.sizes(),
+              "fastuda::bank_contrast_backward: grad_loss ", grad_loss.sizes(), " and neg_lse ",
+              neg_lse.sizes(), " must match labels ", labels.sizes());
+  const Problem pb = sort_pixels(feats, labels, bank, bank_len, ignore_index);
+  if (pb.class_start[pb.C] == 0) return at::zeros({pb.B, pb.D, pb.P}, feats.options());
+  at::Tensor grad = at::empty({pb.B, pb.D, pb.P}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "bank_contrast_backward", [&] {
+    backward_impl<scalar_t>(grad_loss, feats, bank, neg_lse, pb, tau, grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastuda, CPU, m) {
+  m.impl("bank_contrast_forward", &bank_contrast_forward_cpu);
+  m.impl("bank_contrast_backward", &bank_contrast_backward_cpu);
+}
+
+}  // namespace fastuda::cpu

@@ -1,0 +1,107 @@
+// CPU helpers shared by bank_contrast.cpp and pixel_contrast.cpp: reading [B, P] label/weight
+// tensors of any dtype and strides, and moving pixel features between the channels-first [B, D, P]
+// layout and a class-sorted, pixel-major [n, D] scratch matrix (what the tile GEMMs want).
+//
+// A pixel is addressed by its flat id i = b * P + p. `slot[i]` is its row in the sorted matrix, or
+// -1 when the pixel takes no part (ignored, or its class is skipped).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fastuda::cpu {
+
+constexpr int64_t kPixelTile = 64;  // pixels per gather/scatter tile
+
+// Calls fn(const scalar_t* data) for an integer labels tensor (uint8, int8, int16, int32, int64).
+template <typename Fn>
+void with_labels(const at::Tensor& labels, const char* op, Fn&& fn) {
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool &&
+                  !at::isComplexType(labels.scalar_type()),
+              op, ": labels must be an integer tensor, got ", labels.scalar_type());
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "fastuda_labels", [&] { fn(labels.const_data_ptr<scalar_t>()); });
+}
+
+// An optional per-pixel [B, P] tensor as a dense [B * P] acc_t vector (empty when absent).
+template <typename acc_t>
+std::vector<acc_t> per_pixel_values(const std::optional<at::Tensor>& t, int64_t B, int64_t P,
+                                    const char* op, const char* name) {
+  std::vector<acc_t> out;
+  if (!t.has_value() || !t->defined()) return out;
+  TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == P, op, ": ", name, " shape ",
+              t->sizes(), " does not match the labels shape [", B, ", ", P, "]");
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t->scalar_type());
+  const at::Tensor dense = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  out.assign(dense.const_data_ptr<acc_t>(), dense.const_data_ptr<acc_t>() + B * P);
+  return out;
+}
+
+// dst[slot[i], :] = feats[b, :, p] for every pixel with slot[i] >= 0 (cast to dst_t). Walks the
+// pixels in memory order, one tile at a time, so channels-first reads stay sequential.
+template <typename src_t, typename dst_t>
+void gather_rows(const at::Tensor& feats, const int64_t* slot, dst_t* dst) {
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  const int64_t sB = feats.stride(0), sD = feats.stride(1), sP = feats.stride(2);
+  const src_t* src = feats.const_data_ptr<src_t>();
+  const int64_t tiles_per_image = (P + kPixelTile - 1) / kPixelTile;
+  at::parallel_for(0, B * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
+    int64_t pos[kPixelTile], row[kPixelTile];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * kPixelTile;
+      const int64_t p1 = std::min(P, p0 + kPixelTile);
+      int64_t k = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t s = slot[b * P + p];
+        if (s >= 0) pos[k] = p, row[k++] = s;
+      }
+      const src_t* base = src + b * sB;
+      if (sD == 1) {  // pixel-major input ([N, D] viewed as [1, D, N]): each pixel is contiguous
+        for (int64_t q = 0; q < k; ++q) {
+          const src_t* in = base + pos[q] * sP;
+          dst_t* out = dst + row[q] * D;
+          for (int64_t d = 0; d < D; ++d) out[d] = static_cast<dst_t>(in[d]);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const src_t* in = base + d * sD;
+          for (int64_t q = 0; q < k; ++q) dst[row[q] * D + d] = static_cast<dst_t>(in[pos[q] * sP]);
+        }
+      }
+    }
+  });
+}
+
+// out[b, d, p] (a contiguous [B, D, P] tensor) = rows[slot[i], d], or 0 where slot[i] < 0.
+template <typename row_t, typename out_t>
+void scatter_rows(const row_t* rows, const int64_t* slot, at::Tensor& out) {
+  const int64_t B = out.size(0), D = out.size(1), P = out.size(2);
+  out_t* dst = out.data_ptr<out_t>();
+  const int64_t tiles_per_image = (P + kPixelTile - 1) / kPixelTile;
+  at::parallel_for(0, B * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * kPixelTile;
+      const int64_t p1 = std::min(P, p0 + kPixelTile);
+      const int64_t* s = slot + b * P;
+      for (int64_t d = 0; d < D; ++d) {
+        out_t* o = dst + (b * D + d) * P;
+        for (int64_t p = p0; p < p1; ++p)
+          o[p] = s[p] >= 0 ? static_cast<out_t>(rows[s[p] * D + d]) : out_t(0);
+      }
+    }
+  });
+}
+
+// A [rows, cols] row-major matrix at `data` (leading dimension `ld`) as a tensor view, for the GEMMs.
+template <typename T>
+at::Tensor matrix_view(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+}  // namespace fastuda::cpu
