@@ -1,0 +1,717 @@
+// CPU kernels of pixel-to-centroid contrast (ProtoCL, ops.md section 3) and its distributional
+// upper bound (DistCL, section 4), forward and backward.
+//
+// One pixel's loss, with a_c = f.mu_c / tau and b_c = lam / (2 tau^2) f^T Sigma_c f (b = 0 for
+// ProtoCL):   l = lse_c(a_c + b_c) - a_y,  weighted by w.
+// Work is cut into tiles of kTile consecutive pixels of one image, all D channels. A tile's
+// features are copied (converted to the accumulation type) into a [D][kTile] buffer, so the
+// products below are small dense GEMMs on cache-resident data whatever the input's strides and
+// dtype:   logits [C][T] = (mu / tau) [C][D] @ X [D][T]            (+ Sigma terms)
+//          grad_X [D][T] = (mu / tau)^T [D][C] @ G [C][T]          (+ Sigma terms)
+//          grad_mu [C][D] += G [C][T] @ X^T [T][D]                 (per-chunk partials)
+// Nothing of size N x C is kept beyond one tile; the backward recomputes the logits from the
+// features and the saved per-pixel logsumexp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/online_softmax.h"
+
+namespace fastuda {
+namespace {
+
+constexpr int64_t kTile = 32;  // pixels per tile: the vector width of the inner loops
+
+enum class Cov { None, Diag, Full };
+
+// ---------------------------------------------------------------------------------------------
+// Dense micro-kernel: Out[R][N] (+)= A[R][K] @ Bm[K][N], A addressed as A[r * a_rs + k * a_ks],
+// Bm rows contiguous (row stride ldb). An RB x NB block of Out stays in vector registers over
+// the K loop; each Bm row is loaded once per block and reused for the RB rows.
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename T>
+struct SimdOf;
+template <>
+struct SimdOf<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct SimdOf<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+};
+
+template <typename T, int RB, int NB>
+inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
+                       T* Out, int64_t ldo, bool accumulate) {
+  using V = typename SimdOf<T>::type;
+  constexpr int kLanes = kVecBytes / sizeof(T);
+  static_assert(NB % kLanes == 0, "the block width must be a whole number of vectors");
+  constexpr int NV = NB / kLanes;
+  V acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) {
+      if (accumulate)
+        std::memcpy(&acc[r][j], Out + r * ldo + j * kLanes, sizeof(V));
+      else
+        acc[r][j] = V{};
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    std::memcpy(b, Bm + k * ldb, sizeof(b));
+    for (int r = 0; r < RB; ++r) {
+      const T a = A[r * a_rs + k * a_ks];
+      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NV; ++j) std::memcpy(Out + r * ldo + j * kLanes, &acc[r][j], sizeof(V));
+}
+
+// Columns that do not fill an NB block (N % NB of them)
+template <typename T>
+inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = Out + r * ldo;
+    if (!accumulate)
+      for (int64_t n = 0; n < N; ++n) o[n] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[r * a_rs + k * a_ks];
+      const T* b = Bm + k * ldb;
+      for (int64_t n = 0; n < N; ++n) o[n] += a * b[n];
+    }
+  }
+}
+
+template <typename T, int NB, int RB>
+inline void gemm_rows_tail(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+                           const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+  if constexpr (RB > 0) {
+    if (rows == RB)
+      return gemm_block<T, RB, NB>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate);
+    gemm_rows_tail<T, NB, RB - 1>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate);
+  }
+}
+
+template <typename T>
+void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
+          int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+  constexpr int RB = 8;
+  constexpr int NB = 32;
+  const int64_t n_full = N - N % NB;
+  for (int64_t n0 = 0; n0 < n_full; n0 += NB) {
+    int64_t r = 0;
+    for (; r + RB <= R; r += RB)
+      gemm_block<T, RB, NB>(K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb, Out + r * ldo + n0, ldo,
+                            accumulate);
+    if (r < R)
+      gemm_rows_tail<T, NB, RB - 1>(R - r, K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb,
+                                    Out + r * ldo + n0, ldo, accumulate);
+  }
+  if (n_full < N)
+    gemm_tail<T>(R, K, N - n_full, A, a_rs, a_ks, Bm + n_full, ldb, Out + n_full, ldo,
+                 accumulate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs of one call, already checked; every [C, ...] parameter converted to acc_t, contiguous.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct Problem {
+  int64_t B = 0, D = 0, P = 0, C = 0;
+  Cov cov = Cov::None;
+  // features [B, D, P], any strides
+  const void* feats = nullptr;
+  at::ScalarType feats_dtype = at::kFloat;
+  int64_t f_sb = 0, f_sd = 0, f_sp = 0;
+  // labels [B, P], any integer dtype and strides
+  const void* labels = nullptr;
+  at::ScalarType labels_dtype = at::kLong;
+  int64_t l_sb = 0, l_sp = 0;
+  int64_t ignore_index = 255;
+  const acc_t* weights = nullptr;  // [B, P] contiguous or null
+  const acc_t* mu_scaled = nullptr;  // [C, D] mu / tau
+  const acc_t* sigma_scaled = nullptr;  // [C, D] or [C, D, D]: lam / (2 tau^2) * (sym.) Sigma
+  int64_t tiles_per_row = 0;  // tiles per image
+  int64_t num_tiles() const { return B * tiles_per_row; }
+};
+
+template <typename scalar_t, typename acc_t>
+void load_tile_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n, acc_t* X) {
+  const scalar_t* base = static_cast<const scalar_t*>(pb.feats) + b * pb.f_sb + p0 * pb.f_sp;
+  const int64_t D = pb.D;
+  if (pb.f_sp == 1) {  // channels-first: each channel's pixels are contiguous
+    // Each channel row of a tile sits in its own page: too many streams for the hardware
+    // prefetcher, so fetch the rows of the tile after next while this one is copied.
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);
+    const bool prefetch = p0 + 3 * kTile <= pb.P;
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* src = base + d * pb.f_sd;
+      if (prefetch)
+        for (int64_t t = 2 * kTile; t < 3 * kTile; t += kLine) __builtin_prefetch(src + t);
+      acc_t* dst = X + d * kTile;
+      for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(src[t]);
+      for (int64_t t = n; t < kTile; ++t) dst[t] = acc_t(0);
+    }
+  } else {  // pixel-major ([N, D] or channels-last): walk each pixel's channels
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* src = base + t * pb.f_sp;
+      for (int64_t d = 0; d < D; ++d) X[d * kTile + t] = static_cast<acc_t>(src[d * pb.f_sd]);
+    }
+    if (n < kTile)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t t = n; t < kTile; ++t) X[d * kTile + t] = acc_t(0);
+  }
+}
+
+// X [D][kTile] <- features of pixels p0 .. p0 + n of image b, zero beyond n
+template <typename acc_t>
+void load_tile(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n, acc_t* X) {
+  switch (pb.feats_dtype) {
+    case at::kFloat: return load_tile_typed<float, acc_t>(pb, b, p0, n, X);
+    case at::kDouble: return load_tile_typed<double, acc_t>(pb, b, p0, n, X);
+    case at::kHalf: return load_tile_typed<at::Half, acc_t>(pb, b, p0, n, X);
+    case at::kBFloat16: return load_tile_typed<at::BFloat16, acc_t>(pb, b, p0, n, X);
+    default: TORCH_CHECK(false, "fastuda contrast: unsupported feats dtype ", pb.feats_dtype);
+  }
+}
+
+// y[t] = class of pixel t, or -1 for ignored pixels and padding. Returns the tile position of the
+// first label that is neither a class nor ignore_index, or -1.
+template <typename label_t, typename acc_t>
+int64_t load_labels_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n,
+                          int32_t* y) {
+  const label_t* src = static_cast<const label_t*>(pb.labels) + b * pb.l_sb + p0 * pb.l_sp;
+  int64_t bad = -1;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t v = static_cast<int64_t>(src[t * pb.l_sp]);
+    if (v == pb.ignore_index) {
+      y[t] = -1;
+    } else if (v >= 0 && v < pb.C) {
+      y[t] = static_cast<int32_t>(v);
+    } else {
+      y[t] = -1;
+      if (bad < 0) bad = t;
+    }
+  }
+  for (int64_t t = n; t < kTile; ++t) y[t] = -1;
+  return bad;
+}
+
+template <typename acc_t>
+int64_t load_labels(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n, int32_t* y) {
+  switch (pb.labels_dtype) {
+    case at::kByte: return load_labels_typed<uint8_t>(pb, b, p0, n, y);
+    case at::kChar: return load_labels_typed<int8_t>(pb, b, p0, n, y);
+    case at::kShort: return load_labels_typed<int16_t>(pb, b, p0, n, y);
+    case at::kInt: return load_labels_typed<int32_t>(pb, b, p0, n, y);
+    case at::kLong: return load_labels_typed<int64_t>(pb, b, p0, n, y);
+    case at::kUInt16: return load_labels_typed<uint16_t>(pb, b, p0, n, y);
+    case at::kUInt32: return load_labels_typed<uint32_t>(pb, b, p0, n, y);
+    default: TORCH_CHECK(false, "fastuda contrast: unsupported labels dtype ", pb.labels_dtype);
+  }
+}
+
+// The smallest flat pixel index (b * P + p) holding an invalid label, shared by all threads.
+struct FirstBadLabel {
+  std::atomic<int64_t> index{std::numeric_limits<int64_t>::max()};
+  void offer(int64_t i) {
+    int64_t cur = index.load(std::memory_order_relaxed);
+    while (i < cur && !index.compare_exchange_weak(cur, i, std::memory_order_relaxed)) {
+    }
+  }
+};
+
+void raise_bad_label(const char* op, const at::Tensor& labels, int64_t flat, int64_t C,
+                     int64_t ignore_index) {
+  const int64_t P = labels.size(1);
+  const int64_t value = labels[flat / P][flat % P].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "fastuda::", op, ": label value ", value, " (image ", flat / P,
+                    ", pixel ", flat % P, ") is outside [0, ", C,
+                    ") and is not ignore_index (", ignore_index, ")");
+}
+
+// Per-thread scratch: tile buffers of one chunk of tiles.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> X, X2, XT, a, b, g_a, g_b, U, gx, tmp;
+  std::vector<int32_t> y;
+  Scratch(const Problem<acc_t>& pb, bool backward, bool stats_grad) {
+    const int64_t D = pb.D, C = pb.C;
+    X.resize(D * kTile);
+    a.resize(C * kTile);
+    b.resize(C * kTile);
+    y.resize(kTile);
+    if (pb.cov == Cov::Diag) X2.resize(D * kTile);
+    if (pb.cov == Cov::Full) U.resize((backward ? C : 1) * D * kTile);
+    if (backward) {
+      g_a.resize(C * kTile);
+      g_b.resize(C * kTile);
+      gx.resize(D * kTile);
+      if (pb.cov != Cov::None) tmp.resize(D * kTile);
+      if (stats_grad) XT.resize(kTile * D);
+    }
+  }
+};
+
+// a [C][T] = mu/tau @ X and b [C][T] = the Sigma term (left untouched for ProtoCL). For the full
+// covariance, U_c = Sigma'_c @ X [D][T] is kept per class when keep_u (the backward needs it).
+template <typename acc_t>
+void tile_logits(const Problem<acc_t>& pb, Scratch<acc_t>& s, bool keep_u) {
+  const int64_t D = pb.D, C = pb.C;
+  const acc_t* X = s.X.data();
+  gemm<acc_t>(C, D, kTile, pb.mu_scaled, D, 1, X, kTile, s.a.data(), kTile, false);
+  if (pb.cov == Cov::Diag) {
+    acc_t* X2 = s.X2.data();
+    for (int64_t i = 0; i < D * kTile; ++i) X2[i] = X[i] * X[i];
+    gemm<acc_t>(C, D, kTile, pb.sigma_scaled, D, 1, X2, kTile, s.b.data(), kTile, false);
+  } else if (pb.cov == Cov::Full) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* U = s.U.data() + (keep_u ? c * D * kTile : 0);
+      gemm<acc_t>(D, D, kTile, pb.sigma_scaled + c * D * D, D, 1, X, kTile, U, kTile, false);
+      acc_t q[kTile] = {};
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t t = 0; t < kTile; ++t) q[t] += X[d * kTile + t] * U[d * kTile + t];
+      for (int64_t t = 0; t < kTile; ++t) s.b[c * kTile + t] = q[t];
+    }
+  }
+}
+
+// Work split: chunk i of n_chunks covers a fixed, contiguous range of tiles, so per-chunk partial
+// sums (merged in chunk order) give the same result for the same thread count.
+inline std::pair<int64_t, int64_t> chunk_range(int64_t chunk, int64_t n_chunks, int64_t n_tiles) {
+  return {chunk * n_tiles / n_chunks, (chunk + 1) * n_tiles / n_chunks};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLabel& first_bad) {
+  const int64_t n_tiles = pb.num_tiles();
+  if (n_tiles == 0) return;
+  const int64_t C = pb.C;
+  const int64_t n_chunks = std::min<int64_t>(n_tiles, at::get_num_threads());
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    Scratch<acc_t> s(pb, false, false);
+    for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
+      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+      for (int64_t tile = t_begin; tile < t_end; ++tile) {
+        const int64_t b = tile / pb.tiles_per_row;
+        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+        const int64_t n = std::min(kTile, pb.P - p0);
+        int32_t* y = s.y.data();
+        const int64_t bad = load_labels(pb, b, p0, n, y);
+        if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
+        load_tile(pb, b, p0, n, s.X.data());
+        tile_logits(pb, s, false);
+        acc_t* a = s.a.data();
+        acc_t* bq = s.b.data();
+        if (pb.cov != Cov::None)  // b <- a + b: the full logits
+          for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
+        const acc_t* full = pb.cov == Cov::None ? a : bq;
+        acc_t m[kTile], z[kTile];
+        for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
+        for (int64_t c = 1; c < C; ++c)
+          for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
+        for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
+        const int64_t o = b * pb.P + p0;
+        for (int64_t t = 0; t < n; ++t) {
+          const acc_t l = m[t] + std::log(z[t]);
+          lse[o + t] = l;
+          acc_t v = acc_t(0);
+          if (y[t] >= 0) {
+            v = l - a[y[t] * kTile + t];
+            if (pb.weights != nullptr) v *= pb.weights[o + t];
+          }
+          loss[o + t] = v;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct BackwardOut {
+  at::Tensor grad_feats;  // [B, D, P] contiguous, feats dtype
+  acc_t* grad_mu = nullptr;  // [n_chunks][C][D] partials of sum_i g_ic f_i (no 1/tau yet)
+  acc_t* grad_sigma = nullptr;  // [n_chunks][C][D] or [n_chunks][C][D][D], sum_i 2 s p_ic f f^T
+};
+
+template <typename scalar_t, typename acc_t>
+void store_grad_tile(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64_t p0, int64_t n,
+                     const acc_t* gx) {
+  scalar_t* base = out.data_ptr<scalar_t>() + (b * pb.D) * pb.P + p0;
+  for (int64_t d = 0; d < pb.D; ++d) {
+    scalar_t* dst = base + d * pb.P;
+    const acc_t* src = gx + d * kTile;
+    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<scalar_t>(src[t]);
+  }
+}
+
+template <typename acc_t>
+void store_grad(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64_t p0, int64_t n,
+                const acc_t* gx) {
+  switch (out.scalar_type()) {
+    case at::kFloat: return store_grad_tile<float, acc_t>(pb, out, b, p0, n, gx);
+    case at::kDouble: return store_grad_tile<double, acc_t>(pb, out, b, p0, n, gx);
+    case at::kHalf: return store_grad_tile<at::Half, acc_t>(pb, out, b, p0, n, gx);
+    case at::kBFloat16: return store_grad_tile<at::BFloat16, acc_t>(pb, out, b, p0, n, gx);
+    default: TORCH_CHECK(false, "fastuda contrast: unsupported grad dtype ", out.scalar_type());
+  }
+}
+
+template <typename acc_t>
+void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t* lse,
+                   bool stats_grad, int64_t n_chunks, BackwardOut<acc_t>& out,
+                   FirstBadLabel& first_bad) {
+  const int64_t n_tiles = pb.num_tiles();
+  const int64_t C = pb.C, D = pb.D;
+  const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : C * D;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    Scratch<acc_t> s(pb, true, stats_grad);
+    for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
+      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+      acc_t* gmu = stats_grad ? out.grad_mu + chunk * C * D : nullptr;
+      acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
+                                                        : nullptr;
+      for (int64_t tile = t_begin; tile < t_end; ++tile) {
+        const int64_t b = tile / pb.tiles_per_row;
+        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+        const int64_t n = std::min(kTile, pb.P - p0);
+        const int64_t o = b * pb.P + p0;
+        int32_t* y = s.y.data();
+        const int64_t bad = load_labels(pb, b, p0, n, y);
+        if (bad >= 0) first_bad.offer(o + bad);
+        // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
+        acc_t scale[kTile];
+        bool any = false;
+        for (int64_t t = 0; t < kTile; ++t) {
+          acc_t v = acc_t(0);
+          if (t < n && y[t] >= 0) {
+            v = grad_loss[o + t];
+            if (pb.weights != nullptr) v *= pb.weights[o + t];
+          }
+          scale[t] = v;
+          any = any || v != acc_t(0);
+        }
+        acc_t* gx = s.gx.data();
+        if (!any) {
+          std::fill(s.gx.begin(), s.gx.end(), acc_t(0));
+          store_grad(pb, out.grad_feats, b, p0, n, gx);
+          continue;
+        }
+        load_tile(pb, b, p0, n, s.X.data());
+        tile_logits(pb, s, true);
+        const acc_t* X = s.X.data();
+        acc_t* a = s.a.data();
+        acc_t* bq = s.b.data();
+        acc_t* ga = s.g_a.data();
+        acc_t* gb = s.g_b.data();
+        // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
+        acc_t l[kTile];
+        for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* ac = a + c * kTile;
+          acc_t* gac = ga + c * kTile;
+          acc_t* gbc = gb + c * kTile;
+          if (pb.cov == Cov::None) {
+            for (int64_t t = 0; t < kTile; ++t) gac[t] = scale[t] * exp_poly(ac[t] - l[t]);
+          } else {
+            const acc_t* bc = bq + c * kTile;
+            for (int64_t t = 0; t < kTile; ++t) {
+              const acc_t sp = scale[t] * exp_poly(ac[t] + bc[t] - l[t]);
+              gac[t] = sp;
+              gbc[t] = acc_t(2) * sp;
+            }
+          }
+        }
+        for (int64_t t = 0; t < kTile; ++t)
+          if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
+        // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
+        gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, kTile, false);
+        if (pb.cov == Cov::Diag) {
+          acc_t* tmp = s.tmp.data();
+          gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
+          for (int64_t i = 0; i < D * kTile; ++i) gx[i] += X[i] * tmp[i];
+        } else if (pb.cov == Cov::Full) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* U = s.U.data() + c * D * kTile;
+            const acc_t* gbc = gb + c * kTile;
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t t = 0; t < kTile; ++t) gx[d * kTile + t] += gbc[t] * U[d * kTile + t];
+          }
+        }
+        store_grad(pb, out.grad_feats, b, p0, n, gx);
+        if (!stats_grad) continue;
+        // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
+        acc_t* XT = s.XT.data();
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * kTile + t];
+        gemm<acc_t>(C, kTile, D, ga, kTile, 1, XT, D, gmu, D, true);
+        if (pb.cov == Cov::Diag) {
+          for (int64_t i = 0; i < kTile * D; ++i) XT[i] *= XT[i];
+          gemm<acc_t>(C, kTile, D, gb, kTile, 1, XT, D, gsig, D, true);
+        } else if (pb.cov == Cov::Full) {
+          acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* gbc = gb + c * kTile;
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t t = 0; t < kTile; ++t) GX[d * kTile + t] = gbc[t] * X[d * kTile + t];
+            gemm<acc_t>(D, kTile, D, GX, kTile, 1, XT, D, gsig + c * D * D, D, true);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points: checks, parameter preparation, output allocation
+// ---------------------------------------------------------------------------------------------
+at::ScalarType acc_type_of(const at::Tensor& feats) {
+  return feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const char* op, const at::Tensor& feats, const at::Tensor& labels,
+                  const at::Tensor& centroids, const at::Tensor* covariance,
+                  const std::optional<at::Tensor>& weights, double tau) {
+  TORCH_CHECK(feats.dim() == 3, "fastuda::", op, ": feats must be [B, D, P], got shape ",
+              feats.sizes());
+  const auto fd = feats.scalar_type();
+  TORCH_CHECK_TYPE(fd == at::kFloat || fd == at::kHalf || fd == at::kBFloat16 ||
+                       fd == at::kDouble,
+                   "fastuda::", op, ": feats must be float32/float16/bfloat16/float64, got ", fd);
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), "fastuda::",
+                   op, ": labels must be an integer tensor, got ", labels.scalar_type());
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == B && labels.size(1) == P, "fastuda::",
+                    op, ": labels shape ", labels.sizes(), " does not match feats shape ",
+                    feats.sizes(), " (expected [", B, ", ", P, "])");
+  TORCH_CHECK_VALUE(centroids.dim() == 2 && centroids.size(1) == D, "fastuda::", op,
+                    ": centroids shape ", centroids.sizes(),
+                    " does not match the feature width D=", D, " of feats ", feats.sizes());
+  TORCH_CHECK_VALUE(centroids.size(0) >= 1, "fastuda::", op, ": need at least one class, got "
+                    "centroids shape ", centroids.sizes());
+  TORCH_CHECK_TYPE(centroids.is_floating_point(), "fastuda::", op,
+                   ": centroids must be floating point, got ", centroids.scalar_type());
+  if (covariance != nullptr) {
+    const at::Tensor& cv = *covariance;
+    const int64_t C = centroids.size(0);
+    const bool diag = cv.dim() == 2 && cv.size(0) == C && cv.size(1) == D;
+    const bool full = cv.dim() == 3 && cv.size(0) == C && cv.size(1) == D && cv.size(2) == D;
+    TORCH_CHECK_VALUE(diag || full, "fastuda::", op, ": covariance shape ", cv.sizes(),
+                      " must be [C, D] or [C, D, D] for centroids ", centroids.sizes());
+    TORCH_CHECK_TYPE(cv.is_floating_point(), "fastuda::", op,
+                     ": covariance must be floating point, got ", cv.scalar_type());
+    TORCH_CHECK(cv.device() == feats.device(), "fastuda::", op,
+                ": covariance is on ", cv.device(), " but feats on ", feats.device());
+  }
+  if (weights.has_value()) {
+    TORCH_CHECK_VALUE(weights->sizes() == labels.sizes(), "fastuda::", op, ": weights shape ",
+                      weights->sizes(), " does not match labels shape ", labels.sizes());
+    TORCH_CHECK_TYPE(weights->is_floating_point(), "fastuda::", op,
+                     ": weights must be floating point, got ", weights->scalar_type());
+  }
+  for (const at::Tensor* t : {&feats, &labels, &centroids})
+    TORCH_CHECK(t->device().is_cpu(), "fastuda::", op, ": the CPU kernel got a tensor on ",
+                t->device());
+  TORCH_CHECK_VALUE(tau > 0, "fastuda::", op, ": tau must be > 0, got ", tau);
+}
+
+template <typename acc_t>
+Problem<acc_t> make_problem(const at::Tensor& feats, const at::Tensor& labels,
+                            const at::Tensor& centroids, int64_t ignore_index,
+                            const at::Tensor& weights_acc) {
+  Problem<acc_t> pb;
+  pb.B = feats.size(0);
+  pb.D = feats.size(1);
+  pb.P = feats.size(2);
+  pb.C = centroids.size(0);
+  pb.feats = feats.data_ptr();
+  pb.feats_dtype = feats.scalar_type();
+  pb.f_sb = feats.stride(0);
+  pb.f_sd = feats.stride(1);
+  pb.f_sp = feats.stride(2);
+  pb.labels = labels.data_ptr();
+  pb.labels_dtype = labels.scalar_type();
+  pb.l_sb = labels.stride(0);
+  pb.l_sp = labels.stride(1);
+  pb.ignore_index = ignore_index;
+  pb.weights = weights_acc.defined() ? weights_acc.data_ptr<acc_t>() : nullptr;
+  pb.tiles_per_row = (pb.P + kTile - 1) / kTile;
+  return pb;
+}
+
+// Sigma' = lam / (2 tau^2) * Sigma, symmetrised for the full case (x^T S x = x^T sym(S) x)
+at::Tensor scaled_sigma(const at::Tensor& covariance, at::ScalarType acc, double tau, double lam) {
+  at::Tensor cv = covariance.to(acc);
+  if (cv.dim() == 3) cv = (cv + cv.transpose(1, 2)) * 0.5;
+  return (cv * (lam / (2.0 * tau * tau))).contiguous();
+}
+
+at::Tensor weights_as(const std::optional<at::Tensor>& weights, at::ScalarType acc) {
+  return weights.has_value() ? weights->to(acc).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor> contrast_forward(
+    const char* op, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor* covariance, double tau, double lam,
+    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+  check_inputs(op, feats, labels, centroids, covariance, weights, tau);
+  const auto acc = acc_type_of(feats);
+  const int64_t B = feats.size(0), P = feats.size(2);
+  at::Tensor loss = at::empty({B, P}, feats.options().dtype(acc));
+  at::Tensor lse = at::empty({B, P}, feats.options().dtype(acc));
+  const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
+  const at::Tensor sigma = covariance ? scaled_sigma(*covariance, acc, tau, lam) : at::Tensor();
+  const at::Tensor w = weights_as(weights, acc);
+  FirstBadLabel first_bad;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastuda_contrast_forward", [&] {
+    Problem<scalar_t> pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w);
+    pb.mu_scaled = mu.data_ptr<scalar_t>();
+    if (covariance) {
+      pb.cov = sigma.dim() == 3 ? Cov::Full : Cov::Diag;
+      pb.sigma_scaled = sigma.data_ptr<scalar_t>();
+    }
+    forward_impl<scalar_t>(pb, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), first_bad);
+  });
+  const int64_t bad = first_bad.index.load();
+  if (bad != std::numeric_limits<int64_t>::max())
+    raise_bad_label(op, labels, bad, centroids.size(0), ignore_index);
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& feats,
+    const at::Tensor& labels, const at::Tensor& centroids, const at::Tensor* covariance,
+    const at::Tensor& lse, double tau, double lam, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool stats_grad) {
+  check_inputs(op, feats, labels, centroids, covariance, weights, tau);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
+                    "fastuda::", op, ": grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(),
+                    " must both match labels ", labels.sizes());
+  const auto acc = acc_type_of(feats);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  const int64_t C = centroids.size(0);
+  const bool full = covariance != nullptr && covariance->dim() == 3;
+  const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
+  const at::Tensor sigma = covariance ? scaled_sigma(*covariance, acc, tau, lam) : at::Tensor();
+  const at::Tensor w = weights_as(weights, acc);
+  const at::Tensor gl = grad_loss.to(acc).contiguous();
+  const at::Tensor lse_acc = lse.to(acc).contiguous();
+  at::Tensor grad_feats = at::empty({B, D, P}, feats.options());  // contiguous
+  const int64_t tiles_per_row = (P + kTile - 1) / kTile;
+  const int64_t n_tiles = B * tiles_per_row;
+  int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_tiles, at::get_num_threads()));
+  const int64_t sigma_size = covariance ? (full ? C * D * D : C * D) : 0;
+  if (stats_grad && full) {
+    // per-chunk [C, D, D] partials: keep their total within the size of the feature input
+    const int64_t budget = std::max<int64_t>(B * D * P, sigma_size);
+    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, budget / (sigma_size + C * D)));
+  }
+  at::Tensor part_mu, part_sigma;
+  if (stats_grad) {
+    part_mu = at::zeros({n_chunks, C, D}, feats.options().dtype(acc));
+    if (covariance) part_sigma = at::zeros({n_chunks, sigma_size}, feats.options().dtype(acc));
+  }
+  FirstBadLabel first_bad;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastuda_contrast_backward", [&] {
+    Problem<scalar_t> pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w);
+    pb.mu_scaled = mu.data_ptr<scalar_t>();
+    if (covariance) {
+      pb.cov = full ? Cov::Full : Cov::Diag;
+      pb.sigma_scaled = sigma.data_ptr<scalar_t>();
+    }
+    BackwardOut<scalar_t> out;
+    out.grad_feats = grad_feats;
+    if (stats_grad) {
+      out.grad_mu = part_mu.data_ptr<scalar_t>();
+      if (covariance) out.grad_sigma = part_sigma.data_ptr<scalar_t>();
+    }
+    backward_impl<scalar_t>(pb, gl.data_ptr<scalar_t>(), lse_acc.data_ptr<scalar_t>(),
+                            stats_grad, n_chunks, out, first_bad);
+  });
+  const int64_t bad = first_bad.index.load();
+  if (bad != std::numeric_limits<int64_t>::max())
+    raise_bad_label(op, labels, bad, C, ignore_index);
+  at::Tensor grad_centroids, grad_covariance;
+  if (stats_grad) {
+    // chunk partials summed in chunk order; d a_c / d mu_c = f / tau
+    grad_centroids = (part_mu.sum(0) * (1.0 / tau)).to(centroids.scalar_type());
+    if (covariance) {
+      // the partials hold sum 2 s p f f^T; d b_c / d Sigma_c = lam / (2 tau^2) f f^T
+      const double coef = lam / (4.0 * tau * tau);
+      grad_covariance =
+          (part_sigma.sum(0) * coef).view(covariance->sizes()).to(covariance->scalar_type());
+    }
+  } else {
+    grad_centroids = at::empty({0}, centroids.options());
+    if (covariance) grad_covariance = at::empty({0}, covariance->options());
+  }
+  if (!covariance) grad_covariance = at::empty({0}, feats.options().dtype(acc));
+  return {grad_feats, grad_centroids, grad_covariance};
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> proto_contrast_forward(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids, double tau,
+    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+  return contrast_forward("proto_contrast_forward", feats, labels, centroids, nullptr, tau, 0.0,
+                          ignore_index, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor> proto_contrast_backward(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor& lse, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool centroids_grad) {
+  auto [gf, gc, unused] =
+      contrast_backward("proto_contrast_backward", grad_loss, feats, labels, centroids, nullptr,
+                        lse, tau, 0.0, ignore_index, weights, centroids_grad);
+  return {gf, gc};
+}
+
+std::tuple<at::Tensor, at::Tensor> dist_contrast_forward(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids,
+    const at::Tensor& covariance, double tau, double lam, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights) {
+  return contrast_forward("dist_contrast_forward", feats, labels, centroids, &covariance, tau,
+                          lam, ignore_index, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_contrast_backward(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor& covariance, const at::Tensor& lse, double tau,
+    double lam, int64_t ignore_index, const std::optional<at::Tensor>& weights,
+    bool stats_grad) {
+  return contrast_backward("dist_contrast_backward", grad_loss, feats, labels, centroids,
+                           &covariance, lse, tau, lam, ignore_index, weights, stats_grad);
+}
+
+}  // namespace
+}  // namespace fastuda
+
+TORCH_LIBRARY_IMPL(fastuda, CPU, m) {
+  m.impl("proto_contrast_forward", &fastuda::proto_contrast_forward);
+  m.impl("proto_contrast_backward", &fastuda::proto_contrast_backward);
+  m.impl("dist_contrast_forward", &fastuda::dist_contrast_forward);
+  m.impl("dist_contrast_backward", &fastuda::dist_contrast_backward);
+}
