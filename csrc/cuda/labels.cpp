@@ -1,10 +1,7 @@
 // CUDA registration of the label ops (g++; the kernels are in labels.cu).
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_context.h"
 #include "cuda/labels_ops.h"
 
 namespace {
@@ -14,7 +11,7 @@ at::Tensor downscale_labels_cuda(const at::Tensor& labels, int64_t factor, int64
   const c10::cuda::CUDAGuard guard(labels.device());
   at::Tensor out = fastuda::cuda::downscale_labels_op(
       labels, factor, num_classes, min_ratio, ignore_index,
-      c10::cuda::getCurrentCUDAStream().stream());
+      fastuda::cuda::current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

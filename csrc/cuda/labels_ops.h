@@ -9,15 +9,15 @@ namespace fastuda::FASTUDA_KNS {
 inline at::Tensor downscale_labels_op(const at::Tensor& labels, int64_t factor,
                                       int64_t num_classes, double min_ratio,
                                       int64_t ignore_index, void* stream) {
-  TORCH_CHECK(labels.dim() == 3, "fastuda.downscale_labels: labels must be [B, H, W], got shape ",
+  TORCH_CHECK_VALUE(labels.dim() == 3, "fastuda::downscale_labels: labels must be [B, H, W], got shape ",
               labels.sizes());
-  TORCH_CHECK(factor >= 1, "fastuda.downscale_labels: factor must be >= 1, got ", factor);
-  TORCH_CHECK(factor <= 46340, "fastuda.downscale_labels: factor ", factor,
+  TORCH_CHECK_VALUE(factor >= 1, "fastuda::downscale_labels: factor must be >= 1, got ", factor);
+  TORCH_CHECK_VALUE(factor <= 46340, "fastuda::downscale_labels: factor ", factor,
               " is too large (the cell's factor^2 votes are counted in int32)");
-  TORCH_CHECK(num_classes >= 1, "fastuda.downscale_labels: num_classes must be >= 1, got ",
+  TORCH_CHECK_VALUE(num_classes >= 1, "fastuda::downscale_labels: num_classes must be >= 1, got ",
               num_classes);
   const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  TORCH_CHECK(H % factor == 0 && W % factor == 0, "fastuda.downscale_labels: labels ", H, "x", W,
+  TORCH_CHECK_VALUE(H % factor == 0 && W % factor == 0, "fastuda::downscale_labels: labels ", H, "x", W,
               " are not divisible by factor ", factor);
   const LabelKind kind = label_kind(labels, "downscale_labels");
   at::Tensor out = at::empty({B, H / factor, W / factor}, labels.options());

@@ -16,4 +16,96 @@ void downscale_labels_launch(const void* labels, LabelKind kind, int64_t stride_
                              int32_t factor, int64_t num_classes, float min_ratio,
                              int64_t ignore_index, void* out, void* stream);
 
+// ---- class_stats ---------------------------------------------------------------------------------
+// Launch-shape knobs: a GPU wants many blocks and wide tiles; the emulation tests want several
+// blocks, several tiles per block and partial tiles on small inputs.
+struct Tuning {
+  int64_t target_blocks;  // blocks a reduction kernel aims for (e.g. 4 x SMs)
+  int32_t tile_pixels;    // pixels a reduction block stages per step (multiple of 32)
+  int32_t sort_tile;      // pixels per counting-sort tile (multiple of 32)
+};
+
+struct ClassStatsWorkspace {
+  void *part, *part_count, *tile_hist, *class_start, *order;
+};
+
+struct ClassStatsPlan {
+  bool full_cov;
+  int32_t tile_pixels, sub_lanes, class_chunk, sort_tile;
+  int64_t class_chunks, d_tiles, groups, sort_tiles;
+  size_t smem_sums, smem_centred;
+  size_t part_bytes, part_count_bytes, hist_bytes, start_bytes, order_bytes;
+
+  static size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+  size_t workspace_bytes() const {
+    return align16(part_bytes) + align16(part_count_bytes) + align16(hist_bytes) +
+           align16(start_bytes) + align16(order_bytes);
+  }
+  ClassStatsWorkspace carve(void* base) const {
+    char* p = static_cast<char*>(base);
+    ClassStatsWorkspace ws{};
+    ws.part = p;
+    p += align16(part_bytes);
+    ws.part_count = p;
+    p += align16(part_count_bytes);
+    ws.tile_hist = p;
+    p += align16(hist_bytes);
+    ws.class_start = p;
+    p += align16(start_bytes);
+    ws.order = p;
+    return ws;
+  }
+};
+
+// Shared-memory budget of a reduction block: CUDA's default 48 KiB per block, minus headroom.
+inline constexpr size_t kSharedBudget = 46 * 1024;
+
+// acc_bytes: 4 (fp32 accumulation) or 8 (fp64 input). Requires B * P >= 1 and D >= 1.
+inline ClassStatsPlan plan_class_stats(int64_t B, int64_t D, int64_t P, int64_t C,
+                                       size_t acc_bytes, bool full_cov, const Tuning& tuning) {
+  constexpr int64_t TD = 32;
+  ClassStatsPlan plan{};
+  plan.full_cov = full_cov;
+  const int64_t TP = tuning.tile_pixels;
+  plan.tile_pixels = int32_t(TP);
+  const size_t fixed = acc_bytes * size_t(TD * (TP + 1) + TP) + 4 * size_t(TP);
+  // per block: acc [S][CC][TD] + cnt [S][CC] (+ mean [CC][TD] in the centred pass)
+  auto smem = [&](int64_t S, int64_t CC, bool centred) {
+    return fixed + acc_bytes * size_t(S * CC * TD + S * CC + (centred ? CC * TD : 0));
+  };
+  int64_t S = 8, CC = C;
+  while (S > 1 && smem(S, CC, true) > kSharedBudget) S /= 2;
+  if (smem(S, CC, true) > kSharedBudget) {  // many classes: split them over grid.z
+    CC = int64_t((kSharedBudget - fixed) / (acc_bytes * size_t(2 * TD + 1)));
+    if (CC < 1) CC = 1;
+  }
+  plan.sub_lanes = int32_t(S);
+  plan.class_chunk = int32_t(CC);
+  plan.class_chunks = (C + CC - 1) / CC;
+  plan.smem_sums = smem(S, CC, false);
+  plan.smem_centred = smem(S, CC, true);
+  plan.d_tiles = (D + TD - 1) / TD;
+  const int64_t tiles = B * ((P + TP - 1) / TP);
+  int64_t groups = tuning.target_blocks / (plan.d_tiles * plan.class_chunks);
+  // the partials [G, C, D] stay below the size of the features (G <= N / (2C))
+  const int64_t cap = (B * P) / (2 * C);
+  if (groups > cap) groups = cap;
+  if (groups > tiles) groups = tiles;
+  plan.groups = groups < 1 ? 1 : groups;
+  plan.part_bytes = acc_bytes * size_t(plan.groups * C * D);
+  plan.part_count_bytes = acc_bytes * size_t(plan.groups * C);
+  plan.sort_tile = tuning.sort_tile;
+  plan.sort_tiles = full_cov ? (B * P + tuning.sort_tile - 1) / tuning.sort_tile : 0;
+  plan.hist_bytes = full_cov ? 4 * size_t(plan.sort_tiles * C) : 0;
+  plan.start_bytes = full_cov ? 4 * size_t(C + 1) : 0;
+  plan.order_bytes = full_cov ? 4 * size_t(B * P) : 0;
+  return plan;
+}
+
+// count [C], mean [C, D], m2 [C, D] or [C, D, D] (acc_t<T>), workspace of plan.workspace_bytes().
+template <typename T>
+void class_stats_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w, int64_t C,
+                        int64_t ignore_index, const ClassStatsPlan& plan, acc_t<T>* count,
+                        acc_t<T>* mean, acc_t<T>* m2, void* workspace, void* stream);
+
 }  // namespace fastuda::FASTUDA_KNS

@@ -16,7 +16,7 @@ inline LabelKind label_kind(const at::Tensor& labels, const char* op) {
     case at::kInt: return LabelKind::I32;
     case at::kLong: return LabelKind::I64;
     default:
-      TORCH_CHECK(false, "fastuda.", op, ": labels must be uint8, int8, int16, int32 or int64, got ",
+      TORCH_CHECK_TYPE(false, "fastuda::", op, ": labels must be uint8, int8, int16, int32 or int64, got ",
                   labels.scalar_type());
   }
 }
@@ -40,24 +40,24 @@ inline WeightView weight_view(const std::optional<at::Tensor>& weights) {
 // feats [B, D, P] float, labels [B, P] integer, optional weights [B, P] fp32, same device.
 inline void check_pixels(const char* op, const at::Tensor& feats, const at::Tensor& labels,
                          const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(feats.dim() == 3, "fastuda.", op, ": feats must be [B, D, P], got shape ",
+  TORCH_CHECK_VALUE(feats.dim() == 3, "fastuda::", op, ": feats must be [B, D, P], got shape ",
               feats.sizes());
   const auto t = feats.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
-              "fastuda.", op, ": feats must be float32, float16, bfloat16 or float64, got ", t);
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == feats.size(0) &&
-                  labels.size(1) == feats.size(2),
-              "fastuda.", op, ": labels shape ", labels.sizes(), " does not match feats shape ",
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble,
+                   "fastuda::", op, ": feats must be float32, float16, bfloat16 or float64, got ", t);
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == feats.size(0) &&
+                        labels.size(1) == feats.size(2),
+                    "fastuda::", op, ": labels shape ", labels.sizes(), " does not match feats shape ",
               feats.sizes(), " (expected [", feats.size(0), ", ", feats.size(2), "])");
   label_kind(labels, op);
-  TORCH_CHECK(labels.device() == feats.device(), "fastuda.", op, ": labels are on ",
+  TORCH_CHECK(labels.device() == feats.device(), "fastuda::", op, ": labels are on ",
               labels.device(), " but feats on ", feats.device());
   if (weights.has_value() && weights->defined()) {
-    TORCH_CHECK(weights->sizes() == labels.sizes(), "fastuda.", op, ": weights shape ",
+    TORCH_CHECK_VALUE(weights->sizes() == labels.sizes(), "fastuda::", op, ": weights shape ",
                 weights->sizes(), " does not match labels shape ", labels.sizes());
-    TORCH_CHECK(weights->scalar_type() == at::kFloat, "fastuda.", op,
+    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "fastuda::", op,
                 ": weights must be float32, got ", weights->scalar_type());
-    TORCH_CHECK(weights->device() == feats.device(), "fastuda.", op, ": weights are on ",
+    TORCH_CHECK(weights->device() == feats.device(), "fastuda::", op, ": weights are on ",
                 weights->device(), " but feats on ", feats.device());
   }
 }
@@ -75,7 +75,7 @@ void dispatch_feats(const at::Tensor& feats, const char* op, Fn&& fn) {
     case at::kHalf: fn(c10::Half{}); break;
     case at::kBFloat16: fn(c10::BFloat16{}); break;
     case at::kDouble: fn(double{}); break;
-    default: TORCH_CHECK(false, "fastuda.", op, ": unsupported feats dtype ", feats.scalar_type());
+    default: TORCH_CHECK_TYPE(false, "fastuda::", op, ": unsupported feats dtype ", feats.scalar_type());
   }
 }
 

@@ -17,6 +17,7 @@ import torch
 import fastuda._C_emu  # noqa: F401  (registers torch.ops.fastuda_emu)
 import fastuda.ops  # noqa: F401  (registers torch.ops.fastuda)
 from fastuda.ops import reference as ref
+from fastuda.ops._backend import as_bdp, as_bp
 
 emu = torch.ops.fastuda_emu
 
@@ -84,9 +85,138 @@ def test_downscale_labels_non_contiguous_and_all_ignore() -> None:
 
 
 def test_downscale_labels_errors() -> None:
-    with pytest.raises(RuntimeError, match="not divisible by factor 3"):
+    with pytest.raises(ValueError, match="not divisible by factor 3"):
         emu.downscale_labels(torch.zeros(1, 8, 8, dtype=torch.long), 3, 3, 0.5, 255)
-    with pytest.raises(RuntimeError, match=r"must be \[B, H, W\]"):
+    with pytest.raises(ValueError, match=r"must be \[B, H, W\]"):
         emu.downscale_labels(torch.zeros(8, 8, dtype=torch.long), 2, 3, 0.5, 255)
-    with pytest.raises(RuntimeError, match="labels must be uint8"):
+    with pytest.raises(TypeError, match="labels must be uint8"):
         emu.downscale_labels(torch.zeros(1, 8, 8), 2, 3, 0.5, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# class_stats
+# ----------------------------------------------------------------------------------------------
+def _bdp(feats: torch.Tensor) -> torch.Tensor:
+    return as_bdp(feats)
+
+
+def _bp(t: torch.Tensor | None, feats: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else as_bp(t, feats)
+
+
+def _emu_class_stats(feats, labels, C, *, weights=None, cov="diag", ignore_index=255):
+    w = _bp(weights, feats)
+    return emu.class_stats(_bdp(feats), _bp(labels, feats), C, ignore_index,
+                           None if w is None else w.float(), cov == "full")
+
+
+def _assert_stats_close(got, want, atol: float, rtol: float = 1e-4) -> None:
+    for name, a, b in zip(("count", "mean", "m2"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol, msg=name)
+
+
+def _image_case(seed: int, B: int = 2, D: int = 37, H: int = 9, W: int = 11, C: int = 5,
+                ignore_frac: float = 0.2):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, D, H, W, generator=g) * 2 + 1
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < ignore_frac] = 255
+    return feats, labels
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
+def test_class_stats_image_layout(cov: str, weighted: bool, label_dtype: torch.dtype) -> None:
+    feats, labels = _image_case(1)
+    labels = labels.to(label_dtype)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2)) if weighted \
+        else None
+    got = _emu_class_stats(feats, labels, 5, weights=weights, cov=cov)
+    want = ref.class_stats(feats, labels, 5, weights=weights, cov=cov)
+    _assert_stats_close(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_class_stats_layouts(cov: str) -> None:
+    feats, labels = _image_case(3, B=3, D=40, H=7, W=13, C=4)
+    cases = {
+        "pixel-major [N, D]": (feats.permute(0, 2, 3, 1).reshape(-1, 40), labels.reshape(-1)),
+        "channels_last": (feats.contiguous(memory_format=torch.channels_last), labels),
+        "sliced": (feats[:, ::2, :, 1:], labels[:, :, 1:]),
+    }
+    for name, (f, y) in cases.items():
+        got = _emu_class_stats(f, y, 4, cov=cov)
+        want = ref.class_stats(f, y, 4, cov=cov)
+        _assert_stats_close(got, want, atol=1e-4)
+        assert got[1].shape[-1] == f.shape[1], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_class_stats_dtypes(dtype: torch.dtype, cov: str) -> None:
+    feats, labels = _image_case(4, D=33)
+    feats = feats.to(dtype)
+    got = _emu_class_stats(feats, labels, 5, cov=cov)
+    assert got[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = ref.class_stats(feats.to(torch.float64), labels, 5, cov=cov)  # same values, upcast
+    _assert_stats_close(got, want, atol=1e-9 if dtype == torch.float64 else 1e-4,
+                        rtol=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("cov", ["diag", "full"])
+def test_class_stats_edge_cases(cov: str) -> None:
+    feats, labels = _image_case(5, C=6)
+    # empty classes (3 and 5 never appear)
+    sparse = torch.where((labels == 3) | (labels == 5), 0, labels)
+    _assert_stats_close(_emu_class_stats(feats, sparse, 6, cov=cov),
+                        ref.class_stats(feats, sparse, 6, cov=cov), atol=1e-4)
+    # a single class
+    one = torch.where(labels == 255, 255, 2)
+    _assert_stats_close(_emu_class_stats(feats, one, 6, cov=cov),
+                        ref.class_stats(feats, one, 6, cov=cov), atol=1e-4)
+    # everything ignored: zeros
+    none = torch.full_like(labels, 255)
+    for t in _emu_class_stats(feats, none, 6, cov=cov):
+        assert not t.any()
+    # no pixels at all
+    count, mean, m2 = _emu_class_stats(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), 3,
+                                       cov=cov)
+    assert not count.any() and mean.shape == (3, 8) and not m2.any()
+
+
+def test_class_stats_many_classes_split_over_blocks() -> None:
+    # 400 classes do not fit one block's shared memory: classes are split over grid.z
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(700, 34, generator=g)
+    labels = torch.randint(0, 400, (700,), generator=g)
+    for cov in ("diag", "full"):
+        _assert_stats_close(_emu_class_stats(feats, labels, 400, cov=cov),
+                            ref.class_stats(feats, labels, 400, cov=cov), atol=1e-4)
+
+
+def test_class_stats_large_offset_no_cancellation() -> None:
+    # m2 from centred values: a mean of 1e4 with unit spread keeps its variance in fp32
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(500, 4, generator=g, dtype=torch.float64) + 1e4
+    labels = torch.randint(0, 2, (500,), generator=g)
+    got = _emu_class_stats(feats.float(), labels, 2)
+    want = ref.class_stats(feats, labels, 2)
+    torch.testing.assert_close(got[2].double(), want.m2, rtol=2e-3, atol=0)
+
+
+def test_class_stats_deterministic_and_bad_labels() -> None:
+    feats, labels = _image_case(8)
+    first = _emu_class_stats(feats, labels, 5, cov="full")
+    second = _emu_class_stats(feats, labels, 5, cov="full")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    bad = labels.clone()
+    bad[1, 4, 5] = 7
+    with pytest.raises(ValueError, match=r"label value 7 is outside \[0, 5\)"):
+        _emu_class_stats(feats, bad, 5)
+    with pytest.raises(ValueError, match="does not match feats shape"):
+        emu.class_stats(_bdp(feats), labels.reshape(2, -1)[:, 1:], 5, 255, None, False)
+    with pytest.raises(TypeError, match="labels must be uint8"):
+        emu.class_stats(_bdp(feats), labels.reshape(2, -1).float(), 5, 255, None, False)
