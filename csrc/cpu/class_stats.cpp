@@ -8,15 +8,16 @@
 // formed as sum(x^2) - n mean^2.
 //
 // Two loop orders, picked from the strides of the [B, D, P] view:
-//  * channels-first (pixel stride <= channel stride, e.g. [B, D, H, W] contiguous): channel-outer,
-//    pixel-inner; each channel row of a chunk is reduced by scattering into per-class scalars
-//    (four accumulator banks break the store-to-load chains of runs of equal labels).
+//  * channels-first (pixel stride <= channel stride, e.g. [B, D, H, W] contiguous): the chunk's
+//    pixels are counting-sorted by class once; each channel row is streamed in memory order into
+//    an L1 buffer, regrouped by class, and every class is reduced as a contiguous segment.
 //  * pixel-major ([N, D] matrices, channels_last maps): pixel-outer, channel-inner; each pixel's
 //    feature row is added to its class's [D] row (contiguous, vectorised).
 //
 // Full covariance: the diagonal pass gives counts and means; pixels are then counting-sorted by
-// class and each class's centred features are gathered block by block into a small buffer that
-// feeds one GEMM (addmm) per block: N*D*D multiply-adds in total, no one-hot.
+// (chunk, class), classes are dealt to threads, and each thread gathers its classes' centred
+// features of a chunk into a buffer that feeds one GEMM (addmm) per class: N*D*D multiply-adds in
+// total, no one-hot. Each class is owned by one thread, so m2 does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,10 +34,9 @@
 namespace fastuda {
 namespace {
 
-constexpr int64_t kBanks = 4;                          // accumulator banks of the scatter loops
 constexpr int64_t kChannelsFirstChunk = 4096;          // pixels per chunk (one row fits L1)
 constexpr int64_t kPixelMajorChunkBytes = 256 * 1024;  // a chunk's [len, D] block fits L2
-constexpr int64_t kGemmBlockBytes = 4 * 1024 * 1024;   // pixel chunk of the full-cov pass
+constexpr int64_t kGemmChunkBytes = 4 * 1024 * 1024;   // pixel chunk of the full-cov pass
 
 struct Layout {
   int64_t B, D, P;
@@ -108,88 +108,64 @@ struct Partial {
   Partial(int64_t C, int64_t D) : n(C, 0.0), mean(C * D, 0.0), m2(C * D, 0.0) {}
 };
 
-// Channels-first chunk: for each channel, scatter the row into class sums, then centred squares.
+// Channels-first chunk. The chunk's pixels are counting-sorted by class once (the cost is shared
+// by all D channels); then for each channel the row is gathered in class order into an L1 buffer
+// and every class is a contiguous segment: segment sum -> class mean -> centred squares, both
+// vectorised, with no scattered read-modify-write.
 template <typename scalar_t, typename acc_t>
 void chunk_channels_first(const scalar_t* x, const Layout& g, int64_t b, int64_t p0, int64_t len,
                           int64_t C, const int32_t* cls, const float* w, const double* cnt,
-                          const std::vector<int32_t>& present, acc_t* row_buf, acc_t* bank,
-                          acc_t* class_mean, Partial& acc) {
-  const int64_t C1 = C + 1;
-  acc_t* b0 = bank;
-  acc_t* b1 = bank + C1;
-  acc_t* b2 = bank + 2 * C1;
-  acc_t* b3 = bank + 3 * C1;
-  const bool direct = std::is_same_v<scalar_t, acc_t> && g.sp == 1;
-  std::fill(class_mean, class_mean + C1, acc_t(0));
-  for (int64_t d = 0; d < g.D; ++d) {
-    const scalar_t* src = x + b * g.sb + d * g.sd + p0 * g.sp;
-    const acc_t* row;
-    if (direct) {
-      row = reinterpret_cast<const acc_t*>(src);
-    } else {
-      for (int64_t k = 0; k < len; ++k) row_buf[k] = static_cast<acc_t>(src[k * g.sp]);
-      row = row_buf;
-    }
-    // pass 1: class sums
-    std::fill(bank, bank + kBanks * C1, acc_t(0));
-    int64_t k = 0;
-    if (w == nullptr) {
-      for (; k + 4 <= len; k += 4) {
-        b0[cls[k]] += row[k];
-        b1[cls[k + 1]] += row[k + 1];
-        b2[cls[k + 2]] += row[k + 2];
-        b3[cls[k + 3]] += row[k + 3];
-      }
-      for (; k < len; ++k) b0[cls[k]] += row[k];
-    } else {
-      for (; k + 4 <= len; k += 4) {
-        b0[cls[k]] += w[k] * row[k];
-        b1[cls[k + 1]] += w[k + 1] * row[k + 1];
-        b2[cls[k + 2]] += w[k + 2] * row[k + 2];
-        b3[cls[k + 3]] += w[k + 3] * row[k + 3];
-      }
-      for (; k < len; ++k) b0[cls[k]] += w[k] * row[k];
-    }
+                          const std::vector<int32_t>& present, int32_t* order, acc_t* w_sorted,
+                          acc_t* row_seq, acc_t* row, std::vector<int64_t>& seg,
+                          Partial& acc) {
+  // counting sort by class id (slot C = ignore); seg[c] .. seg[c + 1] is class c's segment
+  const int64_t np = static_cast<int64_t>(present.size());
+  seg.assign(C + 2, 0);
+  for (int64_t k = 0; k < len; ++k) ++seg[cls[k] + 1];
+  for (int64_t c = 0; c <= C; ++c) seg[c + 1] += seg[c];
+  std::vector<int64_t> fill(seg.begin(), seg.end() - 1);
+  for (int64_t k = 0; k < len; ++k) order[fill[cls[k]]++] = static_cast<int32_t>(k);
+  if (w != nullptr)
     for (int32_t c : present)
-      class_mean[c] = (b0[c] + b1[c] + b2[c] + b3[c]) / static_cast<acc_t>(cnt[c]);
-    // pass 2: centred squares around the chunk's class means (row is still in L1)
-    std::fill(bank, bank + kBanks * C1, acc_t(0));
-    k = 0;
-    if (w == nullptr) {
-      for (; k + 4 <= len; k += 4) {
-        const acc_t v0 = row[k] - class_mean[cls[k]];
-        const acc_t v1 = row[k + 1] - class_mean[cls[k + 1]];
-        const acc_t v2 = row[k + 2] - class_mean[cls[k + 2]];
-        const acc_t v3 = row[k + 3] - class_mean[cls[k + 3]];
-        b0[cls[k]] += v0 * v0;
-        b1[cls[k + 1]] += v1 * v1;
-        b2[cls[k + 2]] += v2 * v2;
-        b3[cls[k + 3]] += v3 * v3;
+      for (int64_t j = seg[c]; j < seg[c + 1]; ++j) w_sorted[j] = static_cast<acc_t>(w[order[j]]);
+  const scalar_t* base = x + b * g.sb + p0 * g.sp;
+  for (int64_t d = 0; d < g.D; ++d) {
+    // stream the row in memory order (prefetch-friendly), then regroup it by class in L1
+    const scalar_t* src = base + d * g.sd;
+    for (int64_t k = 0; k < len; ++k) row_seq[k] = static_cast<acc_t>(src[k * g.sp]);
+    for (int64_t i = 0; i < np; ++i) {
+      const int32_t c = present[i];
+      const int64_t j0 = seg[c], j1 = seg[c + 1];
+      for (int64_t j = j0; j < j1; ++j) row[j] = row_seq[order[j]];
+      const acc_t* seg_x = row + j0;
+      const int64_t n = j1 - j0;
+      acc_t s = 0;
+      if (w == nullptr) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < n; ++j) s += seg_x[j];
+      } else {
+        const acc_t* seg_w = w_sorted + j0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < n; ++j) s += seg_w[j] * seg_x[j];
       }
-      for (; k < len; ++k) {
-        const acc_t v = row[k] - class_mean[cls[k]];
-        b0[cls[k]] += v * v;
+      const acc_t mean = s / static_cast<acc_t>(cnt[c]);
+      acc_t q = 0;
+      if (w == nullptr) {
+#pragma omp simd reduction(+ : q)
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t v = seg_x[j] - mean;
+          q += v * v;
+        }
+      } else {
+        const acc_t* seg_w = w_sorted + j0;
+#pragma omp simd reduction(+ : q)
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t v = seg_x[j] - mean;
+          q += seg_w[j] * v * v;
+        }
       }
-    } else {
-      for (; k + 4 <= len; k += 4) {
-        const acc_t v0 = row[k] - class_mean[cls[k]];
-        const acc_t v1 = row[k + 1] - class_mean[cls[k + 1]];
-        const acc_t v2 = row[k + 2] - class_mean[cls[k + 2]];
-        const acc_t v3 = row[k + 3] - class_mean[cls[k + 3]];
-        b0[cls[k]] += w[k] * v0 * v0;
-        b1[cls[k + 1]] += w[k + 1] * v1 * v1;
-        b2[cls[k + 2]] += w[k + 2] * v2 * v2;
-        b3[cls[k + 3]] += w[k + 3] * v3 * v3;
-      }
-      for (; k < len; ++k) {
-        const acc_t v = row[k] - class_mean[cls[k]];
-        b0[cls[k]] += w[k] * v * v;
-      }
-    }
-    for (int32_t c : present) {
-      const double m2 = static_cast<double>(b0[c] + b1[c] + b2[c] + b3[c]);
       chan_merge_into<double>(acc.n[c], cnt[c], acc.mean[c * g.D + d], acc.m2[c * g.D + d],
-                              static_cast<double>(class_mean[c]), m2);
+                              static_cast<double>(mean), static_cast<double>(q));
     }
   }
 }
@@ -265,11 +241,14 @@ void diag_stats(const at::Tensor& feats, const at::Tensor& labels, const float* 
     std::vector<float> wbuf(weights ? chunks.len : 0);
     std::vector<double> cnt(C1);
     std::vector<int32_t> present;
-    std::vector<acc_t> row_buf, bank, class_mean, block, sums, sq;
+    std::vector<acc_t> row_seq, row_buf, w_sorted, block, sums, sq;
+    std::vector<int32_t> order;
+    std::vector<int64_t> seg;
     if (cf) {
+      row_seq.resize(chunks.len);
       row_buf.resize(chunks.len);
-      bank.resize(kBanks * C1);
-      class_mean.resize(C1);
+      order.resize(chunks.len);
+      if (weights) w_sorted.resize(chunks.len);
     } else {
       rows.resize(chunks.len);
       block.resize(chunks.len * D);
@@ -293,8 +272,8 @@ void diag_stats(const at::Tensor& feats, const at::Tensor& labels, const float* 
         if (present.empty()) continue;  // all-ignore chunk: the features are not read
         if (cf) {
           chunk_channels_first<scalar_t, acc_t>(x, g, b, p0, len, C, cls.data(), w, cnt.data(),
-                                                present, row_buf.data(), bank.data(),
-                                                class_mean.data(), partial[s]);
+                                                present, order.data(), w_sorted.data(),
+                                                row_seq.data(), row_buf.data(), seg, partial[s]);
         } else {
           chunk_pixel_major<scalar_t, acc_t>(x, g, b, p0, len, C, cls.data(), w, cnt.data(), present,
                                              block.data(), rows.data(), sums.data(), sq.data(),
@@ -359,25 +338,23 @@ ClassOrder sort_pixels_by_class(const at::Tensor& labels, const float* weights, 
   return out;
 }
 
-// Full m2 [C, D, D]. Classes are dealt to threads (largest first, to the least loaded thread);
-// each thread walks the pixel chunks in order and, per chunk and owned class, gathers the centred
-// (weighted) features into a small buffer and adds its Gram matrix with one single-threaded GEMM.
-// Every class is computed by one thread in a fixed order: deterministic for any thread count.
+// Full m2 [C, D, D]. Classes are dealt to threads (largest first, to the least loaded thread).
+// Each thread walks the pixel chunks in order; per chunk it gathers the centred features of all
+// its classes into one buffer (channels-first data: channel-outer, so each channel row of the
+// chunk is read once for all classes; pixel-major data: one row copy per pixel), then adds each
+// class's Gram matrix with one single-threaded GEMM. Every class is computed by one thread in a
+// fixed order, so results do not depend on the thread count.
 template <typename scalar_t, typename acc_t>
 void full_m2(const at::Tensor& feats, const at::Tensor& labels, const float* weights,
              const Layout& g, int64_t C, int64_t ignore, const Partial& diag, at::Tensor& m2) {
   const int64_t D = g.D;
   if (D == 0 || g.B * g.P == 0) return;
-  const int64_t target = std::clamp<int64_t>(kGemmBlockBytes / (D * sizeof(acc_t)), 1024, 16384);
+  const int64_t target = std::clamp<int64_t>(kGemmChunkBytes / (D * sizeof(acc_t)), 1024, 16384);
   const Chunking chunks(g.B, g.P, target);
   const ClassOrder sorted = sort_pixels_by_class(labels, weights, g, chunks, C, ignore);
   std::vector<int64_t> total(C, 0);
-  int64_t largest = 0;  // most pixels of one class in one chunk
   for (int64_t i = 0; i < chunks.count; ++i)
-    for (int64_t c = 0; c < C; ++c) {
-      total[c] += sorted.count(i, C, c);
-      largest = std::max(largest, sorted.count(i, C, c));
-    }
+    for (int64_t c = 0; c < C; ++c) total[c] += sorted.count(i, C, c);
   std::vector<int64_t> classes;
   for (int64_t c = 0; c < C; ++c)
     if (total[c] > 0) classes.push_back(c);
@@ -399,52 +376,95 @@ void full_m2(const at::Tensor& feats, const at::Tensor& labels, const float* wei
   const auto opts = m2.options();
 
   at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
-    at::Tensor centred = at::empty({largest * D}, opts);
-    at::Tensor weighted = weights ? at::empty({largest * D}, opts) : centred;
-    std::vector<int64_t> offs(largest);
-    std::vector<acc_t> wrow(largest), mean_c(D);
     for (int64_t s = s0; s < s1; ++s) {
+      const std::vector<int64_t>& mine = owned[s];
+      const int64_t nc = static_cast<int64_t>(mine.size());
+      // buffer sizes: this thread's pixels of one chunk (all its classes), one class's block
+      int64_t rows_max = 0, class_max = 0;
       for (int64_t i = 0; i < chunks.count; ++i) {
-        for (int64_t c : owned[s]) {
-          const int64_t r = sorted.count(i, C, c);
-          if (r == 0) continue;
+        int64_t rows = 0;
+        for (int64_t c : mine) {
+          rows += sorted.count(i, C, c);
+          class_max = std::max(class_max, sorted.count(i, C, c));
+        }
+        rows_max = std::max(rows_max, rows);
+      }
+      at::Tensor centred = at::empty({rows_max * D}, opts);
+      at::Tensor weighted = weights ? at::empty({class_max * D}, opts) : at::Tensor();
+      std::vector<int64_t> offs(rows_max), start(nc + 1);
+      std::vector<acc_t> wrow(rows_max), means(nc * D);
+      for (int64_t k = 0; k < nc; ++k)
+        for (int64_t d = 0; d < D; ++d)
+          means[k * D + d] = static_cast<acc_t>(diag.mean[mine[k] * D + d]);
+      acc_t* G = centred.mutable_data_ptr<acc_t>();
+      for (int64_t i = 0; i < chunks.count; ++i) {
+        start[0] = 0;
+        for (int64_t k = 0; k < nc; ++k) {
+          const int64_t c = mine[k], r = sorted.count(i, C, c);
           const int64_t* pix = sorted.order.data() + sorted.offsets[i * C + c];
           for (int64_t j = 0; j < r; ++j) {
             const int64_t b = pix[j] / g.P, p = pix[j] % g.P;
-            offs[j] = b * g.sb + p * g.sp;
-            wrow[j] = weights ? static_cast<acc_t>(weights[b * g.wsb + p * g.wsp]) : acc_t(1);
+            offs[start[k] + j] = b * g.sb + p * g.sp;
+            wrow[start[k] + j] =
+                weights ? static_cast<acc_t>(weights[b * g.wsb + p * g.wsp]) : acc_t(1);
           }
-          for (int64_t d = 0; d < D; ++d) mean_c[d] = static_cast<acc_t>(diag.mean[c * D + d]);
-          acc_t* G = centred.mutable_data_ptr<acc_t>();
-          acc_t* Gw = weighted.mutable_data_ptr<acc_t>();
-          at::Tensor m2_c = m2.select(0, c);
-          if (cf) {  // G as [D, r]: each channel row gathered along the class's pixels
-            for (int64_t d = 0; d < D; ++d) {
-              const scalar_t* src = x + d * g.sd;
-              acc_t* dst = G + d * r;
-              for (int64_t j = 0; j < r; ++j) dst[j] = static_cast<acc_t>(src[offs[j]]) - mean_c[d];
-              if (weights)
-                for (int64_t j = 0; j < r; ++j) Gw[d * r + j] = dst[j] * wrow[j];
+          start[k + 1] = start[k] + r;
+        }
+        if (start[nc] == 0) continue;
+        // class k's block starts at G + start[k] * D: [D, r] (channels-first) or [r, D]
+        if (cf) {
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t* src = x + d * g.sd;
+            for (int64_t k = 0; k < nc; ++k) {
+              const int64_t r = start[k + 1] - start[k];
+              const int64_t* o = offs.data() + start[k];
+              const acc_t m = means[k * D + d];
+              acc_t* dst = G + start[k] * D + d * r;
+              for (int64_t j = 0; j < r; ++j) dst[j] = static_cast<acc_t>(src[o[j]]) - m;
             }
-            at::Tensor Gt = centred.narrow(0, 0, D * r).view({D, r});
-            at::Tensor Gwt = weighted.narrow(0, 0, D * r).view({D, r});
-            m2_c.addmm_(Gwt, Gt.t());
-          } else {  // G as [r, D]: one feature row per pixel
-            for (int64_t j = 0; j < r; ++j) {
+          }
+        } else {
+          for (int64_t k = 0; k < nc; ++k) {
+            const acc_t* m = means.data() + k * D;
+            for (int64_t j = start[k]; j < start[k + 1]; ++j) {
               const scalar_t* src = x + offs[j];
               acc_t* dst = G + j * D;
-              for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * g.sd]) - mean_c[d];
-              if (weights)
-                for (int64_t d = 0; d < D; ++d) Gw[j * D + d] = dst[d] * wrow[j];
+              for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * g.sd]) - m[d];
             }
-            at::Tensor Gm = centred.narrow(0, 0, r * D).view({r, D});
-            at::Tensor Gwm = weighted.narrow(0, 0, r * D).view({r, D});
+          }
+        }
+        for (int64_t k = 0; k < nc; ++k) {
+          const int64_t r = start[k + 1] - start[k];
+          if (r == 0) continue;
+          at::Tensor block = centred.narrow(0, start[k] * D, r * D);
+          at::Tensor m2_c = m2.select(0, mine[k]);
+          const acc_t* Gk = G + start[k] * D;
+          const acc_t* wk = wrow.data() + start[k];
+          if (cf) {  // m2 += Gw G^T with G [D, r]
+            at::Tensor Gt = block.view({D, r});
+            at::Tensor Gwt = Gt;
+            if (weights) {
+              Gwt = weighted.narrow(0, 0, D * r).view({D, r});
+              acc_t* dst = Gwt.mutable_data_ptr<acc_t>();
+              for (int64_t d = 0; d < D; ++d)
+                for (int64_t j = 0; j < r; ++j) dst[d * r + j] = Gk[d * r + j] * wk[j];
+            }
+            m2_c.addmm_(Gwt, Gt.t());
+          } else {  // m2 += Gw^T G with G [r, D]
+            at::Tensor Gm = block.view({r, D});
+            at::Tensor Gwm = Gm;
+            if (weights) {
+              Gwm = weighted.narrow(0, 0, r * D).view({r, D});
+              acc_t* dst = Gwm.mutable_data_ptr<acc_t>();
+              for (int64_t j = 0; j < r; ++j)
+                for (int64_t d = 0; d < D; ++d) dst[j * D + d] = Gk[j * D + d] * wk[j];
+            }
             m2_c.addmm_(Gwm.t(), Gm);
           }
         }
       }
       // the GEMM's two operands are summed in different orders: make m2 exactly symmetric
-      for (int64_t c : owned[s]) {
+      for (int64_t c : mine) {
         acc_t* m = m2.select(0, c).mutable_data_ptr<acc_t>();
         for (int64_t a = 0; a < D; ++a)
           for (int64_t b = a + 1; b < D; ++b) {
