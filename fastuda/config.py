@@ -140,6 +140,10 @@ class SelfTrainingConfig:
 
 @dataclass
 class MethodConfig:
+    """The method plug-in and its knobs (methods.md); defaults are the published settings.
+
+    SePiCo's knobs are unprefixed (the primary method); every other method's carry its name."""
+
     name: Literal["none", "sepico", "cluda", "spcl", "bipcl", "corda"] = "none"
     # SePiCo
     variant: Literal["proto", "bank", "dist"] = "dist"
@@ -149,11 +153,61 @@ class MethodConfig:
     tau: float = 100.0
     lam: float = 1.0
     bank_size: int = 200
-    downscale_min_ratio: float = 0.75
+    downscale_min_ratio: float = 0.75  # labels to the feature grid (SePiCo, SPCL, BiPCL)
+    # CLUDA: pixel-to-pixel contrast on the fused decoder features (source and mixed batches)
+    cluda_weight: float = 1.0  # each of the two losses counts cluda_weight / 2
+    cluda_tau: float = 1.0
+    cluda_grid: list[int] = field(default_factory=lambda: [65, 65])  # (height, width)
+    # SPCL: prototypes of correctly predicted source pixels, EMA P <- m P + (1 - m) m_batch
+    spcl_tau: float = 100.0
+    spcl_momentum: float = 0.1
+    spcl_threshold_cap: float = 0.9  # per-class median-confidence thresholds, capped here
+    spcl_source_weight: float = 1.0
+    spcl_target_weight: float = 1.0
+    spcl_start_iter: int = 0
+    # BiPCL: per-image-pair prototypes, contrast in both directions
+    bipcl_tau: float = 0.1
+    bipcl_weight: float = 0.1  # per direction
+    bipcl_label_transfer: Literal["off", "agree", "replace"] = "agree"
+    bipcl_calibration: bool = True
+    bipcl_calibration_momentum: float = 0.99
+    bipcl_start_iter: int = 0
+    # CorDA: depth decoders, cross-task exchange, BerHu depth losses, depth-aware pseudo weights
+    corda_channels: int = 256  # task features (published: 2048 -> 256)
+    corda_source_depth_weight: float = 0.01
+    corda_mix_depth_weight: float = 0.001
+    corda_berhu_ratio: float = 0.2  # c = ratio * max |error|
+    corda_depth_weighting: bool = True
+    # d of w = relu(1 - |D_src - D_tgt| / d): 0 means relative to the target decoder's |D_tgt|
+    corda_discrepancy_scale: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.tau > 0, "method.tau", self.tau, "> 0")
         _check(self.bank_size >= 0, "method.bank_size", self.bank_size, ">= 0")
+        _check(0 < self.downscale_min_ratio <= 1, "method.downscale_min_ratio",
+               self.downscale_min_ratio, "in (0, 1]")
+        _check(self.cluda_tau > 0, "method.cluda_tau", self.cluda_tau, "> 0")
+        _check(self.cluda_weight >= 0, "method.cluda_weight", self.cluda_weight, ">= 0")
+        _check(len(self.cluda_grid) == 2 and min(self.cluda_grid) > 0, "method.cluda_grid",
+               self.cluda_grid, "two positive integers (height, width)")
+        _check(self.spcl_tau > 0, "method.spcl_tau", self.spcl_tau, "> 0")
+        _check(0 <= self.spcl_momentum < 1, "method.spcl_momentum", self.spcl_momentum,
+               "in [0, 1)")
+        _check(0 < self.spcl_threshold_cap <= 1, "method.spcl_threshold_cap",
+               self.spcl_threshold_cap, "in (0, 1]")
+        for key in ("spcl_source_weight", "spcl_target_weight", "bipcl_weight",
+                    "corda_source_depth_weight", "corda_mix_depth_weight"):
+            _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), ">= 0")
+        for key in ("spcl_start_iter", "bipcl_start_iter", "start_iter"):
+            _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), ">= 0")
+        _check(self.bipcl_tau > 0, "method.bipcl_tau", self.bipcl_tau, "> 0")
+        _check(0 <= self.bipcl_calibration_momentum < 1, "method.bipcl_calibration_momentum",
+               self.bipcl_calibration_momentum, "in [0, 1)")
+        _check(self.corda_channels >= 1, "method.corda_channels", self.corda_channels, ">= 1")
+        _check(0 < self.corda_berhu_ratio <= 1, "method.corda_berhu_ratio",
+               self.corda_berhu_ratio, "in (0, 1]")
+        _check(self.corda_discrepancy_scale >= 0, "method.corda_discrepancy_scale",
+               self.corda_discrepancy_scale, ">= 0 (0: relative to the target depth)")
 
 
 @dataclass

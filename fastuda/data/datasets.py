@@ -16,6 +16,9 @@ Layouts (ROOT = ``cfg.root``):
 - synthetic_source / synthetic_target / synthetic_night: the generated pair (fastuda.data.synthetic)
   in the Cityscapes layout under ``ROOT/source``, ``ROOT/target``, ``ROOT/night``.
 
+Optional depth maps (CorDA): a ``depth`` folder beside the images, 16-bit inverse-depth PNGs
+(format and file names in fastuda/data/depth.py); a sample's ``meta["depth_path"]`` names its map.
+
 Where ``python -m fastuda.prepare`` has written ``*_labelTrainIds.png`` beside a raw label, that
 file is read instead of converting the raw ids on every load.
 """
@@ -52,15 +55,18 @@ LAYOUTS: dict[str, str] = {
     "gta": (
         "ROOT/\n"
         "  images/00001.png ...   RGB images (1914x1052)\n"
-        "  labels/00001.png ...   Cityscapes label ids (palette PNG), same file names"),
+        "  labels/00001.png ...   Cityscapes label ids (palette PNG), same file names\n"
+        "  depth/00001.png ...    (optional, CorDA) 16-bit inverse depth, same file names"),
     "cityscapes": (
         "ROOT/\n"
         "  leftImg8bit/{split}/<city>/<name>_leftImg8bit.png\n"
-        "  gtFine/{split}/<city>/<name>_gtFine_labelIds.png   (or _gtFine_labelTrainIds.png)"),
+        "  gtFine/{split}/<city>/<name>_gtFine_labelIds.png   (or _gtFine_labelTrainIds.png)\n"
+        "  depth/{split}/<city>/<name>_depth.png   (optional, CorDA) 16-bit inverse depth"),
     "synthia": (
         "ROOT/\n"
         "  RGB/0000000.png ...         RGB images\n"
-        "  GT/LABELS/0000000.png ...   16-bit PNG, SYNTHIA class id in the red channel"),
+        "  GT/LABELS/0000000.png ...   16-bit PNG, SYNTHIA class id in the red channel\n"
+        "  depth/0000000.png ...       (optional, CorDA) 16-bit inverse depth"),
     "dark_zurich": (
         "ROOT/\n"
         "  rgb_anon/{split}/night/<sequence>/<name>_rgb_anon.png\n"
@@ -233,8 +239,14 @@ def _gta(root: Path, split: str, layout: str) -> list[SampleFiles]:
     images, labels = root / "images", root / "labels"
     _require_dir(images, "images", layout)
     _require_dir(labels, "labels", layout)
-    return [_pair(p, labels / p.name, _prepared(labels / p.name), False)
+    return [_pair(p, labels / p.name, _prepared(labels / p.name), False, _depth_beside(root, p))
             for p in _sorted(images.glob("*.png"))]
+
+
+def _depth_beside(root: Path, image: Path) -> Path | None:
+    """ROOT/depth/<image name> when it exists (GTA5, SYNTHIA)."""
+    depth = root / "depth" / image.name
+    return depth if depth.is_file() else None
 
 
 def _synthia(root: Path, split: str, layout: str) -> list[SampleFiles]:
@@ -244,11 +256,11 @@ def _synthia(root: Path, split: str, layout: str) -> list[SampleFiles]:
     images, labels = root / "RGB", root / "GT" / "LABELS"
     _require_dir(images, "RGB", layout)
     _require_dir(labels, "GT/LABELS", layout)
-    return [_pair(p, labels / p.name, _prepared(labels / p.name), False)
+    return [_pair(p, labels / p.name, _prepared(labels / p.name), False, _depth_beside(root, p))
             for p in _sorted(images.glob("*.png"))]
 
 
-def _cityscapes(root: Path, split: str, layout: str, with_depth: bool = False
+def _cityscapes(root: Path, split: str, layout: str, with_depth: bool = True
                 ) -> list[SampleFiles]:
     images = root / "leftImg8bit" / split
     _require_dir(root / "leftImg8bit", "leftImg8bit", layout)

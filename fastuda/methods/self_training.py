@@ -2,9 +2,10 @@
 strong augmentation, and the hooks where a method adds its losses.
 
 One step, as data flows (methods.md):
-    teacher(target)           -> pseudo-label, quality weight                 [no grad]
     teacher(source)           -> method.update_state (statistics, banks)      [no grad]
     student(source)           -> CE + method.source_losses                    -> backward
+    teacher(target)           -> pseudo-label, quality weight, method.refine_pseudo_labels
+                                 (before the source pass for methods that ask) [no grad]
     student(aug target)       -> method.target_losses                         -> backward
     ClassMix(source, target)  -> student(aug mixed) -> weighted CE + method.mixed_losses -> backward
     optimiser step -> teacher EMA
@@ -122,6 +123,13 @@ class SelfTraining:
     def __init__(self, cfg: Config, model: nn.Module, method: Method, device: torch.device,
                  *, ddp_model: nn.Module | None = None) -> None:
         self.cfg, self.device, self.method = cfg, device, method
+        wrapped = method.wrap_model(model)  # heads that change the predictions (CorDA)
+        if wrapped is not model:
+            if ddp_model is not None:
+                raise ValueError(f"method {method.name!r} wraps the model; under DDP the wrapper "
+                                 "must be built before DDP: pass method.wrap_model(model) both "
+                                 "as the model and inside the DDP module")
+            model = wrapped.to(device)
         self.student = model  # the bare module (EMA, checkpoints)
         self.forward_student = ddp_model or model  # what computes gradients (DDP wrapper or not)
         self.teacher = copy.deepcopy(model).eval()
@@ -159,25 +167,44 @@ class SelfTraining:
                               blur_sigma=tuple(st.blur_sigma))
 
     def _backward(self, losses: dict[str, Tensor], log: dict[str, float]) -> bool:
-        """Sum, check, backward; returns False (and does not backward) on a non-finite loss."""
+        """Sum, check, backward; returns False (and does not backward) on a non-finite loss.
+        ``log["loss"]`` accumulates the total of every loss of the step."""
         if not losses:
             return True
         total = sum(losses.values())
-        for k, v in losses.items():
-            log[k] = float(v.detach())
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        log.update(values)
+        log["loss"] = log.get("loss", 0.0) + sum(values.values())
         if not math.isfinite(float(total.detach())):
             return False
         with self.timer("backward"):
             self.scaler.scale(total).backward()
         return True
 
-    def _pseudo_label(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _pseudo_label(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(label, weight, teacher outputs with "logits" upsampled to the image size)."""
         st = self.cfg.self_training
         with torch.no_grad(), self.autocast():
-            logits = self.teacher(images)["logits"]
-        logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return pseudo_label(logits, st.pseudo_threshold, st.ignore_top, st.ignore_bottom)
+            out = dict(self.teacher(images))
+        out["logits"] = F.interpolate(out["logits"].float(), size=images.shape[-2:],
+                                      mode="bilinear", align_corners=False)
+        label, weight = pseudo_label(out["logits"], st.pseudo_threshold, st.ignore_top,
+                                     st.ignore_bottom)
+        return label, weight, out
+
+    def _target_pseudo_labels(self, target: dict, it: int, log: dict[str, float]
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+        """(target image, pseudo-label, pseudo-weight) of this step, refined by the method."""
+        tgt_img = target["image"].to(self.device, non_blocking=True)
+        with self.timer("pseudo_labels"):
+            if self.cfg.self_training.class_balanced_crop:
+                tgt_img = self._class_balanced_crop(tgt_img)
+            plabel, pweight, teacher_out = self._pseudo_label(tgt_img)
+            with torch.no_grad():
+                plabel, pweight = self.method.refine_pseudo_labels(teacher_out, plabel, pweight,
+                                                                   it)
+        log["pseudo.weight"] = float(pweight.mean())
+        return tgt_img, plabel, pweight
 
     def _class_balanced_crop(self, images: Tensor) -> Tensor:
         """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
@@ -186,7 +213,7 @@ class SelfTraining:
         if images.shape[-2] < ch or images.shape[-1] < cw:
             raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
                              f"{tuple(images.shape[-2:])}")
-        label, _ = self._pseudo_label(images)
+        label, _, _ = self._pseudo_label(images)
         crops = []
         for img, lbl in zip(images, label, strict=True):
             top, left = class_balanced_crop(lbl.cpu(), (ch, cw), generator=self.generator)
@@ -210,12 +237,17 @@ class SelfTraining:
         src_img = source["image"].to(dev, non_blocking=True)
         src_lbl = source["label"].to(dev, non_blocking=True).long()
         ok = True
+        method.start_step(source, target, it)
 
         if method.wants_teacher_source(it):
             with self.timer("teacher_forward"), torch.no_grad(), self.autocast():
                 teacher_src = self.teacher(src_img)
             with self.timer("statistics"):
                 method.update_state(teacher_src, src_lbl, it)
+
+        tgt_img = plabel = pweight = None
+        if st.enabled and method.pseudo_labels_first:
+            tgt_img, plabel, pweight = self._target_pseudo_labels(target, it, log)
 
         # source: supervised CE + the method's source losses
         with self.timer("augment"):
@@ -230,12 +262,8 @@ class SelfTraining:
         del out, losses
 
         if st.enabled and ok:
-            tgt_img = target["image"].to(dev, non_blocking=True)
-            with self.timer("pseudo_labels"):
-                if st.class_balanced_crop:
-                    tgt_img = self._class_balanced_crop(tgt_img)
-                plabel, pweight = self._pseudo_label(tgt_img)
-            log["pseudo.weight"] = float(pweight.mean())
+            if plabel is None:
+                tgt_img, plabel, pweight = self._target_pseudo_labels(target, it, log)
 
             if method.wants_student_target(it):
                 with self.timer("augment"):
@@ -254,6 +282,7 @@ class SelfTraining:
                     mixed_img = self._augment(m4 * src_img + (1 - m4) * tgt_img)
                     mixed_lbl = torch.where(mask, src_lbl, plabel)
                     mixed_w = torch.where(mask, torch.ones_like(pweight), pweight)
+                    method.on_mix(mask, it)
                 with self.timer("student_forward"), self.autocast():
                     out = self.forward_student(mixed_img)
                 with self.timer("losses"):
@@ -275,7 +304,6 @@ class SelfTraining:
         if st.enabled:
             with self.timer("ema"):
                 ema_update(self.teacher, self.student, ema_alpha(it, st.ema_alpha))
-        log["loss"] = sum(v for k, v in log.items() if k.endswith((".ce", ".contrast", ".reg")))
         return StepResult(log, finite=True)
 
     # -- checkpoint state ---------------------------------------------------------------------
