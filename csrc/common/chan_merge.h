@@ -27,12 +27,4 @@ FASTUDA_HD inline void chan_merge_into(T n_a, T n_b, T& mean_a, T& m2_a, T mean_
   m2_a += m2_b + delta * delta * n_a * w_b;
 }
 
-// Full-covariance variant of the cross term: m2_a[i][j] += m2_b[i][j] + delta_i delta_j n_a n_b / n.
-// Returns the scale n_a n_b / n (0 when either side is empty) to multiply delta_i delta_j by.
-template <typename T>
-FASTUDA_HD inline T chan_cross_scale(T n_a, T n_b) {
-  if (!(n_a > T(0)) || !(n_b > T(0))) return T(0);
-  return n_a * n_b / (n_a + n_b);
-}
-
 }  // namespace fastuda
