@@ -44,7 +44,7 @@ from PIL import Image, ImageFilter
 from fastuda.data.classes import IGNORE_INDEX
 from fastuda.data.stats import class_counts, write_class_stats
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 WIDTH, HEIGHT = 256, 128
 NUM_CLASSES = 19
 DEFAULT_COUNTS: dict[str, dict[str, int]] = {
@@ -376,6 +376,7 @@ TARGET_COLOURS: dict[str, list[tuple[int, int, int]]] = {
     "top": [(60, 60, 72), (92, 52, 42), (42, 72, 52), (122, 112, 92), (150, 150, 150)],
     "bottom": [(30, 30, 36), (70, 62, 50), (40, 48, 70)],
 }
+TARGET_PALETTE_SHIFT = 0.6
 # texture amplitude and noise cell size (pixels) per part in the target rendering
 TARGET_TEXTURE: dict[str, tuple[float, int]] = {
     "sky": (0.06, 24), "road": (0.22, 1), "lane": (0.15, 1), "sidewalk": (0.10, 2),
@@ -413,7 +414,11 @@ def render_source(s: Scene, rng: np.random.Generator) -> np.ndarray:
 
 def _target_base(s: Scene, rng: np.random.Generator) -> np.ndarray:
     h, w = s.h, s.w
-    img = _colour_table(s, TARGET_COLOURS, rng, 0.08)[s.inst]
+    # the target palette is a blend of the source's and a realistic one: a shift a model trained
+    # on the source survives in part (full strength leaves a source-only model with almost nothing)
+    table = ((1 - TARGET_PALETTE_SHIFT) * _colour_table(s, SOURCE_COLOURS, rng, 0.04)
+             + TARGET_PALETTE_SHIFT * _colour_table(s, TARGET_COLOURS, rng, 0.08))
+    img = table[s.inst]
     part = np.asarray(s.parts)[s.inst]
     for name, (amp, cell) in TARGET_TEXTURE.items():
         mask = part == PART_ID[name]

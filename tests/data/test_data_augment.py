@@ -140,3 +140,14 @@ def test_class_balanced_crop_rejects_single_class_windows() -> None:
     gen = torch.Generator().manual_seed(1)
     top, left = class_balanced_crop(label, (10, 10), num_windows=40, generator=gen)
     assert left + 10 > 27
+
+
+def test_truncated_kernel_is_equivalent_to_the_full_one() -> None:
+    x = torch.rand(1, 3, 64, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = 1.15
+    full = torch.nn.functional.pad(x, (25, 25, 25, 25), mode="reflect")
+    g = torch.exp(-(torch.arange(51, dtype=torch.float64) - 25) ** 2 / (2 * sigma**2))
+    g = g / g.sum()
+    full = torch.nn.functional.conv2d(full.reshape(3, 1, 114, 146), g.view(1, 1, 51, 1))
+    full = torch.nn.functional.conv2d(full, g.view(1, 1, 1, 51)).reshape(1, 3, 64, 96)
+    assert (gaussian_blur(x, sigma, (51, 51)) - full).abs().max() < 1e-4
