@@ -1,0 +1,114 @@
+"""SPCL: thresholds, EMA prototypes of correct pixels and the contrast, by hand and by formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastuda.config import MethodConfig
+from fastuda.methods.spcl import SPCL, class_median_thresholds
+
+C, D = 3, 4
+
+
+def make(**kw) -> SPCL:
+    cfg = MethodConfig(name="spcl", **kw)
+    return SPCL(cfg, num_classes=C, embed_dim=D, backend="torch")
+
+
+def test_class_median_thresholds_by_hand() -> None:
+    conf = torch.tensor([[0.2, 0.5, 0.9, 0.95, 0.99, 0.97, 0.98, 0.1]])
+    label = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 0]])
+    valid = torch.ones_like(label, dtype=torch.bool)
+    valid[0, 7] = False  # the 0.1 pixel does not count
+    thr = class_median_thresholds(conf, label, C, cap=0.9, valid=valid)
+    # class 0: [0.2, 0.5, 0.9, 0.95] -> lower median 0.5; class 1: median 0.98 capped at 0.9;
+    # class 2: no pixel -> the cap
+    assert thr.tolist() == pytest.approx([0.5, 0.9, 0.9])
+    # agrees with torch.median per class on random data
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(2, 5, 7, generator=g)
+    label = torch.randint(0, C, (2, 5, 7), generator=g)
+    thr = class_median_thresholds(conf, label, C, cap=1.0)
+    for c in range(C):
+        assert float(thr[c]) == pytest.approx(float(conf[label == c].median()))
+
+
+def test_prototypes_are_an_ema_of_correct_pixels() -> None:
+    m = make(spcl_momentum=0.1, spcl_start_iter=10)
+    emb = F.normalize(torch.randn(1, D, 2, 2), dim=1)
+    label = torch.tensor([[[0, 0], [1, 1]]])
+    logits = torch.zeros(1, C, 2, 2)
+    logits[0, 0, 0, :] = 5  # predicts 0 on row 0 (correct)
+    logits[0, 2, 1, 0] = 5  # predicts 2 at (1, 0): wrong, left out
+    logits[0, 1, 1, 1] = 5  # predicts 1 at (1, 1): correct
+    assert m.source_losses({"embeddings": emb, "logits": logits}, label, 0) == {}  # warm-up
+    first = {0: emb[0, :, 0, :].mean(1), 1: emb[0, :, 1, 1]}
+    assert torch.allclose(m.prototypes.mean[0], first[0], atol=1e-6)
+    assert torch.allclose(m.prototypes.mean[1], first[1], atol=1e-6)
+    assert torch.equal(m.prototypes.mean[2], torch.zeros(D))
+    emb2 = F.normalize(torch.randn(1, D, 2, 2), dim=1)
+    label2 = torch.zeros(1, 2, 2, dtype=torch.long)
+    logits2 = torch.zeros(1, C, 2, 2)
+    logits2[0, 0] = 5  # all correct, class 0 only
+    m.source_losses({"embeddings": emb2, "logits": logits2}, label2, 1)
+    expected0 = 0.1 * first[0] + 0.9 * emb2[0].flatten(1).mean(1)
+    assert torch.allclose(m.prototypes.mean[0], expected0, atol=1e-6)
+    assert torch.allclose(m.prototypes.mean[1], first[1], atol=1e-6)  # absent: unchanged
+    # checkpoint round trip
+    other = make(spcl_momentum=0.1)
+    other.load_state_dict(m.state_dict())
+    assert torch.equal(other.prototypes.mean, m.prototypes.mean)
+
+
+def test_source_and_target_contrast_by_formula() -> None:
+    tau = 0.5
+    m = make(spcl_tau=tau, spcl_start_iter=0, spcl_source_weight=2.0, spcl_threshold_cap=0.9)
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(1, D, 1, 4, generator=g), dim=1)
+    label = torch.tensor([[[0, 1, 2, 1]]])
+    logits = F.one_hot(torch.tensor([[[0, 1, 2, 0]]]), C).permute(0, 3, 1, 2).float() * 4
+    loss = m.source_losses({"embeddings": emb, "logits": logits}, label, 0)["src.contrast"]
+    P = m.prototypes.mean  # pixel 3 is wrong (predicted 0): out of prototypes and loss
+
+    def nll(f: torch.Tensor, y: int) -> float:
+        logit = [float(f @ P[c]) / tau for c in range(C)]
+        return -(logit[y] - math.log(sum(math.exp(v) for v in logit)))
+
+    expected = sum(nll(emb[0, :, 0, x], y) for x, y in ((0, 0), (1, 1), (2, 2))) / 3
+    assert float(loss) == pytest.approx(2.0 * expected, rel=1e-5)
+
+    # target: a pixel below its class's median confidence is left out of the contrast
+    t_logits = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0],
+                             [0.0, 2.0, 0.0]]).t().reshape(1, C, 1, 4)
+    plabel = t_logits.argmax(1)
+    weight = torch.ones(1, 1, 4)
+    m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
+    losses = m.target_losses({"embeddings": emb}, plabel, weight, 0)
+    # class 0: confidences {high, low} -> median = low: both kept; class 1: equal: both kept
+    expected_t = sum(nll(emb[0, :, 0, x], int(plabel[0, 0, x])) for x in range(4)) / 4
+    assert float(losses["tgt.contrast"]) == pytest.approx(expected_t, rel=1e-5)
+
+
+def test_target_thresholds_median_and_cap() -> None:
+    # class 0 confidences 0.909 > 0.787 > 0.576 (softmax of 3, 2, 1 against two zeros): median
+    # 0.787 leaves the third pixel out; class 1 has one pixel (its own median); cap 0.5 keeps all
+    t_logits = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0],
+                             [0.0, 2.0, 0.0]]).t().reshape(1, C, 1, 4)
+    plabel = t_logits.argmax(1)
+    weight = torch.ones(1, 1, 4)
+    m = make(spcl_threshold_cap=0.9)
+    assert m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0) == (plabel, weight)
+    assert m._target_label[0, 0].tolist() == [0, 0, 255, 1]
+    m = make(spcl_threshold_cap=0.5)
+    m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
+    assert m._target_label[0, 0].tolist() == [0, 0, 0, 1]
+    # an ignored pixel leaves the labels and the thresholds: class 0 is then {0.787, 0.576},
+    # lower median 0.576, so the third pixel is kept
+    weight[0, 0, 0] = 0
+    m = make(spcl_threshold_cap=0.9)
+    m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
+    assert m._target_label[0, 0].tolist() == [255, 0, 0, 1]
