@@ -29,6 +29,9 @@
 
 #include <ucontext.h>
 
+// Kernel sources carry nvcc loop pragmas (#pragma unroll) that g++ does not know.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>

@@ -74,7 +74,7 @@ class_sums_kernel(FeatView<T> x, LabelView y, WeightView w, int64_t C, int64_t i
             if (report) report_bad_label(v, C, ignore_index);
           } else if (v >= c0 && v < c0 + ncls) {
             cls = int32_t(v - c0);
-            wt = A(w.load(b, p));
+            wt = w.template load<A>(b, p);
           }
         }
       }
@@ -156,7 +156,7 @@ FASTUDA_DEVICE_INLINE bool counted_pixel(const LabelView& y, const WeightView& w
                                          int64_t* cls) {
   const int64_t v = y.load(b, p);
   if (v == ignore_index || v < 0 || v >= C) return false;  // bad labels were reported in pass 1
-  if (w.ptr != nullptr && w.load(b, p) == 0.0f) return false;  // contributes nothing
+  if (w.present() && w.template load<double>(b, p) == 0.0) return false;  // contributes nothing
   *cls = v;
   return true;
 }
@@ -271,7 +271,7 @@ class_cov_kernel(FeatView<T> x, WeightView w, const int32_t* order, const int32_
       if (k < end) {
         const int64_t n = order[k], b = n / x.P, p = n % x.P;
         off = b * x.stride_b + p * x.stride_p;
-        wt = A(w.load(b, p));
+        wt = w.template load<A>(b, p);
       }
       koff[t] = off;
       kw[t] = wt;

@@ -32,13 +32,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_op(
   }
   const size_t acc_bytes = feats.scalar_type() == at::kDouble ? 8 : 4;
   const ClassStatsPlan plan = plan_class_stats(B, D, P, C, acc_bytes, full_cov, tuning);
+  const at::Tensor w = weights_for(weights, feats);
   at::Tensor workspace =
       at::empty({int64_t(plan.workspace_bytes())}, feats.options().dtype(at::kByte));
   dispatch_feats(feats, "class_stats", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     class_stats_launch<T>(feat_view<T>(feats), label_view(labels, "class_stats"),
-                          weight_view(weights), C, ignore_index, plan,
+                          weight_view(w), C, ignore_index, plan,
                           count.mutable_data_ptr<A>(), mean.mutable_data_ptr<A>(),
                           m2.mutable_data_ptr<A>(), workspace.mutable_data_ptr(), stream);
   });

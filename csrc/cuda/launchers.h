@@ -108,4 +108,77 @@ void class_stats_launch(const FeatView<T>& x, const LabelView& y, const WeightVi
                         int64_t ignore_index, const ClassStatsPlan& plan, acc_t<T>* count,
                         acc_t<T>* mean, acc_t<T>* m2, void* workspace, void* stream);
 
+// ---- proto_contrast / dist_contrast -------------------------------------------------------------
+enum class CovKind : int32_t { kNone = 0, kDiag = 1, kFull = 2 };
+
+struct ContrastWorkspace {
+  void *q, *svec, *part;
+};
+
+// Backward workspace: q [C, N] (s_i * softmax), s [N], and when the class parameters need
+// gradients the block partials [G, C, D] of their reduction over pixels.
+struct ContrastBackwardPlan {
+  int32_t tile_pixels, class_chunk;
+  int64_t class_chunks, d_tiles, groups;
+  size_t smem_reduce;
+  size_t q_bytes, svec_bytes, part_bytes;
+
+  static size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+  size_t workspace_bytes() const {
+    return align16(q_bytes) + align16(svec_bytes) + align16(part_bytes);
+  }
+  ContrastWorkspace carve(void* base) const {
+    char* p = static_cast<char*>(base);
+    ContrastWorkspace ws{};
+    ws.q = p;
+    ws.svec = p + align16(q_bytes);
+    ws.part = p + align16(q_bytes) + align16(svec_bytes);
+    return ws;
+  }
+};
+
+inline ContrastBackwardPlan plan_contrast_backward(int64_t N, int64_t D, int64_t C,
+                                                   size_t acc_bytes, bool stats_grad,
+                                                   const Tuning& tuning) {
+  constexpr int64_t TD = 32;
+  ContrastBackwardPlan plan{};
+  const int64_t TP = tuning.tile_pixels;
+  plan.tile_pixels = int32_t(TP);
+  plan.q_bytes = acc_bytes * size_t(C * N);
+  plan.svec_bytes = acc_bytes * size_t(N);
+  plan.d_tiles = (D + TD - 1) / TD;
+  // shared memory of class_reduce_kernel: x [TD][TP + 1], coefficients [CC][TP], acc [CC][TD]
+  const size_t fixed = acc_bytes * size_t(TD * (TP + 1));
+  int64_t CC = int64_t((kSharedBudget - fixed) / (acc_bytes * size_t(TP + TD)));
+  if (CC > C) CC = C;
+  if (CC < 1) CC = 1;
+  plan.class_chunk = int32_t(CC);
+  plan.class_chunks = (C + CC - 1) / CC;
+  plan.smem_reduce = fixed + acc_bytes * size_t(CC * (TP + TD));
+  int64_t groups = tuning.target_blocks / (plan.d_tiles * plan.class_chunks);
+  const int64_t cap = N / (2 * C);
+  if (groups > cap) groups = cap;
+  if (groups > (N + TP - 1) / TP) groups = (N + TP - 1) / TP;
+  plan.groups = groups < 1 ? 1 : groups;
+  plan.part_bytes = stats_grad ? acc_bytes * size_t(plan.groups * C * D) : 0;
+  return plan;
+}
+
+// mu = centroids / tau [C, D]; sig = lam / (2 tau^2) * Sigma ([C, D] diag, [C, D, D] full and
+// symmetric; unused for kNone). loss, lse: [B * P].
+template <typename T>
+void contrast_forward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
+                             const acc_t<T>* mu, const acc_t<T>* sig, CovKind cov, int64_t C,
+                             int64_t ignore_index, acc_t<T>* loss, acc_t<T>* lse, void* stream);
+
+// grad_x [B, D, P] contiguous; grad_mu [C, D] and grad_sig (shape of sig) are written when
+// grad_mu != nullptr, scaled by mu_scale (1/tau) and sig_scale (lam / (2 tau^2)).
+template <typename T>
+void contrast_backward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
+                              const acc_t<T>* mu, const acc_t<T>* sig, CovKind cov, int64_t C,
+                              int64_t ignore_index, const acc_t<T>* grad_loss,
+                              const acc_t<T>* lse, const ContrastBackwardPlan& plan, T* grad_x,
+                              acc_t<T>* grad_mu, acc_t<T>* grad_sig, double mu_scale,
+                              double sig_scale, void* workspace, void* stream);
+
 }  // namespace fastuda::FASTUDA_KNS

@@ -32,9 +32,21 @@ FeatView<T> feat_view(const at::Tensor& feats) {
                      feats.size(2), feats.stride(0), feats.stride(1), feats.stride(2)};
 }
 
-inline WeightView weight_view(const std::optional<at::Tensor>& weights) {
-  if (!weights.has_value() || !weights->defined()) return WeightView{nullptr, 0, 0};
-  return WeightView{weights->const_data_ptr<float>(), weights->stride(0), weights->stride(1)};
+// Weights must outlive the launch: pass the tensor returned by weights_for().
+inline WeightView weight_view(const at::Tensor& weights) {
+  if (!weights.defined()) return WeightView{nullptr, nullptr, 0, 0};
+  if (weights.scalar_type() == at::kDouble)
+    return WeightView{nullptr, weights.const_data_ptr<double>(), weights.stride(0),
+                      weights.stride(1)};
+  return WeightView{weights.const_data_ptr<float>(), nullptr, weights.stride(0),
+                    weights.stride(1)};
+}
+
+// The weights as read by the kernels: fp32 (fp64 kept for fp64 features), any strides.
+inline at::Tensor weights_for(const std::optional<at::Tensor>& weights, const at::Tensor& feats) {
+  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+  const auto want = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return weights->scalar_type() == want ? *weights : weights->to(want);
 }
 
 // feats [B, D, P] float, labels [B, P] integer, optional weights [B, P] fp32, same device.

@@ -55,13 +55,17 @@ struct FeatView {
   }
 };
 
-// Optional per-pixel fp32 weights [B, P] (ptr == nullptr: every weight is 1).
+// Optional per-pixel weights [B, P], fp32 or fp64 (both null: every weight is 1).
 struct WeightView {
-  const float* ptr;
+  const float* f32;
+  const double* f64;
   int64_t stride_b, stride_p;
 
-  FASTUDA_HD_INLINE float load(int64_t b, int64_t p) const {
-    return ptr ? ptr[b * stride_b + p * stride_p] : 1.0f;
+  FASTUDA_HD_INLINE bool present() const { return f32 != nullptr || f64 != nullptr; }
+  template <typename A>
+  FASTUDA_HD_INLINE A load(int64_t b, int64_t p) const {
+    const int64_t i = b * stride_b + p * stride_p;
+    return f64 ? A(f64[i]) : (f32 ? A(f32[i]) : A(1));
   }
 };
 

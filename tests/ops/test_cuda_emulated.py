@@ -220,3 +220,172 @@ def test_class_stats_deterministic_and_bad_labels() -> None:
         emu.class_stats(_bdp(feats), labels.reshape(2, -1)[:, 1:], 5, 255, None, False)
     with pytest.raises(TypeError, match="labels must be uint8"):
         emu.class_stats(_bdp(feats), labels.reshape(2, -1).float(), 5, 255, None, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# proto_contrast / dist_contrast
+# ----------------------------------------------------------------------------------------------
+def _grad_to_input_layout(grad_bdp: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """The kernels' [B, D, P] gradient in the layout of the feats passed by the user."""
+    if feats.dim() == 2:
+        return grad_bdp[0].t()
+    return grad_bdp.reshape(feats.shape)
+
+
+def _contrast_case(seed: int, *, C: int = 5, D: int = 37, B: int = 2, H: int = 9, W: int = 11,
+                   cov: str | None = None, weighted: bool = False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    feats = (torch.randn(B, D, H, W, generator=g) / D ** 0.5).to(dtype)
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.2] = 255
+    centroids = torch.randn(C, D, generator=g) / D ** 0.5
+    covariance = None
+    if cov == "diag":
+        covariance = torch.rand(C, D, generator=g) * 0.5
+    elif cov == "full":
+        a = torch.randn(C, D, D, generator=g) / D
+        covariance = a @ a.transpose(1, 2) + 0.1 * torch.randn(C, D, D, generator=g) / D
+    weights = torch.rand(B, H, W, generator=g) if weighted else None
+    return feats, labels, centroids, covariance, weights
+
+
+def _emu_forward(feats, labels, centroids, covariance, weights, tau, lam):
+    w = _bp(weights, feats)
+    if covariance is None:
+        return emu.proto_contrast_forward(_bdp(feats), _bp(labels, feats), centroids, tau, 255, w)
+    return emu.dist_contrast_forward(_bdp(feats), _bp(labels, feats), centroids, covariance, tau,
+                                     lam, 255, w)
+
+
+def _emu_backward(grad_loss, feats, labels, centroids, covariance, weights, lse, tau, lam,
+                  stats_grad=True):
+    w = _bp(weights, feats)
+    if covariance is None:
+        gf, gc = emu.proto_contrast_backward(grad_loss, _bdp(feats), _bp(labels, feats),
+                                             centroids, lse, tau, 255, w, stats_grad)
+        return gf, gc, None
+    return emu.dist_contrast_backward(grad_loss, _bdp(feats), _bp(labels, feats), centroids,
+                                      covariance, lse, tau, lam, 255, w, stats_grad)
+
+
+def _reference_per_pixel(feats, labels, centroids, covariance, weights, tau, lam):
+    out = ref.dist_contrast(feats, labels, centroids, covariance, tau=tau, lam=lam,
+                            weights=weights, reduction="none")
+    return as_bp(out, feats)
+
+
+def _check_contrast(feats, labels, centroids, covariance, weights, *, tau=0.3, lam=0.7,
+                    atol=1e-5, rtol=1e-4, seed=0):
+    loss, lse = _emu_forward(feats, labels, centroids, covariance, weights, tau, lam)
+    # reference in fp64 on the same values, with autograd for the gradients
+    f64 = feats.detach().double().requires_grad_()
+    c64 = centroids.detach().double().requires_grad_()
+    s64 = None if covariance is None else covariance.detach().double().requires_grad_()
+    want = _reference_per_pixel(f64, labels, c64, s64, weights, tau, lam)
+    torch.testing.assert_close(loss.double(), want.detach(), atol=atol, rtol=rtol)
+    grad_loss = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+    grads = torch.autograd.grad((want * grad_loss.double()).sum(),
+                                [f64, c64] + ([s64] if s64 is not None else []),
+                                allow_unused=True)
+    gf, gc, gs = _emu_backward(grad_loss, feats, labels, centroids, covariance, weights, lse,
+                               tau, lam)
+    assert gf.dtype == feats.dtype and gf.shape == _bdp(feats).shape and gf.is_contiguous()
+    torch.testing.assert_close(_grad_to_input_layout(gf, feats).double(), grads[0], atol=atol,
+                               rtol=rtol)
+    torch.testing.assert_close(gc.double(), grads[1], atol=atol, rtol=rtol)
+    if covariance is not None:
+        torch.testing.assert_close(gs.double(), grads[2], atol=atol, rtol=rtol)
+    return loss, lse
+
+
+@pytest.mark.parametrize("cov", [None, "diag", "full"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_contrast_image_layout(cov: str | None, weighted: bool) -> None:
+    # 198 pixels: two 128-pixel blocks / four 64-pixel tiles, the last ones partial
+    _check_contrast(*_contrast_case(10, cov=cov, weighted=weighted))
+
+
+@pytest.mark.parametrize("cov", [None, "diag", "full"])
+def test_contrast_layouts_and_label_dtypes(cov: str | None) -> None:
+    feats, labels, centroids, covariance, _ = _contrast_case(11, cov=cov, D=40, C=4)
+    _check_contrast(feats.permute(0, 2, 3, 1).reshape(-1, 40), labels.reshape(-1).to(torch.int32),
+                    centroids, covariance, None)
+    _check_contrast(feats.contiguous(memory_format=torch.channels_last), labels.to(torch.uint8),
+                    centroids, covariance, None)
+    _check_contrast(feats[:, :, 1:, ::2], labels[:, 1:, ::2], centroids, covariance, None)
+
+
+@pytest.mark.parametrize("cov", [None, "diag"])
+def test_contrast_many_classes(cov: str | None) -> None:
+    # 45 classes: two 32-class register chunks with an online logsumexp across them
+    _check_contrast(*_contrast_case(12, cov=cov, C=45, D=70))
+
+
+def test_contrast_full_covariance_several_channel_tiles() -> None:
+    # D = 70: three 32-channel slices in both operands of F S_c
+    _check_contrast(*_contrast_case(13, cov="full", C=3, D=70, B=1, H=5, W=17), atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cov", [None, "diag", "full"])
+def test_contrast_low_precision_feats(dtype: torch.dtype, cov: str | None) -> None:
+    feats, labels, centroids, covariance, weights = _contrast_case(14, cov=cov, dtype=dtype)
+    # the reference runs on the same (rounded) values upcast; the gradient is rounded to dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    _check_contrast(feats, labels, centroids, covariance, weights, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cov", [None, "diag", "full"])
+def test_contrast_edge_cases(cov: str | None) -> None:
+    feats, labels, centroids, covariance, _ = _contrast_case(15, cov=cov, C=4)
+    # one class present, two classes empty
+    one = torch.where(labels == 255, 255, 1)
+    _check_contrast(feats, one, centroids, covariance, None)
+    # a single class overall (C = 1): loss 0 everywhere, gradients 0
+    c1 = centroids[:1]
+    s1 = None if covariance is None else covariance[:1]
+    _check_contrast(feats, torch.where(labels == 255, 255, 0), c1, s1, None)
+    # everything ignored: zeros, never NaN
+    none = torch.full_like(labels, 255)
+    loss, lse = _check_contrast(feats, none, centroids, covariance, None)
+    assert not loss.any()
+
+
+@pytest.mark.parametrize("cov", [None, "diag", "full"])
+def test_contrast_fp64_gradcheck(cov: str | None) -> None:
+    feats, labels, centroids, covariance, weights = _contrast_case(16, cov=cov, C=3, D=6, B=1,
+                                                                   H=3, W=5, weighted=True)
+    tau, lam = 0.5, 0.8
+
+    class EmuContrast(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, f, c, s):
+            loss, lse = _emu_forward(f, labels, c, s, weights, tau, lam)
+            ctx.save_for_backward(f, c, s, lse)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            f, c, s, lse = ctx.saved_tensors
+            gf, gc, gs = _emu_backward(grad.contiguous(), f, labels, c, s, weights, lse, tau, lam)
+            return _grad_to_input_layout(gf, f), gc, gs
+
+    inputs = (feats.double().requires_grad_(), centroids.double().requires_grad_(),
+              None if covariance is None else covariance.double().requires_grad_())
+    assert torch.autograd.gradcheck(EmuContrast.apply, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_contrast_backward_without_stats_grad_and_errors() -> None:
+    feats, labels, centroids, covariance, _ = _contrast_case(17, cov="diag")
+    loss, lse = _emu_forward(feats, labels, centroids, covariance, None, 0.3, 1.0)
+    gf, gc, gs = _emu_backward(torch.ones_like(loss), feats, labels, centroids, covariance, None,
+                               lse, 0.3, 1.0, stats_grad=False)
+    assert gc.numel() == 0 and gs.numel() == 0 and gf.shape == _bdp(feats).shape
+    bad = labels.clone()
+    bad[0, 2, 3] = 9
+    with pytest.raises(ValueError, match=r"label value 9 is outside \[0, 5\)"):
+        _emu_forward(feats, bad, centroids, covariance, None, 0.3, 1.0)
+    with pytest.raises(ValueError, match="does not match the feature width"):
+        _emu_forward(feats, labels, centroids[:, 1:], None, None, 0.3, 1.0)
+    with pytest.raises(ValueError, match="covariance shape"):
+        _emu_forward(feats, labels, centroids, covariance[:, 1:], None, 0.3, 1.0)
