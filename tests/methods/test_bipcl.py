@@ -129,3 +129,43 @@ def test_losses_in_both_directions() -> None:
     assert float(t_loss) == pytest.approx(0.1 * expected_t, rel=1e-5)
     (s_loss + t_loss).backward()
     assert student_src.grad.abs().sum() > 0 and student_tgt.grad.abs().sum() > 0
+
+
+def test_loop_makes_bipcl_pseudo_labels_before_the_source_pass() -> None:
+    from fastuda.config import Config, ModelConfig
+    from fastuda.methods.self_training import SelfTraining
+    from fastuda.models import build_model
+
+    calls: list[str] = []
+
+    class Recording(BiPCL):
+        def update_state(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls.append("update_state")
+            return super().update_state(*a, **k)
+
+        def refine_pseudo_labels(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls.append("refine")
+            return super().refine_pseudo_labels(*a, **k)
+
+        def source_losses(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls.append("source")
+            losses = super().source_losses(*a, **k)
+            assert "src.contrast" in losses
+            return losses
+
+        def target_losses(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls.append("target")
+            return super().target_losses(*a, **k)
+
+    cfg = Config(model=ModelConfig(name="deeplabv2", backbone="resnet18", embed_dim=8))
+    model = build_model(cfg.model)
+    method = Recording(MethodConfig(name="bipcl", bipcl_start_iter=0), num_classes=19,
+                       embed_dim=8, backend="torch")
+    trainer = SelfTraining(cfg, model, method, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    source = {"image": torch.randn(2, 3, 32, 32, generator=g),
+              "label": torch.randint(0, 3, (2, 32, 32), generator=g)}
+    result = trainer.step(source, {"image": torch.randn(2, 3, 32, 32, generator=g)}, 0)
+    assert result.finite
+    assert calls == ["update_state", "refine", "source", "target"]
+    assert {"src.contrast", "tgt.contrast", "mix.ce"} <= set(result.losses)
