@@ -24,6 +24,7 @@ the student's source pass (``pseudo_labels_first``) because the source loss need
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -133,11 +134,16 @@ class BiPCL(Method):
 
     @torch.no_grad()
     def calibrate(self, source: tuple[Tensor, Tensor], target: tuple[Tensor, Tensor]) -> None:
-        """offset_c <- m offset_c + (1 - m) mean over pairs with c in both of (t_c - s_c)."""
+        """offset_c <- m offset_c + (1 - m) mean over pairs with c in both of (t_c - s_c);
+        under torch.distributed the mean runs over the pairs of every rank (same offset)."""
         (ps, ns), (pt, nt) = source, target
         both = (ns & nt).to(ps.dtype)  # [B, C]
         n = both.sum(0)
-        diff = ((pt - ps) * both[..., None]).sum(0) / n.clamp_min(1)[:, None]
+        total = ((pt - ps) * both[..., None]).sum(0)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            dist.all_reduce(total)
+        diff = total / n.clamp_min(1)[:, None]
         present = n > 0
         m = self.cfg.bipcl_calibration_momentum
         first = present & ~self.offset_seen
