@@ -5,14 +5,18 @@ windows), road with lane marks, sidewalks, grass, trees, poles with signs, cars 
 placed with a pinhole camera 1.5 m above a flat ground plane. The layout sampler is shared; the
 domains differ in how scenes are sampled and rendered:
 - source: flat-shaded, saturated, clean colours (synthetic-looking), many pedestrians, few cars;
-- target: textured materials (asphalt grain, paving, bricks, leaves, clouds), a different palette
-  (hazy sky, dark olive or autumn foliage, brick/concrete/glass buildings, muted cars), uneven
-  illumination, a colour cast, blur and noise; more and larger cars (longer focal length), fewer
-  pedestrians, more trees;
+- target: textured materials (asphalt grain, paving, bricks, leaves, clouds), a palette moved
+  TARGET_PALETTE_SHIFT (0.3) of the way to a realistic one (hazy sky, olive or autumn foliage,
+  brick/concrete/glass buildings, muted cars), uneven illumination, a colour cast, gamma, blur and
+  noise; more and larger cars (longer focal length), fewer pedestrians, more trees;
 - night: the target's scenes at night: dark, blue cast, street-lamp and car-light glows, lit
   windows, strong noise.
 The geometric cues (sky on top, road at the bottom converging to a vanishing point, object shapes)
 are shared, so a model trained on the source transfers partly and self-training can improve it.
+Measured with a 6-layer CNN trained from scratch on 64x64 source crops (200 iterations, images
+rendered at 128x64): source val ~68 mIoU, target val 26.7 / 21.4 / ~15 mIoU for a palette shift
+of 0.0 / 0.3 / 0.45-0.6; a nearest-class-mean colour classifier fit on source pixels scores 78% on
+the source and 20% on the target (tests/data/test_data_synthetic.py).
 
 Layout under ROOT (Cityscapes style, so the Cityscapes reader and both loaders read it):
   ROOT/<domain>/leftImg8bit/<split>/sceneNN/<domain>_<split>_NNNNNN_leftImg8bit.png   RGB
@@ -44,7 +48,7 @@ from PIL import Image, ImageFilter
 from fastuda.data.classes import IGNORE_INDEX
 from fastuda.data.stats import class_counts, write_class_stats
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 WIDTH, HEIGHT = 256, 128
 NUM_CLASSES = 19
 DEFAULT_COUNTS: dict[str, dict[str, int]] = {
@@ -376,7 +380,7 @@ TARGET_COLOURS: dict[str, list[tuple[int, int, int]]] = {
     "top": [(60, 60, 72), (92, 52, 42), (42, 72, 52), (122, 112, 92), (150, 150, 150)],
     "bottom": [(30, 30, 36), (70, 62, 50), (40, 48, 70)],
 }
-TARGET_PALETTE_SHIFT = 0.6
+TARGET_PALETTE_SHIFT = 0.3
 # texture amplitude and noise cell size (pixels) per part in the target rendering
 TARGET_TEXTURE: dict[str, tuple[float, int]] = {
     "sky": (0.06, 24), "road": (0.22, 1), "lane": (0.15, 1), "sidewalk": (0.10, 2),
