@@ -59,7 +59,17 @@ __device__ __noinline__ inline void report_bad_label(int64_t value, int64_t num_
   __assert_fail("label value outside [0, num_classes) and not ignore_index", __FILE__, __LINE__,
                 __func__);
 }
+// bank_len[c] outside [0, M]: reported like a bad label.
+__device__ __noinline__ inline void report_bad_bank_len(int64_t c, int64_t len, int64_t M) {
+  printf("fastuda: bank_len[%lld] = %lld is outside [0, %lld] (M = bank.shape[1])\n",
+         static_cast<long long>(c), static_cast<long long>(len), static_cast<long long>(M));
+  __assert_fail("bank_len outside [0, M]", __FILE__, __LINE__, __func__);
+}
 #elif defined(FASTUDA_SIMT_HOST)
+inline void report_bad_bank_len(int64_t c, int64_t len, int64_t M) {
+  simt::report_kernel_error("bank_len[" + std::to_string(c) + "] = " + std::to_string(len) +
+                            " is outside [0, " + std::to_string(M) + "] (M = bank.shape[1])");
+}
 inline void report_bad_label(int64_t value, int64_t num_classes, int64_t ignore_index) {
   simt::report_kernel_error("label value " + std::to_string(value) + " is outside [0, " +
                             std::to_string(num_classes) + ") and is not ignore_index (" +

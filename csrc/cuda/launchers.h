@@ -181,4 +181,20 @@ void contrast_backward_launch(const FeatView<T>& x, const LabelView& y, const We
                               acc_t<T>* grad_mu, acc_t<T>* grad_sig, double mu_scale,
                               double sig_scale, void* workspace, void* stream);
 
+// ---- bank_contrast -------------------------------------------------------------------------------
+// bank = bank / tau [C, M, D] (acc_t), lens = bank_len as int64 [C]; bbar: [C, D] scratch.
+template <typename T>
+void bank_contrast_forward_launch(const FeatView<T>& x, const LabelView& y,
+                                  const acc_t<T>* bank, const int64_t* lens, int64_t C,
+                                  int64_t M, int64_t ignore_index, acc_t<T>* bbar,
+                                  acc_t<T>* loss, acc_t<T>* neg_lse, void* stream);
+
+// workspace: (C * D + (M + C) * B * P) acc_t elements.
+template <typename T>
+void bank_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
+                                   const acc_t<T>* bank, const int64_t* lens, int64_t C,
+                                   int64_t M, int64_t ignore_index, const acc_t<T>* grad_loss,
+                                   const acc_t<T>* neg_lse, T* grad_x, void* workspace,
+                                   void* stream);
+
 }  // namespace fastuda::FASTUDA_KNS

@@ -20,7 +20,8 @@ inline void check_cpu(const char* op, const at::Tensor& t, const char* name) {
               t.device());
 }
 
-// Errors a kernel reported during the emulated launch (a label outside [0, C)) become ValueError,
+// Errors a kernel reported during the emulated launch (a label outside [0, C), a bank_len outside
+// [0, M]) become ValueError,
 // as in the CPU kernels; the message names the op.
 template <typename Fn>
 auto run_reporting(const char* op, Fn&& fn) {
@@ -30,7 +31,8 @@ auto run_reporting(const char* op, Fn&& fn) {
     throw;
   } catch (const std::runtime_error& err) {
     const std::string what = err.what();
-    if (what.rfind("label value", 0) == 0) TORCH_CHECK_VALUE(false, "fastuda::", op, ": ", what);
+    if (what.rfind("label value", 0) == 0 || what.rfind("bank_len", 0) == 0)
+      TORCH_CHECK_VALUE(false, "fastuda::", op, ": ", what);
     throw;
   }
 }

@@ -353,8 +353,8 @@ def test_contrast_edge_cases(cov: str | None) -> None:
 
 @pytest.mark.parametrize("cov", [None, "diag", "full"])
 def test_contrast_fp64_gradcheck(cov: str | None) -> None:
-    feats, labels, centroids, covariance, weights = _contrast_case(16, cov=cov, C=3, D=6, B=1,
-                                                                   H=3, W=5, weighted=True)
+    feats, labels, centroids, covariance, weights = _contrast_case(16, cov=cov, C=3, D=5, B=1,
+                                                                   H=2, W=5, weighted=True)
     tau, lam = 0.5, 0.8
 
     class EmuContrast(torch.autograd.Function):
@@ -372,7 +372,9 @@ def test_contrast_fp64_gradcheck(cov: str | None) -> None:
 
     inputs = (feats.double().requires_grad_(), centroids.double().requires_grad_(),
               None if covariance is None else covariance.double().requires_grad_())
-    assert torch.autograd.gradcheck(EmuContrast.apply, inputs, eps=1e-6, atol=1e-7)
+    # fast mode (random directional derivatives) keeps the number of emulated launches small
+    assert torch.autograd.gradcheck(EmuContrast.apply, inputs, eps=1e-6, atol=1e-7,
+                                    fast_mode=True)
 
 
 def test_contrast_backward_without_stats_grad_and_errors() -> None:
@@ -389,3 +391,79 @@ def test_contrast_backward_without_stats_grad_and_errors() -> None:
         _emu_forward(feats, labels, centroids[:, 1:], None, None, 0.3, 1.0)
     with pytest.raises(ValueError, match="covariance shape"):
         _emu_forward(feats, labels, centroids, covariance[:, 1:], None, 0.3, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# bank_contrast
+# ----------------------------------------------------------------------------------------------
+def _bank_case(seed: int, *, C: int = 5, M: int = 4, D: int = 37, B: int = 2, H: int = 9,
+               W: int = 11, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    feats = (torch.randn(B, D, H, W, generator=g) / D ** 0.5).to(dtype)
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.2] = 255
+    bank = torch.randn(C, M, D, generator=g) / D ** 0.5
+    bank_len = torch.randint(0, M + 1, (C,), generator=g)
+    bank_len[0], bank_len[1] = M, 0  # a full class and a class without entries
+    return feats, labels, bank, bank_len
+
+
+def _check_bank(feats, labels, bank, bank_len, *, tau=0.2, atol=1e-5, rtol=1e-4, seed=0):
+    bdp, y = _bdp(feats), _bp(labels, feats)
+    loss, neg_lse = emu.bank_contrast_forward(bdp, y, bank, bank_len, tau, 255)
+    f64 = feats.detach().double().requires_grad_()
+    want = as_bp(ref.bank_contrast(f64, labels, bank.double(), bank_len, tau=tau,
+                                   reduction="none"), feats)
+    torch.testing.assert_close(loss.double(), want.detach(), atol=atol, rtol=rtol)
+    grad_loss = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+    (want_grad,) = torch.autograd.grad((want * grad_loss.double()).sum(), [f64])
+    gf = emu.bank_contrast_backward(grad_loss, bdp, y, bank, bank_len, neg_lse, tau, 255)
+    assert gf.dtype == feats.dtype and gf.shape == bdp.shape
+    torch.testing.assert_close(_grad_to_input_layout(gf, feats).double(), want_grad, atol=atol,
+                               rtol=rtol)
+    return loss
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_bank_contrast_image_layout(label_dtype: torch.dtype) -> None:
+    feats, labels, bank, bank_len = _bank_case(20)
+    _check_bank(feats, labels.to(label_dtype), bank, bank_len)
+
+
+def test_bank_contrast_layouts_and_sizes() -> None:
+    feats, labels, bank, bank_len = _bank_case(21, C=4, M=3, D=40)
+    _check_bank(feats.permute(0, 2, 3, 1).reshape(-1, 40), labels.reshape(-1), bank, bank_len)
+    _check_bank(feats.contiguous(memory_format=torch.channels_last), labels, bank, bank_len)
+    # 40 bank entries (two 32-entry chunks) and 35 classes (two 32-class chunks)
+    _check_bank(*_bank_case(22, C=35, M=40, D=20, H=5, W=7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bank_contrast_low_precision_feats(dtype: torch.dtype) -> None:
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    _check_bank(*_bank_case(23, dtype=dtype), atol=tol, rtol=tol)
+
+
+def test_bank_contrast_edge_cases() -> None:
+    feats, labels, bank, bank_len = _bank_case(24, C=3)
+    # only one class has entries: no negatives anywhere, loss 0 and no NaN
+    lens = torch.tensor([2, 0, 0])
+    loss = _check_bank(feats, labels, bank, lens)
+    assert not loss.any()
+    # every pixel of a class without entries is skipped; all-ignore gives zeros
+    _check_bank(feats, torch.where(labels == 255, 255, 1), bank, bank_len)
+    assert not _check_bank(feats, torch.full_like(labels, 255), bank, bank_len).any()
+
+
+def test_bank_contrast_fp64_and_errors() -> None:
+    feats, labels, bank, bank_len = _bank_case(25, D=6, H=3, W=5)
+    _check_bank(feats.double(), labels, bank.double(), bank_len, atol=1e-10, rtol=1e-9)
+    bdp, y = _bdp(feats), _bp(labels, feats)
+    bad = y.clone()
+    bad[0, 3] = 11
+    with pytest.raises(ValueError, match=r"label value 11 is outside \[0, 5\)"):
+        emu.bank_contrast_forward(bdp, bad, bank, bank_len, 0.2, 255)
+    with pytest.raises(ValueError, match=r"bank_len\[2\] = 9 is outside \[0, 4\]"):
+        emu.bank_contrast_forward(bdp, y, bank, torch.tensor([1, 1, 9, 0, 0]), 0.2, 255)
+    with pytest.raises(ValueError, match="bank shape"):
+        emu.bank_contrast_forward(bdp, y, bank[:, :, 1:], bank_len, 0.2, 255)
