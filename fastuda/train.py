@@ -19,15 +19,27 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config, to_toml
 from .engine import checkpoint as ckpt
-from .engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from .engine.distributed import (
+    DistInfo,
+    average_buffers,
+    barrier,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    wrap_student,
+)
 from .engine.logger import RunLogger
 from .engine.metrics import format_table
+
+if TYPE_CHECKING:
+    from .methods.self_training import StepResult
 
 
 def pick_device(name: str) -> torch.device:
@@ -67,21 +79,19 @@ class Run:
         from .data.loaders import TARGET_STREAM, build_train_iterator
         from .methods import build_method
         from .methods.self_training import SelfTraining
-        from .models import build_model, convert_sync_batchnorm
+        from .models import build_model
 
         self.cfg, self.work_dir, self.info, self.device = cfg, work_dir, info, device
         model = build_model(cfg.model)
-        if info.enabled and device.type == "cuda":
-            model = convert_sync_batchnorm(model)
-        model = model.to(device)
         method = build_method(cfg, embed_dim=getattr(model, "embed_dim", 0) or 0,
                               device=device).to(device)
-        ddp = None
-        if info.enabled:
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.local_rank] if device.type == "cuda" else None,
-                find_unused_parameters=True)
+        # a method's wrapper (CorDA's heads) is part of what DDP synchronises
+        model, ddp = wrap_student(method.wrap_model(model), info, device)
         self.trainer = SelfTraining(cfg, model, method, device, ddp_model=ddp)
+        # without SyncBatchNorm (CPU) each rank's BatchNorm running statistics follow its own
+        # batches: they are averaged after every step, so that student (evaluated by every rank,
+        # checkpointed by rank 0) and teacher (pseudo-labels, statistics) match on every rank
+        self.sync_buffers = info.enabled and device.type != "cuda"
         self.source, self.target = build_train_iterators(
             cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
         if cfg.self_training.class_balanced_crop and cfg.self_training.enabled:
@@ -99,6 +109,19 @@ class Run:
         self.iteration = 0
         self.bad_steps = 0
 
+    # -- one iteration ------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        """Fetch the next batches (timed as the ``data`` stage) and run one training step."""
+        timer = self.trainer.timer
+        with timer("data"):
+            source, target = next(self.source), next(self.target)
+        result = self.trainer.step(source, target, self.iteration)
+        if self.sync_buffers:
+            average_buffers(self.trainer.student)
+            average_buffers(self.trainer.teacher)
+        self.iteration += 1
+        return result
+
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "bad_steps": self.bad_steps,
@@ -107,20 +130,31 @@ class Run:
                 "rng": ckpt.rng_state(), "config": to_toml(self.cfg),
                 "world_size": self.info.world_size}
 
+    def rank_state(self) -> dict:
+        """What differs between ranks besides the data position: the RNG streams (ClassMix and
+        the class-balanced crop draw from the trainer's generator as each rank's labels dictate)."""
+        return {"rng": ckpt.rng_state(), "generator": self.trainer.generator.get_state()}
+
     def load_state_dict(self, state: dict, log: RunLogger) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.source.load_state_dict(state["data"]["source"])
         self.target.load_state_dict(state["data"]["target"])
         ckpt.set_rng_state(state["rng"])
         self.iteration, self.bad_steps = state["iteration"], state["bad_steps"]
+        ranks = state.get("ranks", [])
+        if len(ranks) == self.info.world_size:  # each rank continues its own random streams
+            ckpt.set_rng_state(ranks[self.info.rank]["rng"])
+            self.trainer.generator.set_state(ranks[self.info.rank]["generator"].cpu())
         if state.get("world_size", 1) != self.info.world_size:
             log.info(f"warning: checkpoint was written with world size {state['world_size']}, "
                      f"resuming with {self.info.world_size}: the data order differs from an "
                      "uninterrupted run")
 
     def save(self, name: str = "latest.pt") -> None:
+        ranks = gather_objects(self.rank_state())  # collective: every rank takes part
         if self.info.is_main:
             state = self.state_dict()
+            state["ranks"] = ranks
             ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / "latest.pt")
             if name != "latest.pt":
                 ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / name)
@@ -133,7 +167,16 @@ class Run:
         t0 = time.perf_counter()
         vis = self.work_dir / "vis" / f"iter_{self.iteration:06d}.png" if self.info.is_main \
             else None
-        record = evaluate(self.trainer.student, self.val_loader, self.cfg, self.device,
+        cfg = self.cfg
+        if cfg.eval.max_images and self.info.enabled:
+            # "the first N images of the split": this rank's share of them (the val loader gives
+            # rank r the images r, r + world, ...)
+            share = len(range(self.info.rank, cfg.eval.max_images, self.info.world_size))
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_images=share))
+        # max_images = 0 means "all": a rank with none of the first N images evaluates nothing
+        # (it still joins the all-reduce of the confusion matrix)
+        loader = self.val_loader if cfg.eval.max_images or not self.cfg.eval.max_images else []
+        record = evaluate(self.trainer.student, loader, cfg, self.device,
                           teacher=self.trainer.teacher if self.cfg.self_training.enabled else None,
                           vis_path=vis, autocast=self.trainer.autocast())
         record["eval_seconds"] = round(time.perf_counter() - t0, 2)
@@ -166,7 +209,8 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
         if path is None:
             log.info(f"--resume auto: no checkpoint in {work_dir}, starting from scratch")
         else:
-            run.load_state_dict(ckpt.load_checkpoint(path, map_location=device), log)
+            # on the CPU: RNG states must stay CPU tensors; the loaders move the rest
+            run.load_state_dict(ckpt.load_checkpoint(path, map_location="cpu"), log)
             log.info(f"resumed from {path} at iteration {run.iteration}")
             log.step(run.iteration)
     log.info(f"training {cfg.model.name}/{cfg.model.backbone}, method {cfg.method.name}, "
@@ -180,9 +224,7 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
     try:
         while run.iteration < t.max_iters:
             it = run.iteration
-            source, target = next(run.source), next(run.target)
-            result = run.trainer.step(source, target, it)
-            run.iteration = it + 1
+            result = run.step()
             if not result.finite:
                 run.bad_steps += 1
                 log.info(f"warning: non-finite loss at iteration {it} "

@@ -1,4 +1,12 @@
-"""torchrun integration: process group set-up from the environment torchrun provides."""
+"""torchrun integration: process group set-up from the environment torchrun provides, the DDP
+wrapper of the student, and the few collectives the loop needs outside DDP itself.
+
+    torchrun --standalone --nproc_per_node=N -m fastuda.train CONFIG        (one machine)
+    torchrun --nnodes=M --node_rank=R --rdzv_endpoint=HOST:PORT --nproc_per_node=N -m fastuda.train
+
+NCCL on GPU, gloo on CPU. Rank 0 logs, evaluates into the record and writes checkpoints; every rank
+runs the step and the evaluation (whose confusion matrices are summed over ranks).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -24,13 +33,21 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except KeyError as err:
+        raise RuntimeError(f"WORLD_SIZE={world} is set but {err.args[0]} is not: launch "
+                           "multi-process runs with torchrun") from None
+    if not is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
@@ -38,11 +55,64 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def wrap_student(model: nn.Module, info: DistInfo, device: torch.device
+                 ) -> tuple[nn.Module, nn.Module | None]:
+    """(model on ``device``, its DDP wrapper or None when not distributed).
+
+    On CUDA the BatchNorm layers become SyncBatchNorm (statistics over the global batch); gloo has
+    no SyncBatchNorm, so on CPU each rank normalises with its own batch. ``find_unused_parameters``
+    because a step may leave heads unused (the projection head before a method's start_iter, and
+    in the passes whose losses do not read the embeddings)."""
+    if info.enabled and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if not info.enabled:
+        return model, None
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.local_rank] if device.type == "cuda" else None,
+        find_unused_parameters=True)
+    return model, ddp
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over all ranks, in place.
+
+    Without SyncBatchNorm each rank's running statistics follow its own batches; the EMA teacher
+    copies them, and it must stay identical on every rank (it makes the pseudo-labels and the class
+    statistics every rank shares). One flattened all-reduce per dtype."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        if b.dtype.is_floating_point:
+            by_dtype.setdefault(b.dtype, []).append(b)
+    world = dist.get_world_size()
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for b in bufs:
+            n = b.numel()
+            b.copy_(flat[offset:offset + n].view_as(b))
+            offset += n
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
+    if not is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()
