@@ -23,6 +23,8 @@ $(PY):
 $(DEPS): pyproject.toml | $(PY)
 	$(PIP) install torch==2.14.1 setuptools wheel ninja
 	$(PIP) install numpy pillow tqdm tensorboard pytest ruff cityscapesscripts
+	# DALI (the `dali` extra): data.loader = "auto" uses it, and the tests compare it with torch's
+	$(PIP) install nvidia-dali-cuda130
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
