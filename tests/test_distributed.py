@@ -31,6 +31,8 @@ from fastuda.ops import reference
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.toml"
+pytestmark = pytest.mark.slow  # process start-up dominates: ~2-4 min on 2 shared cores
+
 ITERS = 3
 CROP = 64
 SYNTHETIC_COUNTS = {"source": {"train": 16}, "target": {"train": 16, "val": 8}}
