@@ -3,10 +3,11 @@
 //
 // One pixel's loss, with a_c = f.mu_c / tau and b_c = lam / (2 tau^2) f^T Sigma_c f (b = 0 for
 // ProtoCL):   l = lse_c(a_c + b_c) - a_y,  weighted by w.
-// Work is cut into tiles of kTile consecutive pixels of one image, all D channels. A tile's
-// features are copied (converted to the accumulation type) into a [D][kTile] buffer, so the
-// products below are small dense GEMMs on cache-resident data whatever the input's strides and
-// dtype:   logits [C][T] = (mu / tau) [C][D] @ X [D][T]            (+ Sigma terms)
+// Work is cut into tiles of kTile consecutive pixels of one image, all D channels, seen as a
+// [D][kTile] matrix: read in place for fp32 channels-first input, else copied (converted to the
+// accumulation type) into a buffer. The products below are then small dense GEMMs on
+// cache-resident data whatever the input's strides and dtype:
+//          logits [C][T] = (mu / tau) [C][D] @ X [D][T]            (+ Sigma terms)
 //          grad_X [D][T] = (mu / tau)^T [D][C] @ G [C][T]          (+ Sigma terms)
 //          grad_mu [C][D] += G [C][T] @ X^T [T][D]                 (per-chunk partials)
 // Nothing of size N x C is kept beyond one tile; the backward recomputes the logits from the
@@ -20,7 +21,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "common/online_softmax.h"
 
@@ -53,31 +59,51 @@ struct SimdOf<double> {
   typedef double type __attribute__((vector_size(kVecBytes)));
 };
 
-template <typename T, int RB, int NB>
+template <typename T>
+inline typename SimdOf<T>::type load_vec(const T* p) {
+  typename SimdOf<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_vec(T* p, const typename SimdOf<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The unroll pragmas matter: fully unrolled, the accumulators become registers; left as loops,
+// GCC keeps them on the stack and reloads them at every step of k.
+// With kPrefetch, row k of `ahead` (same row stride as Bm) is requested while row k of Bm is
+// used: the features of a later tile stream in spread over the work instead of in one burst.
+template <typename T, int RB, int NB, bool kPrefetch = false>
 inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
-                       T* Out, int64_t ldo, bool accumulate) {
+                       T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
   using V = typename SimdOf<T>::type;
   constexpr int kLanes = kVecBytes / sizeof(T);
   static_assert(NB % kLanes == 0, "the block width must be a whole number of vectors");
   constexpr int NV = NB / kLanes;
   V acc[RB][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) {
-      if (accumulate)
-        std::memcpy(&acc[r][j], Out + r * ldo + j * kLanes, sizeof(V));
-      else
-        acc[r][j] = V{};
-    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (kPrefetch)
+      for (int j = 0; j < NB; j += 64 / sizeof(T)) __builtin_prefetch(ahead + k * ldb + j);
     V b[NV];
-    std::memcpy(b, Bm + k * ldb, sizeof(b));
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) {
       const T a = A[r * a_rs + k * a_ks];
+#pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < NV; ++j) std::memcpy(Out + r * ldo + j * kLanes, &acc[r][j], sizeof(V));
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store_vec(Out + r * ldo + j * kLanes, acc[r][j]);
 }
 
 // Columns that do not fill an NB block (N % NB of them)
@@ -106,14 +132,19 @@ inline void gemm_rows_tail(int64_t rows, int64_t K, const T* A, int64_t a_rs, in
   }
 }
 
+// `ahead`: optional, as Bm but for a later tile; fetched into cache during the first row block.
 template <typename T>
 void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
-          int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+          int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
   constexpr int RB = 8;
   constexpr int NB = 32;
   const int64_t n_full = N - N % NB;
   for (int64_t n0 = 0; n0 < n_full; n0 += NB) {
     int64_t r = 0;
+    if (ahead != nullptr && n_full == NB && R >= RB) {
+      gemm_block<T, RB, NB, true>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate, ahead);
+      r = RB;
+    }
     for (; r + RB <= R; r += RB)
       gemm_block<T, RB, NB>(K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb, Out + r * ldo + n0, ldo,
                             accumulate);
@@ -147,6 +178,10 @@ struct Problem {
   const acc_t* sigma_scaled = nullptr;  // [C, D] or [C, D, D]: lam / (2 tau^2) * (sym.) Sigma
   int64_t tiles_per_row = 0;  // tiles per image
   int64_t num_tiles() const { return B * tiles_per_row; }
+  // fp32 channels-first features are read in place (no copy into the tile buffer)
+  bool read_in_place() const {
+    return f_sp == 1 && feats_dtype == c10::CppTypeToScalarType<acc_t>::value;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -154,8 +189,8 @@ void load_tile_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n,
   const scalar_t* base = static_cast<const scalar_t*>(pb.feats) + b * pb.f_sb + p0 * pb.f_sp;
   const int64_t D = pb.D;
   if (pb.f_sp == 1) {  // channels-first: each channel's pixels are contiguous
-    // Each channel row of a tile sits in its own page: too many streams for the hardware
-    // prefetcher, so fetch the rows of the tile after next while this one is copied.
+    // each channel row of the tile sits in its own page: too many streams for the hardware
+    // prefetcher, so the same row of the tile after next is requested with each row copied
     constexpr int64_t kLine = 64 / sizeof(scalar_t);
     const bool prefetch = p0 + 3 * kTile <= pb.P;
     for (int64_t d = 0; d < D; ++d) {
@@ -233,6 +268,7 @@ struct FirstBadLabel {
     while (i < cur && !index.compare_exchange_weak(cur, i, std::memory_order_relaxed)) {
     }
   }
+  bool found() const { return index.load() != std::numeric_limits<int64_t>::max(); }
 };
 
 void raise_bad_label(const char* op, const at::Tensor& labels, int64_t flat, int64_t C,
@@ -244,14 +280,17 @@ void raise_bad_label(const char* op, const at::Tensor& labels, int64_t flat, int
                     ") and is not ignore_index (", ignore_index, ")");
 }
 
-// Per-thread scratch: tile buffers of one chunk of tiles.
+// Per-thread scratch: tile buffers, and where the current tile's features are read from.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> X, X2, XT, a, b, g_a, g_b, U, gx, tmp;
+  std::vector<acc_t> xbuf, X2, XT, a, b, g_a, g_b, U, gx, tmp;
   std::vector<int32_t> y;
+  const acc_t* X = nullptr;  // the tile, [D][kTile] with row stride ldx
+  int64_t ldx = kTile;
+  const acc_t* ahead = nullptr;  // in place: the tile after next, to prefetch (or null)
   Scratch(const Problem<acc_t>& pb, bool backward, bool stats_grad) {
     const int64_t D = pb.D, C = pb.C;
-    X.resize(D * kTile);
+    xbuf.resize(D * kTile);
     a.resize(C * kTile);
     b.resize(C * kTile);
     y.resize(kTile);
@@ -265,36 +304,65 @@ struct Scratch {
       if (stats_grad) XT.resize(kTile * D);
     }
   }
+
+  // Points X at pixels p0 .. p0 + n of image b (zero padded beyond n).
+  void fetch(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n) {
+    if (n == kTile && pb.read_in_place()) {
+      const acc_t* base = static_cast<const acc_t*>(pb.feats) + b * pb.f_sb + p0;
+      X = base;
+      ldx = pb.f_sd;
+      ahead = p0 + 3 * kTile <= pb.P ? base + 2 * kTile : nullptr;
+    } else {
+      load_tile(pb, b, p0, n, xbuf.data());
+      X = xbuf.data();
+      ldx = kTile;
+      ahead = nullptr;
+    }
+  }
 };
 
 // a [C][T] = mu/tau @ X and b [C][T] = the Sigma term (left untouched for ProtoCL). For the full
 // covariance, U_c = Sigma'_c @ X [D][T] is kept per class when keep_u (the backward needs it).
 template <typename acc_t>
 void tile_logits(const Problem<acc_t>& pb, Scratch<acc_t>& s, bool keep_u) {
-  const int64_t D = pb.D, C = pb.C;
-  const acc_t* X = s.X.data();
-  gemm<acc_t>(C, D, kTile, pb.mu_scaled, D, 1, X, kTile, s.a.data(), kTile, false);
+  const int64_t D = pb.D, C = pb.C, ldx = s.ldx;
+  const acc_t* X = s.X;
+  gemm<acc_t>(C, D, kTile, pb.mu_scaled, D, 1, X, ldx, s.a.data(), kTile, false, s.ahead);
   if (pb.cov == Cov::Diag) {
     acc_t* X2 = s.X2.data();
-    for (int64_t i = 0; i < D * kTile; ++i) X2[i] = X[i] * X[i];
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
     gemm<acc_t>(C, D, kTile, pb.sigma_scaled, D, 1, X2, kTile, s.b.data(), kTile, false);
   } else if (pb.cov == Cov::Full) {
     for (int64_t c = 0; c < C; ++c) {
       acc_t* U = s.U.data() + (keep_u ? c * D * kTile : 0);
-      gemm<acc_t>(D, D, kTile, pb.sigma_scaled + c * D * D, D, 1, X, kTile, U, kTile, false);
+      gemm<acc_t>(D, D, kTile, pb.sigma_scaled + c * D * D, D, 1, X, ldx, U, kTile, false);
       acc_t q[kTile] = {};
       for (int64_t d = 0; d < D; ++d)
-        for (int64_t t = 0; t < kTile; ++t) q[t] += X[d * kTile + t] * U[d * kTile + t];
+        for (int64_t t = 0; t < kTile; ++t) q[t] += X[d * ldx + t] * U[d * kTile + t];
       for (int64_t t = 0; t < kTile; ++t) s.b[c * kTile + t] = q[t];
     }
   }
 }
 
-// Work split: chunk i of n_chunks covers a fixed, contiguous range of tiles, so per-chunk partial
-// sums (merged in chunk order) give the same result for the same thread count.
+// Work split. Tiles are grouped into n_chunks fixed, contiguous chunks; threads take chunks in
+// turn (dynamic balance: the machine is shared), and whatever a chunk sums into its own partial
+// slot is merged in chunk order, so results do not depend on the thread count or timing.
+template <typename F>
+void for_each_chunk(int64_t n_chunks, F&& worker) {
+  if (n_chunks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const auto claim = [&]() { return next.fetch_add(1); };
+  const int64_t n_workers = std::min<int64_t>(n_chunks, at::get_num_threads());
+  // one call per worker thread (or a single inline call inside an outer parallel region)
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) { worker(claim); });
+}
+
 inline std::pair<int64_t, int64_t> chunk_range(int64_t chunk, int64_t n_chunks, int64_t n_tiles) {
   return {chunk * n_tiles / n_chunks, (chunk + 1) * n_tiles / n_chunks};
 }
+
+constexpr int64_t kTilesPerChunk = 8;
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -302,46 +370,45 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t chunk, int64_t n_chunks, 
 template <typename acc_t>
 void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLabel& first_bad) {
   const int64_t n_tiles = pb.num_tiles();
-  if (n_tiles == 0) return;
   const int64_t C = pb.C;
-  const int64_t n_chunks = std::min<int64_t>(n_tiles, at::get_num_threads());
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  const int64_t n_chunks = (n_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+  for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, false, false);
-    for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
-      for (int64_t tile = t_begin; tile < t_end; ++tile) {
-        const int64_t b = tile / pb.tiles_per_row;
-        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
-        const int64_t n = std::min(kTile, pb.P - p0);
-        int32_t* y = s.y.data();
-        const int64_t bad = load_labels(pb, b, p0, n, y);
-        if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
-        load_tile(pb, b, p0, n, s.X.data());
-        tile_logits(pb, s, false);
-        acc_t* a = s.a.data();
-        acc_t* bq = s.b.data();
-        if (pb.cov != Cov::None)  // b <- a + b: the full logits
-          for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
-        const acc_t* full = pb.cov == Cov::None ? a : bq;
-        acc_t m[kTile], z[kTile];
-        for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
-        for (int64_t c = 1; c < C; ++c)
-          for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
-        for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
-        const int64_t o = b * pb.P + p0;
-        for (int64_t t = 0; t < n; ++t) {
-          const acc_t l = m[t] + std::log(z[t]);
-          lse[o + t] = l;
-          acc_t v = acc_t(0);
-          if (y[t] >= 0) {
-            v = l - a[y[t] * kTile + t];
-            if (pb.weights != nullptr) v *= pb.weights[o + t];
-          }
-          loss[o + t] = v;
+    for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
+    const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t b = tile / pb.tiles_per_row;
+      const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, pb.P - p0);
+      int32_t* y = s.y.data();
+      const int64_t bad = load_labels(pb, b, p0, n, y);
+      if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
+      s.fetch(pb, b, p0, n);
+      tile_logits(pb, s, false);
+      acc_t* a = s.a.data();
+      acc_t* bq = s.b.data();
+      if (pb.cov != Cov::None)  // b <- a + b: the full logits
+        for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
+      const acc_t* full = pb.cov == Cov::None ? a : bq;
+      acc_t m[kTile], z[kTile];
+      for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
+      for (int64_t c = 1; c < C; ++c)
+        for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
+      for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
+      const int64_t o = b * pb.P + p0;
+      for (int64_t t = 0; t < n; ++t) {
+        const acc_t l = m[t] + std::log(z[t]);
+        lse[o + t] = l;
+        acc_t v = acc_t(0);
+        if (y[t] >= 0) {
+          v = l - a[y[t] * kTile + t];
+          if (pb.weights != nullptr) v *= pb.weights[o + t];
         }
+        loss[o + t] = v;
       }
+    }
     }
   });
 }
@@ -384,104 +451,145 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
                    bool stats_grad, int64_t n_chunks, BackwardOut<acc_t>& out,
                    FirstBadLabel& first_bad) {
   const int64_t n_tiles = pb.num_tiles();
-  const int64_t C = pb.C, D = pb.D;
+  const int64_t C = pb.C, D = pb.D, P = pb.P;
   const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : C * D;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  // gradient rows of a full tile go straight to the output when it has the accumulation type
+  acc_t* direct_out = out.grad_feats.scalar_type() == c10::CppTypeToScalarType<acc_t>::value
+                          ? out.grad_feats.template data_ptr<acc_t>()
+                          : nullptr;
+  for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, true, stats_grad);
-    for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
-      acc_t* gmu = stats_grad ? out.grad_mu + chunk * C * D : nullptr;
-      acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
-                                                        : nullptr;
-      for (int64_t tile = t_begin; tile < t_end; ++tile) {
-        const int64_t b = tile / pb.tiles_per_row;
-        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
-        const int64_t n = std::min(kTile, pb.P - p0);
-        const int64_t o = b * pb.P + p0;
-        int32_t* y = s.y.data();
-        const int64_t bad = load_labels(pb, b, p0, n, y);
-        if (bad >= 0) first_bad.offer(o + bad);
-        // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
-        acc_t scale[kTile];
-        bool any = false;
-        for (int64_t t = 0; t < kTile; ++t) {
-          acc_t v = acc_t(0);
-          if (t < n && y[t] >= 0) {
-            v = grad_loss[o + t];
-            if (pb.weights != nullptr) v *= pb.weights[o + t];
-          }
-          scale[t] = v;
-          any = any || v != acc_t(0);
+    for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
+    const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+    acc_t* gmu = stats_grad ? out.grad_mu + chunk * C * D : nullptr;
+    acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
+                                                      : nullptr;
+    for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int64_t b = tile / pb.tiles_per_row;
+      const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+      const int64_t n = std::min(kTile, P - p0);
+      const int64_t o = b * P + p0;
+      int32_t* y = s.y.data();
+      const int64_t bad = load_labels(pb, b, p0, n, y);
+      if (bad >= 0) first_bad.offer(o + bad);
+      // where this tile's gradient rows are written: the output itself or the tile buffer
+      const bool in_place = direct_out != nullptr && n == kTile;
+      acc_t* gx = in_place ? direct_out + b * D * P + p0 : s.gx.data();
+      const int64_t ldg = in_place ? P : kTile;
+      // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
+      acc_t scale[kTile];
+      bool any = false;
+      for (int64_t t = 0; t < kTile; ++t) {
+        acc_t v = acc_t(0);
+        if (t < n && y[t] >= 0) {
+          v = grad_loss[o + t];
+          if (pb.weights != nullptr) v *= pb.weights[o + t];
         }
-        acc_t* gx = s.gx.data();
-        if (!any) {
-          std::fill(s.gx.begin(), s.gx.end(), acc_t(0));
-          store_grad(pb, out.grad_feats, b, p0, n, gx);
-          continue;
-        }
-        load_tile(pb, b, p0, n, s.X.data());
-        tile_logits(pb, s, true);
-        const acc_t* X = s.X.data();
-        acc_t* a = s.a.data();
-        acc_t* bq = s.b.data();
-        acc_t* ga = s.g_a.data();
-        acc_t* gb = s.g_b.data();
-        // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
-        acc_t l[kTile];
-        for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* ac = a + c * kTile;
-          acc_t* gac = ga + c * kTile;
-          acc_t* gbc = gb + c * kTile;
-          if (pb.cov == Cov::None) {
-            for (int64_t t = 0; t < kTile; ++t) gac[t] = scale[t] * exp_poly(ac[t] - l[t]);
-          } else {
-            const acc_t* bc = bq + c * kTile;
-            for (int64_t t = 0; t < kTile; ++t) {
-              const acc_t sp = scale[t] * exp_poly(ac[t] + bc[t] - l[t]);
-              gac[t] = sp;
-              gbc[t] = acc_t(2) * sp;
-            }
-          }
-        }
-        for (int64_t t = 0; t < kTile; ++t)
-          if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
-        // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
-        gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, kTile, false);
-        if (pb.cov == Cov::Diag) {
-          acc_t* tmp = s.tmp.data();
-          gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
-          for (int64_t i = 0; i < D * kTile; ++i) gx[i] += X[i] * tmp[i];
-        } else if (pb.cov == Cov::Full) {
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* U = s.U.data() + c * D * kTile;
-            const acc_t* gbc = gb + c * kTile;
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t t = 0; t < kTile; ++t) gx[d * kTile + t] += gbc[t] * U[d * kTile + t];
-          }
-        }
-        store_grad(pb, out.grad_feats, b, p0, n, gx);
-        if (!stats_grad) continue;
-        // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
-        acc_t* XT = s.XT.data();
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * kTile + t];
-        gemm<acc_t>(C, kTile, D, ga, kTile, 1, XT, D, gmu, D, true);
-        if (pb.cov == Cov::Diag) {
-          for (int64_t i = 0; i < kTile * D; ++i) XT[i] *= XT[i];
-          gemm<acc_t>(C, kTile, D, gb, kTile, 1, XT, D, gsig, D, true);
-        } else if (pb.cov == Cov::Full) {
-          acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* gbc = gb + c * kTile;
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t t = 0; t < kTile; ++t) GX[d * kTile + t] = gbc[t] * X[d * kTile + t];
-            gemm<acc_t>(D, kTile, D, GX, kTile, 1, XT, D, gsig + c * D * D, D, true);
+        scale[t] = v;
+        any = any || v != acc_t(0);
+      }
+      if (!any) {
+        for (int64_t d = 0; d < D; ++d) std::fill(gx + d * ldg, gx + d * ldg + kTile, acc_t(0));
+        if (!in_place) store_grad(pb, out.grad_feats, b, p0, n, gx);
+        continue;
+      }
+      s.fetch(pb, b, p0, n);
+      tile_logits(pb, s, true);
+      const acc_t* X = s.X;
+      const int64_t ldx = s.ldx;
+      acc_t* a = s.a.data();
+      acc_t* bq = s.b.data();
+      acc_t* ga = s.g_a.data();
+      acc_t* gb = s.g_b.data();
+      // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
+      acc_t l[kTile];
+      for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* ac = a + c * kTile;
+        acc_t* gac = ga + c * kTile;
+        acc_t* gbc = gb + c * kTile;
+        if (pb.cov == Cov::None) {
+          for (int64_t t = 0; t < kTile; ++t) gac[t] = scale[t] * exp_poly(ac[t] - l[t]);
+        } else {
+          const acc_t* bc = bq + c * kTile;
+          for (int64_t t = 0; t < kTile; ++t) {
+            const acc_t sp = scale[t] * exp_poly(ac[t] + bc[t] - l[t]);
+            gac[t] = sp;
+            gbc[t] = acc_t(2) * sp;
           }
         }
       }
+      for (int64_t t = 0; t < kTile; ++t)
+        if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
+      // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
+      gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, false);
+      if (pb.cov == Cov::Diag) {
+        acc_t* tmp = s.tmp.data();
+        gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t t = 0; t < kTile; ++t)
+            gx[d * ldg + t] += X[d * ldx + t] * tmp[d * kTile + t];
+      } else if (pb.cov == Cov::Full) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* U = s.U.data() + c * D * kTile;
+          const acc_t* gbc = gb + c * kTile;
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t t = 0; t < kTile; ++t) gx[d * ldg + t] += gbc[t] * U[d * kTile + t];
+        }
+      }
+      if (!in_place) store_grad(pb, out.grad_feats, b, p0, n, gx);
+      if (!stats_grad) continue;
+      // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
+      acc_t* XT = s.XT.data();
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * ldx + t];
+      gemm<acc_t>(C, kTile, D, ga, kTile, 1, XT, D, gmu, D, true);
+      if (pb.cov == Cov::Diag) {
+        for (int64_t i = 0; i < kTile * D; ++i) XT[i] *= XT[i];
+        gemm<acc_t>(C, kTile, D, gb, kTile, 1, XT, D, gsig, D, true);
+      } else if (pb.cov == Cov::Full) {
+        acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* gbc = gb + c * kTile;
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t t = 0; t < kTile; ++t) GX[d * kTile + t] = gbc[t] * X[d * ldx + t];
+          gemm<acc_t>(D, kTile, D, GX, kTile, 1, XT, D, gsig + c * D * D, D, true);
+        }
+      }
+    }
     }
   });
+}
+
+// Sum of the [n_chunks][size] partials in chunk order, times `scale`.
+template <typename acc_t>
+at::Tensor merge_partials(const at::Tensor& partials, double scale) {
+  const int64_t n_chunks = partials.size(0), size = partials.size(1);
+  at::Tensor out = at::empty({size}, partials.options());
+  const acc_t* src = partials.data_ptr<acc_t>();
+  acc_t* dst = out.data_ptr<acc_t>();
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t total = acc_t(0);
+      for (int64_t k = 0; k < n_chunks; ++k) total += src[k * size + i];
+      dst[i] = total * static_cast<acc_t>(scale);
+    }
+  });
+  return out;
+}
+
+// A large output about to be written in full: ask Linux for transparent huge pages first (where
+// THP is in "madvise" mode). Faulting in 4 KiB pages costs more CPU time than this kernel's
+// arithmetic at DAFormer scale; the advice is only a hint and its failure is harmless.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
+  if (end >= begin + 4 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,8 +602,8 @@ at::ScalarType acc_type_of(const at::Tensor& feats) {
 void check_inputs(const char* op, const at::Tensor& feats, const at::Tensor& labels,
                   const at::Tensor& centroids, const at::Tensor* covariance,
                   const std::optional<at::Tensor>& weights, double tau) {
-  TORCH_CHECK(feats.dim() == 3, "fastuda::", op, ": feats must be [B, D, P], got shape ",
-              feats.sizes());
+  TORCH_CHECK_VALUE(feats.dim() == 3, "fastuda::", op, ": feats must be [B, D, P], got shape ",
+                    feats.sizes());
   const auto fd = feats.scalar_type();
   TORCH_CHECK_TYPE(fd == at::kFloat || fd == at::kHalf || fd == at::kBFloat16 ||
                        fd == at::kDouble,
@@ -522,14 +630,16 @@ void check_inputs(const char* op, const at::Tensor& feats, const at::Tensor& lab
                       " must be [C, D] or [C, D, D] for centroids ", centroids.sizes());
     TORCH_CHECK_TYPE(cv.is_floating_point(), "fastuda::", op,
                      ": covariance must be floating point, got ", cv.scalar_type());
-    TORCH_CHECK(cv.device() == feats.device(), "fastuda::", op,
-                ": covariance is on ", cv.device(), " but feats on ", feats.device());
+    TORCH_CHECK(cv.device().is_cpu(), "fastuda::", op, ": the CPU kernel got covariance on ",
+                cv.device());
   }
   if (weights.has_value()) {
     TORCH_CHECK_VALUE(weights->sizes() == labels.sizes(), "fastuda::", op, ": weights shape ",
                       weights->sizes(), " does not match labels shape ", labels.sizes());
     TORCH_CHECK_TYPE(weights->is_floating_point(), "fastuda::", op,
                      ": weights must be floating point, got ", weights->scalar_type());
+    TORCH_CHECK(weights->device().is_cpu(), "fastuda::", op, ": the CPU kernel got weights on ",
+                weights->device());
   }
   for (const at::Tensor* t : {&feats, &labels, &centroids})
     TORCH_CHECK(t->device().is_cpu(), "fastuda::", op, ": the CPU kernel got a tensor on ",
@@ -540,7 +650,8 @@ void check_inputs(const char* op, const at::Tensor& feats, const at::Tensor& lab
 template <typename acc_t>
 Problem<acc_t> make_problem(const at::Tensor& feats, const at::Tensor& labels,
                             const at::Tensor& centroids, int64_t ignore_index,
-                            const at::Tensor& weights_acc) {
+                            const at::Tensor& weights_acc, const at::Tensor& mu_scaled,
+                            const at::Tensor& sigma_scaled) {
   Problem<acc_t> pb;
   pb.B = feats.size(0);
   pb.D = feats.size(1);
@@ -557,13 +668,19 @@ Problem<acc_t> make_problem(const at::Tensor& feats, const at::Tensor& labels,
   pb.l_sp = labels.stride(1);
   pb.ignore_index = ignore_index;
   pb.weights = weights_acc.defined() ? weights_acc.data_ptr<acc_t>() : nullptr;
+  pb.mu_scaled = mu_scaled.data_ptr<acc_t>();
+  if (sigma_scaled.defined()) {
+    pb.cov = sigma_scaled.dim() == 3 ? Cov::Full : Cov::Diag;
+    pb.sigma_scaled = sigma_scaled.data_ptr<acc_t>();
+  }
   pb.tiles_per_row = (pb.P + kTile - 1) / kTile;
   return pb;
 }
 
 // Sigma' = lam / (2 tau^2) * Sigma, symmetrised for the full case (x^T S x = x^T sym(S) x)
-at::Tensor scaled_sigma(const at::Tensor& covariance, at::ScalarType acc, double tau, double lam) {
-  at::Tensor cv = covariance.to(acc);
+at::Tensor scaled_sigma(const at::Tensor* covariance, at::ScalarType acc, double tau, double lam) {
+  if (covariance == nullptr) return at::Tensor();
+  at::Tensor cv = covariance->to(acc);
   if (cv.dim() == 3) cv = (cv + cv.transpose(1, 2)) * 0.5;
   return (cv * (lam / (2.0 * tau * tau))).contiguous();
 }
@@ -582,21 +699,15 @@ std::tuple<at::Tensor, at::Tensor> contrast_forward(
   at::Tensor loss = at::empty({B, P}, feats.options().dtype(acc));
   at::Tensor lse = at::empty({B, P}, feats.options().dtype(acc));
   const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
-  const at::Tensor sigma = covariance ? scaled_sigma(*covariance, acc, tau, lam) : at::Tensor();
+  const at::Tensor sigma = scaled_sigma(covariance, acc, tau, lam);
   const at::Tensor w = weights_as(weights, acc);
   FirstBadLabel first_bad;
   AT_DISPATCH_FLOATING_TYPES(acc, "fastuda_contrast_forward", [&] {
-    Problem<scalar_t> pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w);
-    pb.mu_scaled = mu.data_ptr<scalar_t>();
-    if (covariance) {
-      pb.cov = sigma.dim() == 3 ? Cov::Full : Cov::Diag;
-      pb.sigma_scaled = sigma.data_ptr<scalar_t>();
-    }
+    const auto pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w, mu, sigma);
     forward_impl<scalar_t>(pb, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), first_bad);
   });
-  const int64_t bad = first_bad.index.load();
-  if (bad != std::numeric_limits<int64_t>::max())
-    raise_bad_label(op, labels, bad, centroids.size(0), ignore_index);
+  if (first_bad.found())
+    raise_bad_label(op, labels, first_bad.index.load(), centroids.size(0), ignore_index);
   return {loss, lse};
 }
 
@@ -614,33 +725,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
   const int64_t C = centroids.size(0);
   const bool full = covariance != nullptr && covariance->dim() == 3;
   const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
-  const at::Tensor sigma = covariance ? scaled_sigma(*covariance, acc, tau, lam) : at::Tensor();
+  const at::Tensor sigma = scaled_sigma(covariance, acc, tau, lam);
   const at::Tensor w = weights_as(weights, acc);
   const at::Tensor gl = grad_loss.to(acc).contiguous();
   const at::Tensor lse_acc = lse.to(acc).contiguous();
   at::Tensor grad_feats = at::empty({B, D, P}, feats.options());  // contiguous
-  const int64_t tiles_per_row = (P + kTile - 1) / kTile;
-  const int64_t n_tiles = B * tiles_per_row;
-  int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_tiles, at::get_num_threads()));
+  advise_huge_pages(grad_feats);
+  const int64_t n_tiles = B * ((P + kTile - 1) / kTile);
+  int64_t n_chunks = (n_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
   const int64_t sigma_size = covariance ? (full ? C * D * D : C * D) : 0;
-  if (stats_grad && full) {
-    // per-chunk [C, D, D] partials: keep their total within the size of the feature input
-    const int64_t budget = std::max<int64_t>(B * D * P, sigma_size);
-    n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, budget / (sigma_size + C * D)));
+  if (stats_grad) {
+    // per-chunk partials of the statistics' gradients: at most 64 chunks, and their total
+    // within the size of the feature input
+    const int64_t per_chunk = C * D + sigma_size;
+    const int64_t budget = std::max<int64_t>(B * D * P, per_chunk);
+    n_chunks = std::clamp<int64_t>(std::min<int64_t>(64, budget / per_chunk), 1,
+                                   std::max<int64_t>(n_tiles, 1));
   }
   at::Tensor part_mu, part_sigma;
   if (stats_grad) {
-    part_mu = at::zeros({n_chunks, C, D}, feats.options().dtype(acc));
+    part_mu = at::zeros({n_chunks, C * D}, feats.options().dtype(acc));
     if (covariance) part_sigma = at::zeros({n_chunks, sigma_size}, feats.options().dtype(acc));
   }
   FirstBadLabel first_bad;
+  at::Tensor grad_centroids, grad_covariance;
   AT_DISPATCH_FLOATING_TYPES(acc, "fastuda_contrast_backward", [&] {
-    Problem<scalar_t> pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w);
-    pb.mu_scaled = mu.data_ptr<scalar_t>();
-    if (covariance) {
-      pb.cov = full ? Cov::Full : Cov::Diag;
-      pb.sigma_scaled = sigma.data_ptr<scalar_t>();
-    }
+    const auto pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w, mu, sigma);
     BackwardOut<scalar_t> out;
     out.grad_feats = grad_feats;
     if (stats_grad) {
@@ -649,20 +759,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
     }
     backward_impl<scalar_t>(pb, gl.data_ptr<scalar_t>(), lse_acc.data_ptr<scalar_t>(),
                             stats_grad, n_chunks, out, first_bad);
-  });
-  const int64_t bad = first_bad.index.load();
-  if (bad != std::numeric_limits<int64_t>::max())
-    raise_bad_label(op, labels, bad, C, ignore_index);
-  at::Tensor grad_centroids, grad_covariance;
-  if (stats_grad) {
-    // chunk partials summed in chunk order; d a_c / d mu_c = f / tau
-    grad_centroids = (part_mu.sum(0) * (1.0 / tau)).to(centroids.scalar_type());
-    if (covariance) {
+    if (stats_grad) {
+      // d a_c / d mu_c = f / tau
+      grad_centroids = merge_partials<scalar_t>(part_mu, 1.0 / tau).view({C, D});
       // the partials hold sum 2 s p f f^T; d b_c / d Sigma_c = lam / (2 tau^2) f f^T
-      const double coef = lam / (4.0 * tau * tau);
-      grad_covariance =
-          (part_sigma.sum(0) * coef).view(covariance->sizes()).to(covariance->scalar_type());
+      if (covariance)
+        grad_covariance = merge_partials<scalar_t>(part_sigma, lam / (4.0 * tau * tau))
+                              .view(covariance->sizes());
     }
+  });
+  if (first_bad.found())
+    raise_bad_label(op, labels, first_bad.index.load(), C, ignore_index);
+  if (stats_grad) {
+    grad_centroids = grad_centroids.to(centroids.scalar_type());
+    if (covariance) grad_covariance = grad_covariance.to(covariance->scalar_type());
   } else {
     grad_centroids = at::empty({0}, centroids.options());
     if (covariance) grad_covariance = at::empty({0}, covariance->options());
