@@ -212,10 +212,7 @@ void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem
         const acc_t nu = negative_lse<acc_t>(neg.data() + r * pb.C, ch.cls, pb, inv_tau);
         nlse_p[pix] = nu;
         if (nu == -std::numeric_limits<acc_t>::infinity()) continue;  // no negative: loss 0
-        const acc_t* pr = pos.data() + r * L;
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < L; ++j) sum += softplus_fast(nu - pr[j] * inv_tau);
+        const acc_t sum = row_sum_softplus<acc_t>(pos.data() + r * L, L, inv_tau, nu);
         loss_p[pix] = sum / static_cast<acc_t>(L);
       }
     }
@@ -273,13 +270,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
         }
         const acc_t cg = gp[(pix / pb.P) * gsB + (pix % pb.P) * gsP] * inv_tau /
                          static_cast<acc_t>(L);
-        acc_t dnu = 0;
-#pragma omp simd reduction(+ : dnu)
-        for (int64_t j = 0; j < L; ++j) {
-          const acc_t sg = cg * sigmoid_fast(nu - pr[j] * inv_tau);
-          pr[j] = -sg;
-          dnu += sg;
-        }
+        const acc_t dnu = row_sigmoid_coef<acc_t>(pr, L, inv_tau, nu, cg);
         for (int64_t k = 0; k < pb.C; ++k)
           nr[k] = (k != ch.cls && pb.lens[k] > 0) ? dnu * std::exp(nr[k] * inv_tau - nu)
                                                   : acc_t(0);

@@ -149,16 +149,11 @@ void forward_impl(const at::Tensor& feats, const Problem& pb, double tau,
           int64_t lo, hi;
           class_cols(pb, i0 + r, j0, j0 + cols, lo, hi);
           lo -= j0, hi -= j0;
-          acc_t tmax = kNegInf;
-          for (int64_t j = 0; j < lo; ++j) tmax = std::max(tmax, x[j]);
-          for (int64_t j = hi; j < cols; ++j) tmax = std::max(tmax, x[j]);
+          const acc_t tmax = std::max(row_max(x, lo), row_max(x + hi, cols - hi));
           if (tmax == kNegInf) continue;
           const acc_t mnew = std::max(m[r], tmax * inv_tau);
-          acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < lo; ++j) acc += exp_poly(x[j] * inv_tau - mnew);
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = hi; j < cols; ++j) acc += exp_poly(x[j] * inv_tau - mnew);
+          const acc_t acc = row_sum_exp(x, lo, inv_tau, mnew) +
+                            row_sum_exp(x + hi, cols - hi, inv_tau, mnew);
           s[r] = (m[r] == kNegInf ? acc_t(0) : s[r] * std::exp(m[r] - mnew)) + acc;
           m[r] = mnew;
         }
@@ -184,21 +179,9 @@ void forward_impl(const at::Tensor& feats, const Problem& pb, double tau,
           for (int64_t part = 0; part < 2; ++part) {  // [lo, i) and (i, hi): j == i is no pair
             const int64_t pa = part == 0 ? lo : std::max(lo, i - j0 + 1);
             const int64_t pe = part == 0 ? std::min(hi, i - j0) : hi;
-            if (weighted_pairs) {
-#pragma omp simd reduction(+ : ls, as)
-              for (int64_t j = pa; j < pe; ++j) {
-                const acc_t z = nui - x[j] * inv_tau, wij = ai * aj[j];
-                ls += wij * softplus_fast(z);
-                as += wij * sigmoid_fast(z);
-              }
-            } else {
-#pragma omp simd reduction(+ : ls, as)
-              for (int64_t j = pa; j < pe; ++j) {
-                const acc_t z = nui - x[j] * inv_tau;
-                ls += softplus_fast(z);
-                as += sigmoid_fast(z);
-              }
-            }
+            if (pe > pa)
+              row_pos_terms(x + pa, pe - pa, inv_tau, nui, ai,
+                            weighted_pairs ? aj + pa : nullptr, ls, as);
           }
           lsum[r] += ls;
           asum[r] += as;
@@ -285,32 +268,15 @@ void backward_impl(const at::Tensor& feats, const Problem& pb, double tau,
           class_cols(pb, i, j0, j0 + cols, lo, hi);
           lo -= j0, hi -= j0;
           const acc_t nui = nu[i], cAi = cA[i], ci = c[i], ai = a[i];
-          for (int64_t part = 0; part < 2; ++part) {  // negatives: [0, lo) and [hi, cols)
-            const int64_t pa = part == 0 ? 0 : hi, pe = part == 0 ? lo : cols;
-#pragma omp simd
-            for (int64_t j = pa; j < pe; ++j) {
-              const acc_t z = x[j] * inv_tau;
-              x[j] = cAi * exp_poly(z - nui) + cAj[j] * exp_poly(z - nuj[j]);
-            }
-          }
+          row_neg_coef(x, lo, inv_tau, nui, cAi, nuj, cAj);  // negatives: [0, lo), [hi, cols)
+          row_neg_coef(x + hi, cols - hi, inv_tau, nui, cAi, nuj + hi, cAj + hi);
           acc_t ga = 0;
           for (int64_t part = 0; part < 2; ++part) {  // positives: [lo, i) and (i, hi)
             const int64_t pa = part == 0 ? lo : std::max(lo, i - j0 + 1);
             const int64_t pe = part == 0 ? std::min(hi, i - j0) : hi;
-            if (weighted_pairs) {
-#pragma omp simd reduction(+ : ga)
-              for (int64_t j = pa; j < pe; ++j) {
-                const acc_t z = x[j] * inv_tau;
-                ga += aj[j] * (ci * softplus_fast(nui - z) + cj[j] * softplus_fast(nuj[j] - z));
-                x[j] = -ai * aj[j] * (ci * sigmoid_fast(nui - z) + cj[j] * sigmoid_fast(nuj[j] - z));
-              }
-            } else {
-#pragma omp simd
-              for (int64_t j = pa; j < pe; ++j) {
-                const acc_t z = x[j] * inv_tau;
-                x[j] = -(ci * sigmoid_fast(nui - z) + cj[j] * sigmoid_fast(nuj[j] - z));
-              }
-            }
+            if (pe > pa)
+              ga += row_pos_coef(x + pa, pe - pa, inv_tau, nui, ci, nuj + pa, cj + pa, ai,
+                                 weighted_pairs ? aj + pa : nullptr);
           }
           if (i >= j0 && i < j0 + cols) x[i - j0] = 0;  // the diagonal is no pair
           if (weighted_pairs) grad_pair_rows[i] += ga;
