@@ -20,6 +20,7 @@
 #define FASTUDA_KNS cuda  // kernel namespace: fastuda::cuda (device) / fastuda::emu (host emulation)
 #define FASTUDA_HD_INLINE __host__ __device__ __forceinline__
 #define FASTUDA_DEVICE_INLINE __device__ __forceinline__
+#define FASTUDA_UNROLL _Pragma("unroll")  // g++ does not know nvcc's loop pragma
 // kernel<<<grid, block, shared bytes, stream>>>(args...)
 #define FASTUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
@@ -32,6 +33,7 @@
 #define FASTUDA_KNS emu
 #define FASTUDA_HD_INLINE inline
 #define FASTUDA_DEVICE_INLINE inline
+#define FASTUDA_UNROLL
 #define FASTUDA_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::fastuda::simt::launch((grid), (block), (smem), kernel, __VA_ARGS__)
 #define FASTUDA_DYNAMIC_SHARED(T, name) \

@@ -3,7 +3,7 @@
 // (the fastuda._C_emu extension); kernel sources include it through common/simt.h.
 //
 // Model. A launch runs its blocks one after another. The threads of a block are cooperative fibers
-// (ucontext) on the calling OS thread; a fiber runs until it reaches a barrier (__syncthreads,
+// on the calling OS thread; a fiber runs until it reaches a barrier (__syncthreads,
 // __syncwarp, or a warp collective: shuffle, ballot, match) and then yields to the block scheduler.
 // Consequences:
 //   * `__shared__` is `static`: one block is alive at a time, so a static local is its shared memory;
@@ -18,6 +18,9 @@
 //     grids and more than 48 KiB of dynamic shared memory (CUDA's default limit);
 //   * the dynamic shared memory is filled with 0xFF bytes (NaN as float) before each block, so
 //     reading it before writing shows up in the results.
+// Fiber switches: on x86-64 Linux a 20-instruction stack switch (callee-saved registers, SSE/x87
+// control words); elsewhere (or with -DFASTUDA_SIMT_UCONTEXT) swapcontext, which also saves the
+// signal mask with a system call per switch and is several times slower.
 // Why fibers and not one std::thread per CUDA thread: the test machines have 2 shared cores, and a
 // 256-thread block synchronising through std::barrier costs hundreds of futex wake-ups per
 // __syncthreads; fibers switch in user space and give reproducible results.
@@ -27,10 +30,13 @@
 #error "common/simt_host.h is the host emulation layer; compile with -DFASTUDA_SIMT_HOST"
 #endif
 
+#if defined(__x86_64__) && defined(__linux__) && !defined(FASTUDA_SIMT_UCONTEXT)
+#define FASTUDA_SIMT_ASM_SWITCH 1
+#include <xmmintrin.h>
+#else
 #include <ucontext.h>
+#endif
 
-// Kernel sources carry nvcc loop pragmas (#pragma unroll) that g++ does not know.
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 
 #include <algorithm>
 #include <bit>
@@ -69,6 +75,43 @@ using cudaStream_t = void*;
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline constexpr int warpSize = 32;
 
+#if FASTUDA_SIMT_ASM_SWITCH
+// fastuda_simt_switch(&save, load): pushes the callee-saved state on the current stack, stores
+// the stack pointer in *save, continues on the stack `load` (as saved by an earlier switch or
+// prepared by start_fiber). Weak and hidden: every translation unit may emit it, one is kept.
+extern "C" void fastuda_simt_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .pushsection .text
+  .weak fastuda_simt_switch
+  .hidden fastuda_simt_switch
+  .type fastuda_simt_switch, @function
+fastuda_simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fastuda_simt_switch, .-fastuda_simt_switch
+  .popsection
+)");
+#endif
+
 namespace fastuda::simt {
 
 inline constexpr unsigned kWarpSize = 32;
@@ -82,7 +125,11 @@ struct Barrier {
 };
 
 struct Fiber {
+#if FASTUDA_SIMT_ASM_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t ctx;
+#endif
   dim3 tid;
   unsigned warp = 0, lane = 0;
   bool done = false;
@@ -95,7 +142,11 @@ struct Engine {
   std::mutex launch_mutex;  // `__shared__` is static: one launch at a time per process
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;
+#if FASTUDA_SIMT_ASM_SWITCH
+  void* scheduler_sp = nullptr;
+#else
   ucontext_t scheduler;
+#endif
   Fiber* current = nullptr;
   std::function<void()> body;
   Barrier block_barrier;
@@ -120,6 +171,46 @@ inline void* dynamic_shared() { return engine().dynamic_smem.data(); }
 
 inline Fiber& self() { return *engine().current; }
 
+inline void fiber_entry();
+
+inline void yield_to_scheduler(Fiber* f) {
+#if FASTUDA_SIMT_ASM_SWITCH
+  fastuda_simt_switch(&f->sp, engine().scheduler_sp);
+#else
+  swapcontext(&f->ctx, &engine().scheduler);
+#endif
+}
+
+inline void resume_fiber(Fiber& f) {
+#if FASTUDA_SIMT_ASM_SWITCH
+  fastuda_simt_switch(&engine().scheduler_sp, f.sp);
+#else
+  swapcontext(&engine().scheduler, &f.ctx);
+#endif
+}
+
+// A fresh fiber that will run fiber_entry() on `stack` when first resumed.
+inline void start_fiber(Fiber& f, char* stack) {
+#if FASTUDA_SIMT_ASM_SWITCH
+  auto top = reinterpret_cast<uintptr_t>(stack + kFiberStack) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;  // fiber_entry's return address (never used): keeps the ABI's alignment
+  *--sp = reinterpret_cast<void*>(&fiber_entry);  // where the first switch "returns" to
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;    // rbp rbx r12 r13 r14 r15
+  uint16_t x87_control;
+  asm volatile("fnstcw %0" : "=m"(x87_control));
+  const uint64_t control = uint64_t(_mm_getcsr()) | (uint64_t(x87_control) << 32);
+  *--sp = reinterpret_cast<void*>(control);
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = kFiberStack;
+  f.ctx.uc_link = &engine().scheduler;
+  makecontext(&f.ctx, fiber_entry, 0);
+#endif
+}
+
 // Arrive at `b` and wait until every expected participant has arrived.
 inline void sync(Barrier& b) {
   Engine& e = engine();
@@ -131,7 +222,7 @@ inline void sync(Barrier& b) {
     f->waiting = &b;
     f->wait_generation = b.generation;
   }
-  swapcontext(&f->ctx, &e.scheduler);  // the scheduler resumes us once the barrier opened
+  yield_to_scheduler(f);  // the scheduler resumes us once the barrier opened
   f->waiting = nullptr;
 }
 
@@ -185,7 +276,12 @@ inline void fiber_entry() {
   } catch (...) {
     if (!e.exception) e.exception = std::current_exception();
   }
-  e.current->done = true;  // returning resumes the scheduler through uc_link
+  e.current->done = true;
+#if FASTUDA_SIMT_ASM_SWITCH
+  yield_to_scheduler(e.current);  // never resumed
+  __builtin_unreachable();
+#endif
+  // ucontext: returning resumes the scheduler through uc_link
 }
 
 inline void run_block() {
@@ -193,11 +289,7 @@ inline void run_block() {
   const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
   for (unsigned i = 0; i < threads; ++i) {
     Fiber& f = e.fibers[i];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = e.stacks[i].get();
-    f.ctx.uc_stack.ss_size = kFiberStack;
-    f.ctx.uc_link = &e.scheduler;
-    makecontext(&f.ctx, fiber_entry, 0);
+    start_fiber(f, e.stacks[i].get());
     f.done = false;
     f.waiting = nullptr;
     f.collectives = 0;
@@ -215,7 +307,7 @@ inline void run_block() {
       if (f.done || (f.waiting && f.waiting->generation == f.wait_generation)) continue;
       e.current = &f;
       threadIdx = f.tid;
-      swapcontext(&e.scheduler, &f.ctx);
+      resume_fiber(f);
       resumed_any = true;
       if (f.done) --alive;
     }

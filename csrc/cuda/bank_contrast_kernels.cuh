@@ -42,12 +42,12 @@ FASTUDA_DEVICE_INLINE void positive_chunk(const FeatView<T>& x, int64_t b, int64
                                           int64_t j0, int64_t L, acc_t<T>* pos) {
   using A = acc_t<T>;
   constexpr int JK = 32, DT = 32;
-#pragma unroll
+FASTUDA_UNROLL
   for (int k = 0; k < JK; ++k) pos[k] = A(0);
   const int nk = int(L - j0 < JK ? L - j0 : JK);
   for (int64_t d0 = 0; d0 < x.D; d0 += DT) {
     A f[DT];
-#pragma unroll
+FASTUDA_UNROLL
     for (int dd = 0; dd < DT; ++dd) f[dd] = d0 + dd < x.D ? A(*x.at(b, d0 + dd, p)) : A(0);
     const int nd = int(x.D - d0 < DT ? x.D - d0 : DT);
     for (int k = 0; k < nk; ++k) {
@@ -92,7 +92,7 @@ FASTUDA_DEVICE_INLINE acc_t<T> negative_lse(const FeatView<T>& x, int64_t b, int
     class_chunk_logits<T, false>(x, b, p, counted, bbar, nullptr, C, c0, mu_s, nullptr, a,
                                  unused);
     if (!counted) continue;
-#pragma unroll
+FASTUDA_UNROLL
     for (int k = 0; k < CK; ++k) {  // constant indices keep a[] in registers
       if (c0 + k >= C) break;
       if (c0 + k != cls && lens[c0 + k] > 0) contrast_detail::online_lse(a[k], m, s);
@@ -126,7 +126,7 @@ bank_forward_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_
       for (int64_t j0 = 0; j0 < L; j0 += 32) {
         A pos[32];
         bank_detail::positive_chunk<T>(x, b, p, bank, M, cls, j0, L, pos);
-#pragma unroll
+FASTUDA_UNROLL
         for (int k = 0; k < 32; ++k) {
           if (j0 + k >= L) break;
           l += bank_detail::softplus(nu - pos[k]);
@@ -167,7 +167,7 @@ bank_coef_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_t<T
       for (int64_t j0 = 0; j0 < M; j0 += 32) {
         A pos[32];
         if (j0 < L) bank_detail::positive_chunk<T>(x, b, p, bank, M, cls, j0, L, pos);
-#pragma unroll
+FASTUDA_UNROLL
         for (int k = 0; k < 32; ++k) {
           if (j0 + k >= M) break;
           A v = A(0);
@@ -186,7 +186,7 @@ bank_coef_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_t<T
       class_chunk_logits<T, false>(x, b, p, counted, bbar, nullptr, C, c0, mu_s, nullptr, a,
                                    unused);
       if (!active) continue;
-#pragma unroll
+FASTUDA_UNROLL
       for (int k = 0; k < CK; ++k) {
         if (c0 + k >= C) break;
         const int64_t c = c0 + k;
@@ -218,7 +218,7 @@ bank_grad_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_t<T
     const int64_t L = counted ? lens[cls] : 0;
     for (int64_t d0 = 0; d0 < x.D; d0 += DT) {
       A g[DT];
-#pragma unroll
+FASTUDA_UNROLL
       for (int dd = 0; dd < DT; ++dd) g[dd] = A(0);
       for (int64_t c0 = 0; c0 < C; c0 += CK) {
         __syncthreads();
@@ -231,7 +231,7 @@ bank_grad_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_t<T
         if (!counted) continue;
         for (int k = 0; k < CK && c0 + k < C; ++k) {
           const A qk = q_neg[(c0 + k) * N + n];
-#pragma unroll
+FASTUDA_UNROLL
           for (int dd = 0; dd < DT; ++dd) g[dd] += qk * mu_s[k][dd];
         }
       }
@@ -242,7 +242,7 @@ bank_grad_kernel(FeatView<T> x, LabelView y, const acc_t<T>* bank, const acc_t<T
         const A* row = bank + ((cls * M + j) * x.D + d0);
         for (int dd = 0; dd < nd; ++dd) g[dd] += qj * row[dd];
       }
-#pragma unroll
+FASTUDA_UNROLL
       for (int dd = 0; dd < DT; ++dd)
         if (d0 + dd < x.D) grad_x[(b * x.D + d0 + dd) * x.P + p] = T(g[dd]);
     }

@@ -79,7 +79,7 @@ FASTUDA_DEVICE_INLINE void class_chunk_logits(const FeatView<T>& x, int64_t b, i
                                               acc_t<T>* a, acc_t<T>* bq) {
   using A = acc_t<T>;
   constexpr int CK = contrast_detail::kClasses, DT = contrast_detail::kChannels;
-#pragma unroll
+FASTUDA_UNROLL
   for (int k = 0; k < CK; ++k) {
     a[k] = A(0);
     bq[k] = A(0);
@@ -99,7 +99,7 @@ FASTUDA_DEVICE_INLINE void class_chunk_logits(const FeatView<T>& x, int64_t b, i
     for (int dd = 0; dd < n_d; ++dd) {
       const A f = A(*x.at(b, d0 + dd, p));
       const A f2 = f * f;
-#pragma unroll
+FASTUDA_UNROLL
       for (int k = 0; k < CK; ++k) {
         a[k] += f * mu_s[k][dd];
         if (kDiag) bq[k] += f2 * sg_s[k][dd];
@@ -132,7 +132,7 @@ contrast_forward_kernel(FeatView<T> x, LabelView y, WeightView w, const acc_t<T>
       A a[CK], bq[CK];
       class_chunk_logits<T, kDiag>(x, b, p, counted, mu, sig, C, c0, mu_s, sg_s, a, bq);
       if (!counted) continue;
-#pragma unroll
+FASTUDA_UNROLL
       for (int k = 0; k < CK; ++k) {
         if (c0 + k >= C) break;
         contrast_detail::online_lse(a[k] + bq[k], m, s);
@@ -174,7 +174,7 @@ contrast_softmax_kernel(FeatView<T> x, LabelView y, WeightView w, const acc_t<T>
       A a[CK], bq[CK];
       class_chunk_logits<T, kDiag>(x, b, p, counted, mu, sig, C, c0, mu_s, sg_s, a, bq);
       if (!active) continue;
-#pragma unroll
+FASTUDA_UNROLL
       for (int k = 0; k < CK; ++k) {
         if (c0 + k >= C) break;
         q[(c0 + k) * N + n] = counted ? s * contrast_detail::exp_acc(a[k] + bq[k] - l) : A(0);
@@ -204,7 +204,7 @@ contrast_grad_feats_kernel(FeatView<T> x, LabelView y, const acc_t<T>* mu, const
     const A s = counted ? svec[n] : A(0);
     for (int64_t d0 = 0; d0 < x.D; d0 += DT) {
       A f[DT], g[DT];
-#pragma unroll
+FASTUDA_UNROLL
       for (int dd = 0; dd < DT; ++dd) {
         f[dd] = (counted && kDiag && d0 + dd < x.D) ? A(*x.at(b, d0 + dd, p)) : A(0);
         g[dd] = A(0);
@@ -222,7 +222,7 @@ contrast_grad_feats_kernel(FeatView<T> x, LabelView y, const acc_t<T>* mu, const
         if (!counted) continue;
         for (int k = 0; k < CK && c0 + k < C; ++k) {
           const A qk = q[(c0 + k) * N + n];
-#pragma unroll
+FASTUDA_UNROLL
           for (int dd = 0; dd < DT; ++dd) {
             g[dd] += qk * mu_s[k][dd];
             if (kDiag) g[dd] += qk * sg_s[k][dd] * f[dd];
@@ -230,7 +230,7 @@ contrast_grad_feats_kernel(FeatView<T> x, LabelView y, const acc_t<T>* mu, const
         }
       }
       if (!active) continue;
-#pragma unroll
+FASTUDA_UNROLL
       for (int dd = 0; dd < DT; ++dd) {
         const int64_t d = d0 + dd;
         if (d >= x.D) break;
@@ -326,11 +326,11 @@ contrast_full_kernel(FeatView<T> x, LabelView y, WeightView w, const acc_t<T>* m
           __syncthreads();
           for (int k = 0; k < DT; ++k) {
             const A sk = Ss[k][tx];
-#pragma unroll
+FASTUDA_UNROLL
             for (int r = 0; r < 8; ++r) u[r] += F2[ty + 8 * r][k] * sk;
           }
         }
-#pragma unroll
+FASTUDA_UNROLL
         for (int r = 0; r < 8; ++r) {
           const A f = F1[ty + 8 * r][tx];
           A zv = f * (u[r] + mus[tx]), av = f * mus[tx];
@@ -421,16 +421,16 @@ contrast_full_grad_kernel(FeatView<T> x, const acc_t<T>* mu, const acc_t<T>* sig
           __syncthreads();
           for (int k = 0; k < DT; ++k) {
             const A sk = Ss[k][tx];
-#pragma unroll
+FASTUDA_UNROLL
             for (int r = 0; r < 8; ++r) u[r] += F2[ty + 8 * r][k] * sk;
           }
         }
         const A mu_cd = d1 + tx < D ? mu[c * D + d1 + tx] : A(0);
-#pragma unroll
+FASTUDA_UNROLL
         for (int r = 0; r < 8; ++r) g[r] += q_s[ty + 8 * r] * (mu_cd + A(2) * u[r]);
       }
       __syncthreads();
-#pragma unroll
+FASTUDA_UNROLL
       for (int r = 0; r < 8; ++r) {
         const int px = ty + 8 * r;
         const int64_t n = tile * TPX + px, cls = cls_s[px];

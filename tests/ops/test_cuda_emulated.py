@@ -9,16 +9,17 @@ partial tail blocks/tiles.
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
 import torch
 
-import fastuda._C_emu  # noqa: F401  (registers torch.ops.fastuda_emu)
 import fastuda.ops  # noqa: F401  (registers torch.ops.fastuda)
 from fastuda.ops import reference as ref
 from fastuda.ops._backend import as_bdp, as_bp
 
+importlib.import_module("fastuda._C_emu")  # registers torch.ops.fastuda_emu
 emu = torch.ops.fastuda_emu
 
 LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -111,7 +112,7 @@ def _emu_class_stats(feats, labels, C, *, weights=None, cov="diag", ignore_index
 
 
 def _assert_stats_close(got, want, atol: float, rtol: float = 1e-4) -> None:
-    for name, a, b in zip(("count", "mean", "m2"), got, want):
+    for name, a, b in zip(("count", "mean", "m2"), got, want, strict=True):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol, msg=name)
 
@@ -210,7 +211,7 @@ def test_class_stats_deterministic_and_bad_labels() -> None:
     feats, labels = _image_case(8)
     first = _emu_class_stats(feats, labels, 5, cov="full")
     second = _emu_class_stats(feats, labels, 5, cov="full")
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     bad = labels.clone()
     bad[1, 4, 5] = 7
@@ -467,3 +468,35 @@ def test_bank_contrast_fp64_and_errors() -> None:
         emu.bank_contrast_forward(bdp, y, bank, torch.tensor([1, 1, 9, 0, 0]), 0.2, 255)
     with pytest.raises(ValueError, match="bank shape"):
         emu.bank_contrast_forward(bdp, y, bank[:, :, 1:], bank_len, 0.2, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# the emulator itself
+# ----------------------------------------------------------------------------------------------
+def test_simt_emulator_runs_correct_cuda_code() -> None:
+    g = torch.Generator().manual_seed(30)
+    threads, blocks = 256, 3
+    values = torch.randint(0, 6, (blocks * threads,), generator=g).float()
+    out = emu.simt_selftest(0, threads, values)[:4 * blocks].reshape(4, blocks)
+    per_block = values.reshape(blocks, threads)
+    torch.testing.assert_close(out[0], per_block.sum(1))  # shared-memory tree + __syncthreads
+    torch.testing.assert_close(out[1], per_block.sum(1))  # __shfl_xor_sync
+    warps = per_block.reshape(blocks, threads // 32, 32)
+    distinct = torch.tensor([[len(set(w.tolist())) for w in b] for b in warps]).sum(1)
+    assert out[2].tolist() == distinct.float().tolist()  # __match_any_sync + __ballot_sync
+    assert out[3].tolist() == (per_block % 2 == 1).sum(1).float().tolist()
+
+
+def test_simt_emulator_exposes_a_missing_syncthreads() -> None:
+    values = torch.arange(256, dtype=torch.float32)
+    out = emu.simt_selftest(1, 256, values)
+    assert out[0] != values.sum()  # the racy tree reduction reads stale shared memory
+
+
+def test_simt_emulator_rejects_undefined_behaviour() -> None:
+    with pytest.raises(RuntimeError, match="deadlock.*1 of 64 threads returned"):
+        emu.simt_selftest(2, 64, torch.zeros(64))
+    with pytest.raises(RuntimeError, match="partial lane mask"):
+        emu.simt_selftest(3, 32, torch.zeros(32))
+    with pytest.raises(RuntimeError, match="invalid launch configuration"):
+        emu.simt_selftest(4, 32, torch.zeros(32))
