@@ -9,7 +9,7 @@
 // cache-resident data whatever the input's strides and dtype:
 //          logits [C][T] = (mu / tau) [C][D] @ X [D][T]            (+ Sigma terms)
 //          grad_X [D][T] = (mu / tau)^T [D][C] @ G [C][T]          (+ Sigma terms)
-//          grad_mu [C][D] += G [C][T] @ X^T [T][D]                 (per-chunk partials)
+//          grad_mu^T [D][C] += X [D][T] @ G^T [T][C]               (per-chunk partials)
 // Nothing of size N x C is kept beyond one tile; the backward recomputes the logits from the
 // features and the saved per-pixel logsumexp.
 #include <ATen/ATen.h>
@@ -83,7 +83,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
   static_assert(NB % kLanes == 0, "the block width must be a whole number of vectors");
   constexpr int NV = NB / kLanes;
   V acc[RB][NV];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
@@ -93,14 +93,14 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
     V b[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int r = 0; r < RB; ++r) {
       const T a = A[r * a_rs + k * a_ks];
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) store_vec(Out + r * ldo + j * kLanes, acc[r][j]);
@@ -122,40 +122,59 @@ inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs,
   }
 }
 
-template <typename T, int NB, int RB>
-inline void gemm_rows_tail(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
-                           const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+// Rows per register block: RB rows x NB columns of accumulators must fit the vector registers
+// (32 with AVX-512, 16 with AVX2) next to the loaded row of Bm and the broadcast.
+template <typename T>
+constexpr int max_block_rows() {
+  constexpr int vectors_per_row = 32 * sizeof(T) / kVecBytes;
+  constexpr int acc_registers = kVecBytes == 64 ? 26 : 12;
+  return acc_registers / vectors_per_row > 0 ? acc_registers / vectors_per_row : 1;
+}
+
+// gemm_block for a run-time number of rows (1 .. RB)
+template <typename T, int NB, int RB, bool kPrefetch>
+inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate,
+                      const T* ahead) {
   if constexpr (RB > 0) {
     if (rows == RB)
-      return gemm_block<T, RB, NB>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate);
-    gemm_rows_tail<T, NB, RB - 1>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate);
+      return gemm_block<T, RB, NB, kPrefetch>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                              ahead);
+    gemm_rows<T, NB, RB - 1, kPrefetch>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                        ahead);
   }
 }
 
+// Rows are split into equal register blocks (19 classes: 10 + 9, not 8 + 8 + 3), so every
+// block has enough independent accumulators to hide the FMA latency.
 // `ahead`: optional, as Bm but for a later tile; fetched into cache during the first row block.
 template <typename T>
 void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
           int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
-  constexpr int RB = 8;
+  constexpr int kMaxRows = max_block_rows<T>();
   constexpr int NB = 32;
   const int64_t n_full = N - N % NB;
+  const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
   for (int64_t n0 = 0; n0 < n_full; n0 += NB) {
-    int64_t r = 0;
-    if (ahead != nullptr && n_full == NB && R >= RB) {
-      gemm_block<T, RB, NB, true>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate, ahead);
-      r = RB;
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t r = R * blk / n_blocks;
+      const int64_t rows = R * (blk + 1) / n_blocks - r;
+      if (ahead != nullptr && blk == 0 && n_full == NB)
+        gemm_rows<T, NB, kMaxRows, true>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                         ahead);
+      else
+        gemm_rows<T, NB, kMaxRows, false>(rows, K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb,
+                                          Out + r * ldo + n0, ldo, accumulate, nullptr);
     }
-    for (; r + RB <= R; r += RB)
-      gemm_block<T, RB, NB>(K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb, Out + r * ldo + n0, ldo,
-                            accumulate);
-    if (r < R)
-      gemm_rows_tail<T, NB, RB - 1>(R - r, K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb,
-                                    Out + r * ldo + n0, ldo, accumulate);
   }
   if (n_full < N)
     gemm_tail<T>(R, K, N - n_full, A, a_rs, a_ks, Bm + n_full, ldb, Out + n_full, ldo,
                  accumulate);
 }
+
+// Class count rounded up to whole GEMM column blocks: the statistics' gradient partials are
+// accumulated transposed, [D][c_pad(C)], so the tile's features need no transposition.
+inline int64_t c_pad(int64_t C) { return (C + 31) / 32 * 32; }
 
 // ---------------------------------------------------------------------------------------------
 // Inputs of one call, already checked; every [C, ...] parameter converted to acc_t, contiguous.
@@ -283,7 +302,7 @@ void raise_bad_label(const char* op, const at::Tensor& labels, int64_t flat, int
 // Per-thread scratch: tile buffers, and where the current tile's features are read from.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> xbuf, X2, XT, a, b, g_a, g_b, U, gx, tmp;
+  std::vector<acc_t> xbuf, X2, XT, a, b, g_a, g_b, gT, U, gx, tmp;
   std::vector<int32_t> y;
   const acc_t* X = nullptr;  // the tile, [D][kTile] with row stride ldx
   int64_t ldx = kTile;
@@ -301,7 +320,8 @@ struct Scratch {
       g_b.resize(C * kTile);
       gx.resize(D * kTile);
       if (pb.cov != Cov::None) tmp.resize(D * kTile);
-      if (stats_grad) XT.resize(kTile * D);
+      if (stats_grad) gT.resize(kTile * c_pad(C));
+      if (stats_grad && pb.cov == Cov::Full) XT.resize(kTile * D);
     }
   }
 
@@ -419,8 +439,10 @@ void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLab
 template <typename acc_t>
 struct BackwardOut {
   at::Tensor grad_feats;  // [B, D, P] contiguous, feats dtype
-  acc_t* grad_mu = nullptr;  // [n_chunks][C][D] partials of sum_i g_ic f_i (no 1/tau yet)
-  acc_t* grad_sigma = nullptr;  // [n_chunks][C][D] or [n_chunks][C][D][D], sum_i 2 s p_ic f f^T
+  // per-chunk partials: sum_i g_ic f_i as [D][c_pad(C)] (no 1/tau yet); sum_i 2 s p_ic f_i^2 as
+  // [D][c_pad(C)] (diagonal) or sum_i 2 s p_ic f_i f_i^T as [C][D][D] (full)
+  acc_t* grad_mu = nullptr;
+  acc_t* grad_sigma = nullptr;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -452,7 +474,7 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
                    FirstBadLabel& first_bad) {
   const int64_t n_tiles = pb.num_tiles();
   const int64_t C = pb.C, D = pb.D, P = pb.P;
-  const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : C * D;
+  const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : D * c_pad(C);
   // gradient rows of a full tile go straight to the output when it has the accumulation type
   acc_t* direct_out = out.grad_feats.scalar_type() == c10::CppTypeToScalarType<acc_t>::value
                           ? out.grad_feats.template data_ptr<acc_t>()
@@ -461,7 +483,8 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
     Scratch<acc_t> s(pb, true, stats_grad);
     for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
     const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
-    acc_t* gmu = stats_grad ? out.grad_mu + chunk * C * D : nullptr;
+    const int64_t Cp = c_pad(C);
+    acc_t* gmu = stats_grad ? out.grad_mu + chunk * D * Cp : nullptr;
     acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
                                                       : nullptr;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
@@ -540,14 +563,22 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
       if (!in_place) store_grad(pb, out.grad_feats, b, p0, n, gx);
       if (!stats_grad) continue;
       // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
-      acc_t* XT = s.XT.data();
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * ldx + t];
-      gemm<acc_t>(C, kTile, D, ga, kTile, 1, XT, D, gmu, D, true);
+      // g^T [T][Cp] (zero padded), then X [D][T] @ g^T and (X o X) [D][T] @ g_b^T
+      acc_t* gT = s.gT.data();
+      const auto transpose_g = [&](const acc_t* g) {
+        std::fill(s.gT.begin(), s.gT.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < kTile; ++t) gT[t * Cp + c] = g[c * kTile + t];
+      };
+      transpose_g(ga);
+      gemm<acc_t>(D, kTile, Cp, X, ldx, 1, gT, Cp, gmu, Cp, true);
       if (pb.cov == Cov::Diag) {
-        for (int64_t i = 0; i < kTile * D; ++i) XT[i] *= XT[i];
-        gemm<acc_t>(C, kTile, D, gb, kTile, 1, XT, D, gsig, D, true);
+        transpose_g(gb);
+        gemm<acc_t>(D, kTile, Cp, s.X2.data(), kTile, 1, gT, Cp, gsig, Cp, true);
       } else if (pb.cov == Cov::Full) {
+        acc_t* XT = s.XT.data();
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * ldx + t];
         acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
         for (int64_t c = 0; c < C; ++c) {
           const acc_t* gbc = gb + c * kTile;
@@ -733,19 +764,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
   advise_huge_pages(grad_feats);
   const int64_t n_tiles = B * ((P + kTile - 1) / kTile);
   int64_t n_chunks = (n_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
-  const int64_t sigma_size = covariance ? (full ? C * D * D : C * D) : 0;
+  const int64_t sigma_size = covariance ? (full ? C * D * D : D * c_pad(C)) : 0;
   if (stats_grad) {
-    // per-chunk partials of the statistics' gradients: at most 64 chunks, and their total
-    // within the size of the feature input
-    const int64_t per_chunk = C * D + sigma_size;
+    // per-chunk partials of the statistics' gradients: at most 64 chunks of at least 16 tiles,
+    // and their total within the size of the feature input
+    const int64_t per_chunk = D * c_pad(C) + sigma_size;
     const int64_t budget = std::max<int64_t>(B * D * P, per_chunk);
     n_chunks = std::clamp<int64_t>(std::min<int64_t>(64, budget / per_chunk), 1,
-                                   std::max<int64_t>(n_tiles, 1));
+                                   std::max<int64_t>((n_tiles + 15) / 16, 1));
   }
   at::Tensor part_mu, part_sigma;
   if (stats_grad) {
-    part_mu = at::zeros({n_chunks, C * D}, feats.options().dtype(acc));
-    if (covariance) part_sigma = at::zeros({n_chunks, sigma_size}, feats.options().dtype(acc));
+    part_mu = at::zeros({n_chunks, D * c_pad(C)}, feats.options().dtype(acc));
+    if (covariance)
+      part_sigma = at::zeros({n_chunks, sigma_size}, feats.options().dtype(acc));
   }
   FirstBadLabel first_bad;
   at::Tensor grad_centroids, grad_covariance;
@@ -761,11 +793,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
                             stats_grad, n_chunks, out, first_bad);
     if (stats_grad) {
       // d a_c / d mu_c = f / tau
-      grad_centroids = merge_partials<scalar_t>(part_mu, 1.0 / tau).view({C, D});
+      const auto untranspose = [&](const at::Tensor& dc) {  // [D][Cp] -> [C][D]
+        return dc.view({D, c_pad(C)}).narrow(1, 0, C).t().contiguous();
+      };
+      grad_centroids = untranspose(merge_partials<scalar_t>(part_mu, 1.0 / tau));
       // the partials hold sum 2 s p f f^T; d b_c / d Sigma_c = lam / (2 tau^2) f f^T
-      if (covariance)
-        grad_covariance = merge_partials<scalar_t>(part_sigma, lam / (4.0 * tau * tau))
-                              .view(covariance->sizes());
+      if (covariance) {
+        const at::Tensor merged = merge_partials<scalar_t>(part_sigma, lam / (4.0 * tau * tau));
+        grad_covariance = full ? merged.view(covariance->sizes()) : untranspose(merged);
+      }
     }
   });
   if (first_bad.found())
