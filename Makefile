@@ -37,7 +37,7 @@ test: $(BUILT)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(BUILT)
-	$(PY) -m fastuda.train configs/demo.toml $(DEMO_ARGS)
+	$(PY) -m fastuda.train configs/demo.toml --resume auto $(DEMO_ARGS)
 
 bench: $(BUILT)
 	$(PY) benchmarks/kernel_bench.py
