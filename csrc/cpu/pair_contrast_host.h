@@ -19,7 +19,7 @@
 
 namespace fastuda::cpu {
 
-constexpr int64_t kPixelTile = 64;  // pixels per gather/scatter tile
+constexpr int64_t kPixelTile = 16;  // pixels per gather/scatter tile (one cache line of fp32)
 
 // Calls fn(const scalar_t* data) for an integer labels tensor (uint8, int8, int16, int32, int64).
 template <typename Fn>
@@ -46,15 +46,17 @@ std::vector<acc_t> per_pixel_values(const std::optional<at::Tensor>& t, int64_t 
 }
 
 // dst[slot[i], :] = feats[b, :, p] for every pixel with slot[i] >= 0 (cast to dst_t). Walks the
-// pixels in memory order, one tile at a time, so channels-first reads stay sequential.
+// pixels in memory order, kPixelTile at a time: channels-first input is read one cache line per
+// channel and transposed in a small (L1-resident) buffer, then each pixel's row is written whole.
 template <typename src_t, typename dst_t>
 void gather_rows(const at::Tensor& feats, const int64_t* slot, dst_t* dst) {
   const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
   const int64_t sB = feats.stride(0), sD = feats.stride(1), sP = feats.stride(2);
   const src_t* src = feats.const_data_ptr<src_t>();
   const int64_t tiles_per_image = (P + kPixelTile - 1) / kPixelTile;
-  at::parallel_for(0, B * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * tiles_per_image, 16, [&](int64_t t0, int64_t t1) {
     int64_t pos[kPixelTile], row[kPixelTile];
+    std::vector<dst_t> buf(kPixelTile * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * kPixelTile;
       const int64_t p1 = std::min(P, p0 + kPixelTile);
@@ -63,6 +65,7 @@ void gather_rows(const at::Tensor& feats, const int64_t* slot, dst_t* dst) {
         const int64_t s = slot[b * P + p];
         if (s >= 0) pos[k] = p, row[k++] = s;
       }
+      if (k == 0) continue;
       const src_t* base = src + b * sB;
       if (sD == 1) {  // pixel-major input ([N, D] viewed as [1, D, N]): each pixel is contiguous
         for (int64_t q = 0; q < k; ++q) {
@@ -70,31 +73,50 @@ void gather_rows(const at::Tensor& feats, const int64_t* slot, dst_t* dst) {
           dst_t* out = dst + row[q] * D;
           for (int64_t d = 0; d < D; ++d) out[d] = static_cast<dst_t>(in[d]);
         }
+        continue;
+      }
+      if (sP == 1 && k == p1 - p0) {  // a full run of pixels: contiguous reads per channel
+        for (int64_t d = 0; d < D; ++d) {
+          const src_t* in = base + d * sD + p0;
+          for (int64_t q = 0; q < k; ++q) buf[q * D + d] = static_cast<dst_t>(in[q]);
+        }
       } else {
         for (int64_t d = 0; d < D; ++d) {
           const src_t* in = base + d * sD;
-          for (int64_t q = 0; q < k; ++q) dst[row[q] * D + d] = static_cast<dst_t>(in[pos[q] * sP]);
+          for (int64_t q = 0; q < k; ++q) buf[q * D + d] = static_cast<dst_t>(in[pos[q] * sP]);
         }
       }
+      for (int64_t q = 0; q < k; ++q)
+        std::copy(buf.data() + q * D, buf.data() + (q + 1) * D, dst + row[q] * D);
     }
   });
 }
 
-// out[b, d, p] (a contiguous [B, D, P] tensor) = rows[slot[i], d], or 0 where slot[i] < 0.
+// out[b, d, p] (a contiguous [B, D, P] tensor) = rows[slot[i], d], or 0 where slot[i] < 0; the
+// reverse of gather_rows, through the same kind of small transpose buffer.
 template <typename row_t, typename out_t>
 void scatter_rows(const row_t* rows, const int64_t* slot, at::Tensor& out) {
   const int64_t B = out.size(0), D = out.size(1), P = out.size(2);
   out_t* dst = out.data_ptr<out_t>();
   const int64_t tiles_per_image = (P + kPixelTile - 1) / kPixelTile;
-  at::parallel_for(0, B * tiles_per_image, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * tiles_per_image, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<out_t> buf(kPixelTile * D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_image, p0 = (t % tiles_per_image) * kPixelTile;
-      const int64_t p1 = std::min(P, p0 + kPixelTile);
-      const int64_t* s = slot + b * P;
+      const int64_t n = std::min(P, p0 + kPixelTile) - p0;
+      const int64_t* s = slot + b * P + p0;
+      for (int64_t q = 0; q < n; ++q) {
+        out_t* o = buf.data() + q * D;
+        if (s[q] < 0) {
+          std::fill(o, o + D, out_t(0));
+        } else {
+          const row_t* in = rows + s[q] * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<out_t>(in[d]);
+        }
+      }
       for (int64_t d = 0; d < D; ++d) {
-        out_t* o = dst + (b * D + d) * P;
-        for (int64_t p = p0; p < p1; ++p)
-          o[p] = s[p] >= 0 ? static_cast<out_t>(rows[s[p] * D + d]) : out_t(0);
+        out_t* o = dst + (b * D + d) * P + p0;
+        for (int64_t q = 0; q < n; ++q) o[q] = buf[q * D + d];
       }
     }
   });

@@ -34,7 +34,7 @@
 namespace fastuda::cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 128;
+constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColTile = 512;
 
 struct Problem {
