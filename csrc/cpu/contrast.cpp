@@ -21,11 +21,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#if defined(__AVX__)
+#include <immintrin.h>
 #endif
 
 #include "common/online_softmax.h"
@@ -75,6 +79,7 @@ inline void store_vec(T* p, const typename SimdOf<T>::type& v) {
 // GCC keeps them on the stack and reloads them at every step of k.
 // With kPrefetch, row k of `ahead` (same row stride as Bm) is requested while row k of Bm is
 // used: the features of a later tile stream in spread over the work instead of in one burst.
+// They go to L2 (a tile's rows fill all of L1 on their own).
 template <typename T, int RB, int NB, bool kPrefetch = false>
 inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
                        T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
@@ -89,7 +94,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
     for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (kPrefetch)
-      for (int j = 0; j < NB; j += 64 / sizeof(T)) __builtin_prefetch(ahead + k * ldb + j);
+      for (int j = 0; j < NB; j += 64 / sizeof(T)) __builtin_prefetch(ahead + k * ldb + j, 0, 2);
     V b[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
@@ -215,7 +220,7 @@ void load_tile_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n,
     for (int64_t d = 0; d < D; ++d) {
       const scalar_t* src = base + d * pb.f_sd;
       if (prefetch)
-        for (int64_t t = 2 * kTile; t < 3 * kTile; t += kLine) __builtin_prefetch(src + t);
+        for (int64_t t = 2 * kTile; t < 3 * kTile; t += kLine) __builtin_prefetch(src + t, 0, 2);
       acc_t* dst = X + d * kTile;
       for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(src[t]);
       for (int64_t t = n; t < kTile; ++t) dst[t] = acc_t(0);
@@ -445,6 +450,33 @@ struct BackwardOut {
   acc_t* grad_sigma = nullptr;
 };
 
+// One tile row of fp32 gradient, written around the caches (streaming store) when aligned: the
+// [B, D, P] output is far larger than the caches and is not read again by this kernel, so
+// fetching its lines first (a normal store's read-for-ownership) would double the traffic.
+inline bool stream_row(float* dst, const float* src) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    for (int64_t j = 0; j < kTile; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+    return true;
+  }
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+    for (int64_t j = 0; j < kTile; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+    return true;
+  }
+#endif
+  (void)dst;
+  (void)src;
+  return false;
+}
+
+// Streaming stores are weakly ordered: fence them before the data is handed on.
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
 void store_grad_tile(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64_t p0, int64_t n,
                      const acc_t* gx) {
@@ -452,6 +484,8 @@ void store_grad_tile(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64
   for (int64_t d = 0; d < pb.D; ++d) {
     scalar_t* dst = base + d * pb.P;
     const acc_t* src = gx + d * kTile;
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>)
+      if (n == kTile && stream_row(dst, src)) continue;
     for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<scalar_t>(src[t]);
   }
 }
@@ -475,10 +509,6 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
   const int64_t n_tiles = pb.num_tiles();
   const int64_t C = pb.C, D = pb.D, P = pb.P;
   const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : D * c_pad(C);
-  // gradient rows of a full tile go straight to the output when it has the accumulation type
-  acc_t* direct_out = out.grad_feats.scalar_type() == c10::CppTypeToScalarType<acc_t>::value
-                          ? out.grad_feats.template data_ptr<acc_t>()
-                          : nullptr;
   for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, true, stats_grad);
     for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
@@ -495,10 +525,8 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
       int32_t* y = s.y.data();
       const int64_t bad = load_labels(pb, b, p0, n, y);
       if (bad >= 0) first_bad.offer(o + bad);
-      // where this tile's gradient rows are written: the output itself or the tile buffer
-      const bool in_place = direct_out != nullptr && n == kTile;
-      acc_t* gx = in_place ? direct_out + b * D * P + p0 : s.gx.data();
-      const int64_t ldg = in_place ? P : kTile;
+      acc_t* gx = s.gx.data();  // the tile's gradient [D][kTile], stored to the output at the end
+      constexpr int64_t ldg = kTile;
       // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
       acc_t scale[kTile];
       bool any = false;
@@ -512,8 +540,8 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
         any = any || v != acc_t(0);
       }
       if (!any) {
-        for (int64_t d = 0; d < D; ++d) std::fill(gx + d * ldg, gx + d * ldg + kTile, acc_t(0));
-        if (!in_place) store_grad(pb, out.grad_feats, b, p0, n, gx);
+        std::fill(s.gx.begin(), s.gx.end(), acc_t(0));
+        store_grad(pb, out.grad_feats, b, p0, n, gx);
         continue;
       }
       s.fetch(pb, b, p0, n);
@@ -560,7 +588,7 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
             for (int64_t t = 0; t < kTile; ++t) gx[d * ldg + t] += gbc[t] * U[d * kTile + t];
         }
       }
-      if (!in_place) store_grad(pb, out.grad_feats, b, p0, n, gx);
+      store_grad(pb, out.grad_feats, b, p0, n, gx);
       if (!stats_grad) continue;
       // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
       // g^T [T][Cp] (zero padded), then X [D][T] @ g^T and (X o X) [D][T] @ g_b^T
@@ -589,6 +617,7 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
       }
     }
     }
+    stream_fence();
   });
 }
 
