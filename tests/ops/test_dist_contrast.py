@@ -285,3 +285,12 @@ def test_reference_is_the_published_bound() -> None:
     torch.testing.assert_close(
         dist_contrast(feats, labels, mu, var, tau=TAU, lam=1.0, backend="cpu"),
         ref.sepico_style_dist_contrast(feats, labels, mu, var, tau=TAU, lam=1.0))
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+def test_large_aligned_image(kind: str) -> None:
+    """Many full tiles of a 64-byte aligned fp32 image (in-place reads, prefetch, streaming
+    gradient stores, several partial-sum chunks), against the reference."""
+    feats = _feats((2, 16, 32, 40))
+    labels = _labels((2, 32, 40), 5, ignore_frac=0.1)
+    _compare(feats, labels, _centroids(5, 16), _covariance(kind, 5, 16), rtol=1e-4, atol=2e-5)

@@ -253,3 +253,11 @@ def test_errors() -> None:
         proto_contrast(feats, labels, mu, tau=0.0, backend="cpu")
     with pytest.raises(ValueError, match="backend 'cuda'"):
         proto_contrast(feats, labels, mu, tau=TAU, backend="cuda")
+
+
+def test_large_aligned_image() -> None:
+    """Many full tiles of a 64-byte aligned fp32 image: the in-place read with prefetch of later
+    tiles and the streaming store of the gradient, against the reference."""
+    feats = _feats((2, 24, 32, 40))
+    labels = _labels((2, 32, 40), 7, ignore_frac=0.1)
+    _compare(feats, labels, _centroids(7, 24), rtol=1e-4, atol=1e-5)
