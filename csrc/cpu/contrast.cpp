@@ -91,10 +91,12 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
 #pragma GCC unroll 32
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (kPrefetch)
-      for (int j = 0; j < NB; j += 64 / sizeof(T)) __builtin_prefetch(ahead + k * ldb + j, 0, 2);
+      for (int j = 0; j < NB; j += 64 / sizeof(T))
+        __builtin_prefetch(ahead + k * ldb + j, /*rw=*/0, /*locality=*/2);
     V b[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
@@ -220,7 +222,8 @@ void load_tile_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n,
     for (int64_t d = 0; d < D; ++d) {
       const scalar_t* src = base + d * pb.f_sd;
       if (prefetch)
-        for (int64_t t = 2 * kTile; t < 3 * kTile; t += kLine) __builtin_prefetch(src + t, 0, 2);
+        for (int64_t t = 2 * kTile; t < 3 * kTile; t += kLine)
+          __builtin_prefetch(src + t, /*rw=*/0, /*locality=*/2);  // to L2
       acc_t* dst = X + d * kTile;
       for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(src[t]);
       for (int64_t t = n; t < kTile; ++t) dst[t] = acc_t(0);
@@ -400,40 +403,40 @@ void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLab
   for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, false, false);
     for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
-    const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
-    for (int64_t tile = t_begin; tile < t_end; ++tile) {
-      const int64_t b = tile / pb.tiles_per_row;
-      const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
-      const int64_t n = std::min(kTile, pb.P - p0);
-      int32_t* y = s.y.data();
-      const int64_t bad = load_labels(pb, b, p0, n, y);
-      if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
-      s.fetch(pb, b, p0, n);
-      tile_logits(pb, s, false);
-      acc_t* a = s.a.data();
-      acc_t* bq = s.b.data();
-      if (pb.cov != Cov::None)  // b <- a + b: the full logits
-        for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
-      const acc_t* full = pb.cov == Cov::None ? a : bq;
-      acc_t m[kTile], z[kTile];
-      for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
-      for (int64_t c = 1; c < C; ++c)
-        for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
-      for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
-      const int64_t o = b * pb.P + p0;
-      for (int64_t t = 0; t < n; ++t) {
-        const acc_t l = m[t] + std::log(z[t]);
-        lse[o + t] = l;
-        acc_t v = acc_t(0);
-        if (y[t] >= 0) {
-          v = l - a[y[t] * kTile + t];
-          if (pb.weights != nullptr) v *= pb.weights[o + t];
+      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+      for (int64_t tile = t_begin; tile < t_end; ++tile) {
+        const int64_t b = tile / pb.tiles_per_row;
+        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+        const int64_t n = std::min(kTile, pb.P - p0);
+        int32_t* y = s.y.data();
+        const int64_t bad = load_labels(pb, b, p0, n, y);
+        if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
+        s.fetch(pb, b, p0, n);
+        tile_logits(pb, s, false);
+        acc_t* a = s.a.data();
+        acc_t* bq = s.b.data();
+        if (pb.cov != Cov::None)  // b <- a + b: the full logits
+          for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
+        const acc_t* full = pb.cov == Cov::None ? a : bq;
+        acc_t m[kTile], z[kTile];
+        for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
+        for (int64_t c = 1; c < C; ++c)
+          for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
+        for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
+        const int64_t o = b * pb.P + p0;
+        for (int64_t t = 0; t < n; ++t) {
+          const acc_t l = m[t] + std::log(z[t]);
+          lse[o + t] = l;
+          acc_t v = acc_t(0);
+          if (y[t] >= 0) {
+            v = l - a[y[t] * kTile + t];
+            if (pb.weights != nullptr) v *= pb.weights[o + t];
+          }
+          loss[o + t] = v;
         }
-        loss[o + t] = v;
       }
-    }
     }
   });
 }
@@ -512,110 +515,113 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
   for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, true, stats_grad);
     for (int64_t chunk = claim(); chunk < n_chunks; chunk = claim()) {
-    const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
-    const int64_t Cp = c_pad(C);
-    acc_t* gmu = stats_grad ? out.grad_mu + chunk * D * Cp : nullptr;
-    acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
-                                                      : nullptr;
-    for (int64_t tile = t_begin; tile < t_end; ++tile) {
-      const int64_t b = tile / pb.tiles_per_row;
-      const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
-      const int64_t n = std::min(kTile, P - p0);
-      const int64_t o = b * P + p0;
-      int32_t* y = s.y.data();
-      const int64_t bad = load_labels(pb, b, p0, n, y);
-      if (bad >= 0) first_bad.offer(o + bad);
-      acc_t* gx = s.gx.data();  // the tile's gradient [D][kTile], stored to the output at the end
-      constexpr int64_t ldg = kTile;
-      // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
-      acc_t scale[kTile];
-      bool any = false;
-      for (int64_t t = 0; t < kTile; ++t) {
-        acc_t v = acc_t(0);
-        if (t < n && y[t] >= 0) {
-          v = grad_loss[o + t];
-          if (pb.weights != nullptr) v *= pb.weights[o + t];
+      const auto [t_begin, t_end] = chunk_range(chunk, n_chunks, n_tiles);
+      const int64_t Cp = c_pad(C);
+      acc_t* gmu = stats_grad ? out.grad_mu + chunk * D * Cp : nullptr;
+      acc_t* gsig = stats_grad && pb.cov != Cov::None ? out.grad_sigma + chunk * sigma_size
+                                                        : nullptr;
+      for (int64_t tile = t_begin; tile < t_end; ++tile) {
+        const int64_t b = tile / pb.tiles_per_row;
+        const int64_t p0 = (tile % pb.tiles_per_row) * kTile;
+        const int64_t n = std::min(kTile, P - p0);
+        const int64_t o = b * P + p0;
+        int32_t* y = s.y.data();
+        const int64_t bad = load_labels(pb, b, p0, n, y);
+        if (bad >= 0) first_bad.offer(o + bad);
+        acc_t* gx = s.gx.data();  // the tile's gradient [D][kTile], stored to the output at the end
+        constexpr int64_t ldg = kTile;
+        // scale[t]: d loss_total / d l_t (0 for pixels that do not count)
+        acc_t scale[kTile];
+        bool any = false;
+        for (int64_t t = 0; t < kTile; ++t) {
+          acc_t v = acc_t(0);
+          if (t < n && y[t] >= 0) {
+            v = grad_loss[o + t];
+            if (pb.weights != nullptr) v *= pb.weights[o + t];
+          }
+          scale[t] = v;
+          any = any || v != acc_t(0);
         }
-        scale[t] = v;
-        any = any || v != acc_t(0);
-      }
-      if (!any) {
-        std::fill(s.gx.begin(), s.gx.end(), acc_t(0));
+        if (!any) {
+          std::fill(s.gx.begin(), s.gx.end(), acc_t(0));
+          store_grad(pb, out.grad_feats, b, p0, n, gx);
+          continue;
+        }
+        s.fetch(pb, b, p0, n);
+        tile_logits(pb, s, true);
+        const acc_t* X = s.X;
+        const int64_t ldx = s.ldx;
+        acc_t* a = s.a.data();
+        acc_t* bq = s.b.data();
+        acc_t* ga = s.g_a.data();
+        acc_t* gb = s.g_b.data();
+        // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
+        acc_t l[kTile];
+        for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* ac = a + c * kTile;
+          acc_t* gac = ga + c * kTile;
+          acc_t* gbc = gb + c * kTile;
+          // (pixels that do not count get exactly 0, whatever their saved lse holds)
+          if (pb.cov == Cov::None) {
+            for (int64_t t = 0; t < kTile; ++t)
+              gac[t] = scale[t] != acc_t(0) ? scale[t] * exp_poly(ac[t] - l[t]) : acc_t(0);
+          } else {
+            const acc_t* bc = bq + c * kTile;
+            for (int64_t t = 0; t < kTile; ++t) {
+              const acc_t sp =
+                  scale[t] != acc_t(0) ? scale[t] * exp_poly(ac[t] + bc[t] - l[t]) : acc_t(0);
+              gac[t] = sp;
+              gbc[t] = acc_t(2) * sp;
+            }
+          }
+        }
+        for (int64_t t = 0; t < kTile; ++t)
+          if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
+        // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
+        gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, false);
+        if (pb.cov == Cov::Diag) {
+          acc_t* tmp = s.tmp.data();
+          gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t t = 0; t < kTile; ++t)
+              gx[d * ldg + t] += X[d * ldx + t] * tmp[d * kTile + t];
+        } else if (pb.cov == Cov::Full) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* U = s.U.data() + c * D * kTile;
+            const acc_t* gbc = gb + c * kTile;
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t t = 0; t < kTile; ++t) gx[d * ldg + t] += gbc[t] * U[d * kTile + t];
+          }
+        }
         store_grad(pb, out.grad_feats, b, p0, n, gx);
-        continue;
-      }
-      s.fetch(pb, b, p0, n);
-      tile_logits(pb, s, true);
-      const acc_t* X = s.X;
-      const int64_t ldx = s.ldx;
-      acc_t* a = s.a.data();
-      acc_t* bq = s.b.data();
-      acc_t* ga = s.g_a.data();
-      acc_t* gb = s.g_b.data();
-      // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
-      acc_t l[kTile];
-      for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* ac = a + c * kTile;
-        acc_t* gac = ga + c * kTile;
-        acc_t* gbc = gb + c * kTile;
-        if (pb.cov == Cov::None) {
-          for (int64_t t = 0; t < kTile; ++t) gac[t] = scale[t] * exp_poly(ac[t] - l[t]);
-        } else {
-          const acc_t* bc = bq + c * kTile;
-          for (int64_t t = 0; t < kTile; ++t) {
-            const acc_t sp = scale[t] * exp_poly(ac[t] + bc[t] - l[t]);
-            gac[t] = sp;
-            gbc[t] = acc_t(2) * sp;
+        if (!stats_grad) continue;
+        // statistics partials: X [D][T] @ g_a^T [T][Cp] (g transposed, zero padded to Cp
+        // columns), (X o X) @ g_b^T for a diagonal Sigma, sum_t g_b[c][t] x_t x_t^T for a full one
+        acc_t* gT = s.gT.data();
+        const auto transpose_g = [&](const acc_t* g) {
+          std::fill(s.gT.begin(), s.gT.end(), acc_t(0));
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t t = 0; t < kTile; ++t) gT[t * Cp + c] = g[c * kTile + t];
+        };
+        transpose_g(ga);
+        gemm<acc_t>(D, kTile, Cp, X, ldx, 1, gT, Cp, gmu, Cp, true);
+        if (pb.cov == Cov::Diag) {
+          transpose_g(gb);
+          gemm<acc_t>(D, kTile, Cp, s.X2.data(), kTile, 1, gT, Cp, gsig, Cp, true);
+        } else if (pb.cov == Cov::Full) {
+          acc_t* XT = s.XT.data();
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * ldx + t];
+          acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* gbc = gb + c * kTile;
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t t = 0; t < kTile; ++t) GX[d * kTile + t] = gbc[t] * X[d * ldx + t];
+            gemm<acc_t>(D, kTile, D, GX, kTile, 1, XT, D, gsig + c * D * D, D, true);
           }
         }
       }
-      for (int64_t t = 0; t < kTile; ++t)
-        if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
-      // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
-      gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, false);
-      if (pb.cov == Cov::Diag) {
-        acc_t* tmp = s.tmp.data();
-        gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t t = 0; t < kTile; ++t)
-            gx[d * ldg + t] += X[d * ldx + t] * tmp[d * kTile + t];
-      } else if (pb.cov == Cov::Full) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* U = s.U.data() + c * D * kTile;
-          const acc_t* gbc = gb + c * kTile;
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t t = 0; t < kTile; ++t) gx[d * ldg + t] += gbc[t] * U[d * kTile + t];
-        }
-      }
-      store_grad(pb, out.grad_feats, b, p0, n, gx);
-      if (!stats_grad) continue;
-      // centroid / covariance partials: g_a @ X^T, g_b @ (X o X)^T, sum_t g_b[c][t] x_t x_t^T
-      // g^T [T][Cp] (zero padded), then X [D][T] @ g^T and (X o X) [D][T] @ g_b^T
-      acc_t* gT = s.gT.data();
-      const auto transpose_g = [&](const acc_t* g) {
-        std::fill(s.gT.begin(), s.gT.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < kTile; ++t) gT[t * Cp + c] = g[c * kTile + t];
-      };
-      transpose_g(ga);
-      gemm<acc_t>(D, kTile, Cp, X, ldx, 1, gT, Cp, gmu, Cp, true);
-      if (pb.cov == Cov::Diag) {
-        transpose_g(gb);
-        gemm<acc_t>(D, kTile, Cp, s.X2.data(), kTile, 1, gT, Cp, gsig, Cp, true);
-      } else if (pb.cov == Cov::Full) {
-        acc_t* XT = s.XT.data();
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t t = 0; t < kTile; ++t) XT[t * D + d] = X[d * ldx + t];
-        acc_t* GX = s.tmp.data();  // [D][T]: g_b[c][t] x[d][t]
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* gbc = gb + c * kTile;
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t t = 0; t < kTile; ++t) GX[d * kTile + t] = gbc[t] * X[d * ldx + t];
-          gemm<acc_t>(D, kTile, D, GX, kTile, 1, XT, D, gsig + c * D * D, D, true);
-        }
-      }
-    }
     }
     stream_fence();
   });
