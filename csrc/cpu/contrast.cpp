@@ -228,6 +228,13 @@ void load_tile_typed(const Problem<acc_t>& pb, int64_t b, int64_t p0, int64_t n,
       for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(src[t]);
       for (int64_t t = n; t < kTile; ++t) dst[t] = acc_t(0);
     }
+  } else if (pb.f_sp < pb.f_sd) {  // channels-first with strided pixels (a sliced image)
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* src = base + d * pb.f_sd;
+      acc_t* dst = X + d * kTile;
+      for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<acc_t>(src[t * pb.f_sp]);
+      for (int64_t t = n; t < kTile; ++t) dst[t] = acc_t(0);
+    }
   } else {  // pixel-major ([N, D] or channels-last): walk each pixel's channels
     for (int64_t t = 0; t < n; ++t) {
       const scalar_t* src = base + t * pb.f_sp;

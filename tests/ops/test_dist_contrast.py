@@ -78,6 +78,7 @@ LAYOUTS = {
     "bdhw": lambda: _feats((2, 12, 5, 7)),
     "channels_last": lambda: _feats((2, 12, 5, 7)).to(memory_format=torch.channels_last),
     "sliced": lambda: _feats((2, 24, 5, 9))[:, ::2, :, 1:8],
+    "strided_pixels": lambda: _feats((2, 12, 1, 70))[..., ::2],  # [B, D, P] view, P stride 2
 }
 
 
