@@ -184,6 +184,91 @@ void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_k
 inline int64_t c_pad(int64_t C) { return (C + 31) / 32 * 32; }
 
 // ---------------------------------------------------------------------------------------------
+// Softmax pieces of a tile, x [C][kTile] logits. The float versions are written with explicit
+// vectors: GCC leaves the scalar loops (and exp_poly inside them) unvectorised.
+// ---------------------------------------------------------------------------------------------
+// m[t] = max_c x[c][t], z[t] = sum_c exp(x[c][t] - m[t])
+template <typename T>
+void tile_max_sumexp(const T* x, int64_t C, T* m, T* z) {
+  for (int64_t t = 0; t < kTile; ++t) m[t] = x[t];
+  for (int64_t c = 1; c < C; ++c)
+    for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], x[c * kTile + t]);
+  for (int64_t t = 0; t < kTile; ++t) z[t] = T(0);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(x[c * kTile + t] - m[t]);
+}
+
+// g[c][t] = s[t] exp(x[c][t] - l[t]); exactly 0 where s[t] = 0, whatever l[t] holds
+template <typename T>
+void tile_scaled_softmax(const T* x, int64_t C, const T* l, const T* s, T* g) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < kTile; ++t)
+      g[c * kTile + t] = s[t] != T(0) ? s[t] * exp_poly(x[c * kTile + t] - l[t]) : T(0);
+}
+
+using VecF = SimdOf<float>::type;
+typedef int32_t VecI __attribute__((vector_size(kVecBytes)));
+constexpr int kFloatLanes = kVecBytes / sizeof(float);
+constexpr int kTileVecs = kTile / kFloatLanes;
+static_assert(kTile % kFloatLanes == 0, "a tile is a whole number of float vectors");
+
+// exp_poly (common/online_softmax.h), lane by lane
+inline VecF exp_vec(VecF x) {
+  const VecF lo = VecF{} - 87.0f, hi = VecF{} + 88.0f, one = VecF{} + 1.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const VecF kr = x * 1.44269504088896341f + 0.5f;
+  VecF k = __builtin_convertvector(__builtin_convertvector(kr, VecI), VecF);  // trunc
+  k = k > kr ? k - one : k;  // floor
+  const VecF r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  VecF p = VecF{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VecI bits = (__builtin_convertvector(k, VecI) + 127) << 23;
+  VecF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <>
+void tile_max_sumexp<float>(const float* x, int64_t C, float* m, float* z) {
+  VecF mv[kTileVecs], zv[kTileVecs];
+  for (int j = 0; j < kTileVecs; ++j) mv[j] = load_vec(x + j * kFloatLanes);
+  for (int64_t c = 1; c < C; ++c)
+    for (int j = 0; j < kTileVecs; ++j) {
+      const VecF v = load_vec(x + c * kTile + j * kFloatLanes);
+      mv[j] = v > mv[j] ? v : mv[j];
+    }
+  for (int j = 0; j < kTileVecs; ++j) zv[j] = VecF{};
+  for (int64_t c = 0; c < C; ++c)
+    for (int j = 0; j < kTileVecs; ++j)
+      zv[j] += exp_vec(load_vec(x + c * kTile + j * kFloatLanes) - mv[j]);
+  for (int j = 0; j < kTileVecs; ++j) {
+    store_vec(m + j * kFloatLanes, mv[j]);
+    store_vec(z + j * kFloatLanes, zv[j]);
+  }
+}
+
+template <>
+void tile_scaled_softmax<float>(const float* x, int64_t C, const float* l, const float* s,
+                                float* g) {
+  VecF lv[kTileVecs], sv[kTileVecs];
+  for (int j = 0; j < kTileVecs; ++j) {
+    lv[j] = load_vec(l + j * kFloatLanes);
+    sv[j] = load_vec(s + j * kFloatLanes);
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int j = 0; j < kTileVecs; ++j) {
+      const VecF e = exp_vec(load_vec(x + c * kTile + j * kFloatLanes) - lv[j]);
+      store_vec(g + c * kTile + j * kFloatLanes, sv[j] != 0.0f ? sv[j] * e : VecF{});
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Inputs of one call, already checked; every [C, ...] parameter converted to acc_t, contiguous.
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
@@ -426,12 +511,7 @@ void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLab
           for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
         const acc_t* full = pb.cov == Cov::None ? a : bq;
         acc_t m[kTile], z[kTile];
-        for (int64_t t = 0; t < kTile; ++t) m[t] = full[t];
-        for (int64_t c = 1; c < C; ++c)
-          for (int64_t t = 0; t < kTile; ++t) m[t] = std::max(m[t], full[c * kTile + t]);
-        for (int64_t t = 0; t < kTile; ++t) z[t] = acc_t(0);
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < kTile; ++t) z[t] += exp_poly(full[c * kTile + t] - m[t]);
+        tile_max_sumexp(full, C, m, z);
         const int64_t o = b * pb.P + p0;
         for (int64_t t = 0; t < n; ++t) {
           const acc_t l = m[t] + std::log(z[t]);
@@ -565,24 +645,11 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
         // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
         acc_t l[kTile];
         for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* ac = a + c * kTile;
-          acc_t* gac = ga + c * kTile;
-          acc_t* gbc = gb + c * kTile;
-          // (pixels that do not count get exactly 0, whatever their saved lse holds)
-          if (pb.cov == Cov::None) {
-            for (int64_t t = 0; t < kTile; ++t)
-              gac[t] = scale[t] != acc_t(0) ? scale[t] * exp_poly(ac[t] - l[t]) : acc_t(0);
-          } else {
-            const acc_t* bc = bq + c * kTile;
-            for (int64_t t = 0; t < kTile; ++t) {
-              const acc_t sp =
-                  scale[t] != acc_t(0) ? scale[t] * exp_poly(ac[t] + bc[t] - l[t]) : acc_t(0);
-              gac[t] = sp;
-              gbc[t] = acc_t(2) * sp;
-            }
-          }
-        }
+        if (pb.cov != Cov::None)  // b <- a + b: the full logits
+          for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
+        tile_scaled_softmax(pb.cov == Cov::None ? a : bq, C, l, scale, ga);
+        if (pb.cov != Cov::None)
+          for (int64_t i = 0; i < C * kTile; ++i) gb[i] = acc_t(2) * ga[i];
         for (int64_t t = 0; t < kTile; ++t)
           if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
         // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
