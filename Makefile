@@ -9,6 +9,9 @@ SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 ifneq ($(wildcard /usr/lib/ccache/g++),)
 export PATH := /usr/lib/ccache:$(PATH)
 export PYTORCH_NVCC := ccache nvcc
+# paths below the checkout hash as relative ones: a fresh clone elsewhere (CI) hits the cache
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := 1
 endif
 export MAX_JOBS ?= 2
 

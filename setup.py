@@ -105,7 +105,8 @@ else:
 ext_modules = [main_ext]
 emu_sources = _srcs("csrc/emu/*.cpp")
 if emu_sources:
-    # The CUDA kernel bodies compiled with g++ against the host SIMT layer (csrc/common/simt_host.h).
+    # The CUDA kernel bodies compiled with g++ against the host SIMT layer
+    # (csrc/common/simt_host.h).
     ext_modules.append(CppExtension(
         "fastuda._C_emu", emu_sources, include_dirs=include_dirs,
         define_macros=[("FASTUDA_SIMT_HOST", "1")],

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from fastuda.config import Config, load_config
 from fastuda.data import build_val_loader
@@ -129,10 +130,20 @@ def _run_equivalence(cfg: Config, info: DistInfo) -> dict:
         lr=cfg.optim.lr, momentum=0.9)
     take = slice(info.rank, info.rank + 1) if info.enabled else slice(0, 2)
     out: dict = {"stats": [], "initial": {k: v.clone()
-                                          for k, v in trainer.student.state_dict().items()}}
+                                          for k, v in trainer.student.state_dict().items()},
+                 "reduced_buckets": []}
+    reduced: list[int] = []  # gradient buckets all-reduced during the current step
+    if info.enabled:
+        def count_reductions(state: object, bucket: dist.GradBucket) -> torch.futures.Future:
+            reduced.append(bucket.index())
+            return default_hooks.allreduce_hook(None, bucket)
+
+        trainer.forward_student.register_comm_hook(None, count_reductions)
     for it, (source, target) in enumerate(equivalence_batches()):
+        reduced.clear()
         result = trainer.step({k: v[take] for k, v in source.items()},
                               {k: v[take] for k, v in target.items()}, it)
+        out["reduced_buckets"].append(list(reduced))
         assert result.finite
         out.setdefault("losses", []).append(result.losses)
         out["stats"].append(tuple(t.clone() for t in trainer.method.stats.stats()))
@@ -261,6 +272,17 @@ def test_two_ranks_of_one_image_train_like_one_process_of_two(two_ranks: list[di
     moved = max(float((single["student"][k] - v).abs().max())
                 for k, v in single["initial"].items() if v.is_floating_point())
     assert moved > 1e-3, "the weights barely moved: the comparison would be vacuous"
+
+
+def test_gradients_all_reduced_once_per_step(two_ranks: list[dict]) -> None:
+    """A step runs three student passes (source, target, mixed); the first two run under DDP's
+    no_sync(), so each gradient bucket is all-reduced once per step, in the last backward, with
+    the gradients of all three passes (test above: they equal the one-process gradients)."""
+    for rank in two_ranks:
+        for step, buckets in enumerate(rank["reduced_buckets"]):
+            assert buckets, f"step {step}: no gradient was all-reduced"
+            assert sorted(buckets) == list(range(len(buckets))), \
+                f"step {step}: buckets all-reduced {buckets} (each should be reduced once)"
 
 
 def test_student_and_teacher_identical_on_every_rank(two_ranks: list[dict]) -> None:

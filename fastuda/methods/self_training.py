@@ -9,7 +9,9 @@ One step, as data flows (methods.md):
     student(aug target)       -> method.target_losses                         -> backward
     ClassMix(source, target)  -> student(aug mixed) -> weighted CE + method.mixed_losses -> backward
     optimiser step -> teacher EMA
-Each forward is followed by its own backward, so only one graph is alive at a time.
+Each forward is followed by its own backward, so only one graph is alive at a time. Under DDP
+the gradients are all-reduced once per step: every pass but the last runs under ``no_sync()``
+and the last one's all-reduce carries the gradients accumulated by all of them.
 """
 
 from __future__ import annotations
@@ -220,6 +222,24 @@ class SelfTraining:
             crops.append(img[:, top:top + ch, left:left + cw])
         return torch.stack(crops)
 
+    def _last_pass(self, it: int) -> str:
+        """The last student pass of this step ("source", "target" or "mix"): the one whose
+        backward all-reduces the gradients under DDP."""
+        st = self.cfg.self_training
+        if st.enabled and st.mix == "classmix":
+            return "mix"
+        if st.enabled and self.method.wants_student_target(it):
+            return "target"
+        return "source"
+
+    def _sync(self, name: str, last: str):  # noqa: ANN202
+        """DDP's ``no_sync()`` for every pass but the last (the forward decides whether its
+        backward all-reduces, so the context covers forward and backward)."""
+        ddp = self.forward_student
+        if name == last or not hasattr(ddp, "no_sync"):
+            return nullcontext()
+        return ddp.no_sync()
+
     def set_lr(self, it: int) -> float:
         o = self.cfg.optim
         f = lr_factor(it, self.cfg.train.max_iters, o.warmup_iters, o.poly_power)
@@ -238,6 +258,7 @@ class SelfTraining:
         src_lbl = source["label"].to(dev, non_blocking=True).long()
         ok = True
         method.start_step(source, target, it)
+        last = self._last_pass(it)
 
         if method.wants_teacher_source(it):
             with self.timer("teacher_forward"), torch.no_grad(), self.autocast():
@@ -252,13 +273,14 @@ class SelfTraining:
         # source: supervised CE + the method's source losses
         with self.timer("augment"):
             student_src = self._augment(src_img) if method.augment_source else src_img
-        with self.timer("student_forward"), self.autocast():
-            out = self.forward_student(student_src)
-        with self.timer("losses"):
-            losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
-        with self.timer("method_losses"):
-            losses.update(method.source_losses(out, src_lbl, it))
-        ok &= self._backward(losses, log)
+        with self._sync("source", last):
+            with self.timer("student_forward"), self.autocast():
+                out = self.forward_student(student_src)
+            with self.timer("losses"):
+                losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
+            with self.timer("method_losses"):
+                losses.update(method.source_losses(out, src_lbl, it))
+            ok &= self._backward(losses, log)
         del out, losses
 
         if st.enabled and ok:
@@ -268,11 +290,12 @@ class SelfTraining:
             if method.wants_student_target(it):
                 with self.timer("augment"):
                     aug_tgt = self._augment(tgt_img)
-                with self.timer("student_forward"), self.autocast():
-                    out = self.forward_student(aug_tgt)
-                with self.timer("method_losses"):
-                    losses = method.target_losses(out, plabel, pweight, it)
-                ok &= self._backward(losses, log)
+                with self._sync("target", last):
+                    with self.timer("student_forward"), self.autocast():
+                        out = self.forward_student(aug_tgt)
+                    with self.timer("method_losses"):
+                        losses = method.target_losses(out, plabel, pweight, it)
+                    ok &= self._backward(losses, log)
                 del out, losses
 
             if st.mix == "classmix" and ok:

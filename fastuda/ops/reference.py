@@ -3,8 +3,8 @@
 Two kinds of functions live here:
 
 * the references (``class_stats``, ``proto_contrast``, ...): the semantics of ops.md written as
-  directly as PyTorch allows. Tests compare every kernel against them; ``backend="torch"`` runs them;
-  the benchmark calls them "lean". They are differentiable through autograd.
+  directly as PyTorch allows. Tests compare every kernel against them; ``backend="torch"`` runs
+  them; the benchmark calls them "lean". They are differentiable through autograd.
 * ``sepico_style_*``: the formulation of the published SePiCo code (per-class statistics through
   expanded N x C x D tensors, permute + boolean-mask gathers, a Python loop over class pairs for the
   bank loss). They exist only as the speed/memory baseline of ``benchmarks/kernel_bench.py``.
@@ -191,9 +191,9 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
                    reduction: str = "mean") -> Tensor:
     """Supervised contrast among the valid pixels of a batch (features L2-normalised here).
 
-    For anchor i: l_i = -(1/|P_i|) sum_p w_ip [s_ip - log(exp(s_ip) + sum_n exp(s_in))], s = cos/tau,
-    w_ip = a_i a_p with ``pair_weights`` a (else 1). Anchors without a positive are skipped; the mean
-    is over the anchors that count; ``weights`` scale each anchor's loss."""
+    For anchor i: l_i = -(1/|P_i|) sum_p w_ip [s_ip - log(exp(s_ip) + sum_n exp(s_in))],
+    s = cos/tau, w_ip = a_i a_p with ``pair_weights`` a (else 1). Anchors without a positive are
+    skipped; the mean is over the anchors that count; ``weights`` scale each anchor's loss."""
     f, y, w = flatten_pixels(feats, labels, weights)
     acc = _acc_dtype(f)
     a = None if pair_weights is None else pair_weights.reshape(-1)
@@ -308,7 +308,8 @@ def sepico_style_dist_contrast(feats: Tensor, labels: Tensor, centroids: Tensor,
 
 def sepico_style_bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, *,
                                tau: float, ignore_index: int = 255) -> Tensor:
-    """Bank loss with a Python loop over class pairs and all C x M negatives computed, then averaged."""
+    """Bank loss with a Python loop over class pairs and all C x M negatives computed, then
+    averaged."""
     f, y = _sepico_gather(feats, labels, ignore_index)
     C, M, _ = bank.shape
     lens = bank_len.tolist()
