@@ -7,6 +7,8 @@ Scales: DAFormer (N = 51200, D = 256) and DeepLab-V2 (N = 12800, D = 512), C = 1
 N and D. Times are medians of repeated runs (forward + backward for the losses). Extra peak memory
 is measured per case in a fresh process: on CPU the growth of the peak resident set over the inputs,
 on CUDA ``max_memory_allocated`` over the inputs. Speed-ups are ratios within the same run.
+Roofline columns: the bytes and flops a case needs at least (``min_work``) over its time, as a
+percentage of the device's copy bandwidth and fp32 matmul rate, both measured at the start.
 """
 
 from __future__ import annotations
@@ -157,6 +159,46 @@ def _memory_child(op: str, impl: str, shape: tuple[int, ...], device: str) -> fl
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
+# ----------------------------------------------------------------------------------------------
+# Roofline: what each case must move / compute at least, against ceilings measured on the device
+# ----------------------------------------------------------------------------------------------
+def measure_ceilings(device: str) -> dict[str, float]:
+    """Copy bandwidth (GB/s, read + write of a 512 MiB fp32 tensor) and fp32 matmul rate
+    (GFLOP/s, 4096^3) of this device, as medians of a few runs."""
+    src = torch.empty(2**27, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = time_case(lambda: dst.copy_(src), device, 5, 10.0)
+    n = 4096 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    mm_s = time_case(lambda: a @ b, device, 5, 10.0)
+    return {"copy_gb_s": 2 * src.numel() * 4 / copy_s / 1e9,
+            "matmul_gflop_s": 2 * n**3 / mm_s / 1e9}
+
+
+def min_work(op: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(bytes, flops) one run of a case needs at least (fp32 features; int64 labels): the
+    features read once per pass (forward, backward) and the feature gradient written once; the
+    flops of the dominant products. The ratio to the time gives achieved GB/s and GFLOP/s."""
+    B, D, H, W = shape
+    N = B * H * W
+    feat, lbl = 4 * N * D, 8 * N
+    if op == "estimator_update":  # two passes (mean, centred squares)
+        return 2 * feat + 2 * lbl, 4 * N * D
+    if op == "class_stats_full":  # mean pass + Gram pass over the class-sorted pixels
+        return 2 * feat + 2 * lbl, 2 * N * D * D
+    if op in ("proto_contrast", "dist_contrast"):  # fwd: read f; bwd: read f, write grad
+        k = 2 if op == "proto_contrast" else 4  # f.mu (+ f^2.var) products
+        return 3 * feat + 2 * lbl, 3 * k * N * C * D
+    if op == "bank_contrast":  # C means + M positives per pixel, fwd and bwd
+        return 3 * feat + 2 * lbl, 3 * 2 * N * (C + 200) * D
+    if op == "pixel_contrast":  # N x N similarities, fwd and bwd (two products)
+        return 3 * feat + 2 * lbl, 3 * 2 * N * N * D
+    if op == "downscale_labels":  # 16 input labels per output cell, one output label
+        return 16 * lbl + lbl, 0.0
+    raise ValueError(op)
+
+
 def available_backends(device: str) -> list[str]:
     out = []
     if device == "cpu" and ops.extension_available():
@@ -180,12 +222,15 @@ def main() -> None:
     dev = args.device
     if dev == "cpu" and not torch.cuda.is_available():
         print("no GPU present: CUDA and Triton backends are not measured on this machine")
+    ceilings = measure_ceilings(dev)
+    print(f"{dev} ceilings: copy {ceilings['copy_gb_s']:.1f} GB/s, fp32 matmul "
+          f"{ceilings['matmul_gflop_s']:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     reps, budget = (3, 4.0) if args.quick else (7, 15.0)
     scales = {"daformer": SCALES["daformer"]} if args.quick else SCALES
     impls = ["published", "lean", *available_backends(dev)]
     rows = []
     header = f"{'op':<18} {'scale':<10} {'shape B,D,H,W':<18} {'impl':<10} {'ms':>9} " \
-             f"{'x published':>12} {'x lean':>8} {'extra MB':>9}"
+             f"{'x published':>12} {'x lean':>8} {'extra MB':>9} {'%copy':>6} {'%mm':>5}"
     print(header)
     print("-" * len(header))
     for op in args.ops.split(","):
@@ -214,11 +259,17 @@ def main() -> None:
                        "speedup_vs_lean": (lean / ms) if lean else None,
                        "extra_peak_mb": mem,
                        "feature_input_mb": x["feats"].numel() * 4 / 2**20}
+                nbytes, flops = min_work(op, shape)
+                row["achieved_gb_s"] = nbytes / ms / 1e6
+                row["achieved_gflop_s"] = flops / ms / 1e6
+                row["pct_of_copy"] = 100 * row["achieved_gb_s"] / ceilings["copy_gb_s"]
+                row["pct_of_matmul"] = 100 * row["achieved_gflop_s"] / ceilings["matmul_gflop_s"]
                 rows.append(row)
                 sp = f"{row['speedup_vs_published']:.1f}" if pub else "-"
                 sl = f"{row['speedup_vs_lean']:.1f}" if lean else "-"
                 print(f"{op:<18} {scale:<10} {','.join(map(str, shape)):<18} {impl:<10} "
-                      f"{ms:9.2f} {sp:>12} {sl:>8} {mem:9.1f}", flush=True)
+                      f"{ms:9.2f} {sp:>12} {sl:>8} {mem:9.1f} {row['pct_of_copy']:6.1f} "
+                      f"{row['pct_of_matmul']:5.1f}", flush=True)
     if not args.quick:
         print("\nsweep (proto_contrast forward+backward, fastest backend vs lean):")
         best = next((b for b in available_backends(dev)), None)
@@ -238,6 +289,7 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "ceilings": ceilings,
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
