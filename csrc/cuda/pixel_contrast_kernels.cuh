@@ -47,8 +47,6 @@ constexpr int kPerLane = kCols / kLanes;          // similarity entries per thre
 constexpr int kThreads = kRows * kLanes;          // 256
 constexpr int kGradPerStage = kChan / kLanes;     // gradient channels per thread per stage
 constexpr int kMaxGradStages = 4;                 // kGradChannelsMax / kChan
-constexpr int kRowLoads = kChan * kRows / kThreads;  // staged elements per thread (anchor slice)
-constexpr int kColLoads = kChan * kCols / kThreads;  // staged elements per thread (column slice)
 constexpr int kCoefThreads = 256;
 static_assert(kRows * kLanes == kThreads && kLanes * kPerLane == kCols);
 static_assert(kMaxGradStages * kChan == kPixelGradChannelsMax);
@@ -86,54 +84,40 @@ FASTUDA_DEVICE_INLINE int64_t label_of(const LabelView& y, int64_t P, int64_t n)
   return y.load(n / P, n % P);
 }
 
-// Where the elements a thread stages for a tile of kTile pixels starting at pixel n0 come from:
-// element e = tid + q * kThreads of the [kChan x kTile] slice is (channel chan[q], tile column
-// col[q]) of pixel n0 + col[q], at offset pix[q] (b * stride_b + p * stride_p; -1 past the last
-// pixel). Consecutive threads walk pixels when pixels are the contiguous dimension (channels-first
-// maps) and channels otherwise (pixel-major [N, D]), so the global loads coalesce either way.
-// Computed once per tile; the channel stages then only add d * stride_d.
-template <int kTile, int kLoads>
-struct StageMap {
-  int64_t pix[kLoads];
-  int chan[kLoads], col[kLoads];
-};
+// Offset of pixel n in the features (b * stride_b + p * stride_p), -1 past the last pixel. A
+// tile's offsets are computed once (one thread per pixel) and kept in shared memory, so the
+// channel stages neither divide nor hold per-thread address arrays in registers.
+template <typename T>
+FASTUDA_DEVICE_INLINE int64_t pixel_offset(const FeatView<T>& x, int64_t n) {
+  return n < x.B * x.P ? (n / x.P) * x.stride_b + (n % x.P) * x.stride_p : int64_t(-1);
+}
 
-template <int kTile, int kLoads, typename T>
-FASTUDA_DEVICE_INLINE StageMap<kTile, kLoads> stage_map(const FeatView<T>& x, int64_t n0) {
+// tile[c][col] = channel d0 + c of the tile's pixel col, in the accumulation type (0 outside).
+// Element e = tid + q * kThreads of the [kChan x kTile] slice: consecutive threads walk pixels
+// when pixels are the contiguous dimension (channels-first maps) and channels otherwise
+// (pixel-major [N, D]), so the global loads coalesce either way.
+template <int kTile, typename T>
+FASTUDA_DEVICE_INLINE void stage_slice(const FeatView<T>& x, const int64_t* offset_s, int64_t d0,
+                                       acc_t<T> (*tile)[kTile + 1]) {
+  using A = acc_t<T>;
+  constexpr int kLoads = kChan * kTile / kThreads;
   static_assert(kLoads * kThreads == kChan * kTile);
-  StageMap<kTile, kLoads> m;
-  const int64_t N = x.B * x.P;
   const bool pixels_contiguous = x.stride_p <= x.stride_d;
 FASTUDA_UNROLL
   for (int q = 0; q < kLoads; ++q) {
     const int e = int(threadIdx.x) + q * kThreads;
-    m.col[q] = pixels_contiguous ? e % kTile : e / kChan;
-    m.chan[q] = pixels_contiguous ? e / kTile : e % kChan;
-    const int64_t n = n0 + m.col[q];
-    m.pix[q] = n < N ? (n / x.P) * x.stride_b + (n % x.P) * x.stride_p : -1;
-  }
-  return m;
-}
-
-// tile[c][col] = feats[channel d0 + c] of the mapped pixels, in the accumulation type (0 outside).
-template <int kTile, int kLoads, typename T>
-FASTUDA_DEVICE_INLINE void stage_slice(const FeatView<T>& x, const StageMap<kTile, kLoads>& m,
-                                       int64_t d0, acc_t<T> (*tile)[kTile + 1]) {
-  using A = acc_t<T>;
-FASTUDA_UNROLL
-  for (int q = 0; q < kLoads; ++q) {
-    const int64_t d = d0 + m.chan[q];
-    tile[m.chan[q]][m.col[q]] = m.pix[q] >= 0 && d < x.D ? A(x.ptr[m.pix[q] + d * x.stride_d])
-                                                          : A(0);
+    const int col = pixels_contiguous ? e % kTile : e / kChan;
+    const int chan = pixels_contiguous ? e / kTile : e % kChan;
+    const int64_t off = offset_s[col], d = d0 + chan;
+    tile[chan][col] = off >= 0 && d < x.D ? A(x.ptr[off + d * x.stride_d]) : A(0);
   }
 }
 
 // dot[k] = f_(row r) . f_(column l + 8k) over all channels (every thread of the block calls it:
 // it synchronises; it begins with a barrier, so callers may overwrite nothing it stages before).
 template <typename T>
-FASTUDA_DEVICE_INLINE void similarity_tile(const FeatView<T>& x,
-                                           const StageMap<kRows, kRowLoads>& rows,
-                                           const StageMap<kCols, kColLoads>& cols,
+FASTUDA_DEVICE_INLINE void similarity_tile(const FeatView<T>& x, const int64_t* row_off_s,
+                                           const int64_t* col_off_s,
                                            acc_t<T> (*rows_s)[kRows + 1],
                                            acc_t<T> (*cols_s)[kCols + 1], int r, int l,
                                            acc_t<T>* dot) {
@@ -142,8 +126,8 @@ FASTUDA_UNROLL
   for (int k = 0; k < kPerLane; ++k) dot[k] = A(0);
   for (int64_t d0 = 0; d0 < x.D; d0 += kChan) {
     __syncthreads();  // the previous stage (or the caller's reads of cols_s) is done
-    stage_slice(x, rows, d0, rows_s);
-    stage_slice(x, cols, d0, cols_s);
+    stage_slice<kRows>(x, row_off_s, d0, rows_s);
+    stage_slice<kCols>(x, col_off_s, d0, cols_s);
     __syncthreads();
     const int nd = int(x.D - d0 < kChan ? x.D - d0 : kChan);
     for (int dd = 0; dd < nd; ++dd) {
@@ -173,7 +157,7 @@ pixel_forward_kernel(FeatView<T> x, LabelView y, WeightView w, WeightView pw, ac
   using namespace pixel_detail;
   __shared__ A rows_s[kChan][kRows + 1];
   __shared__ A cols_s[kChan][kCols + 1];
-  __shared__ int64_t lab_s[kCols];
+  __shared__ int64_t row_off_s[kRows], col_off_s[kCols], lab_s[kCols];
   __shared__ A pw_s[kCols];
   __shared__ int flag_s;
   const int tid = int(threadIdx.x), r = tid / kLanes, l = tid % kLanes;
@@ -183,36 +167,35 @@ pixel_forward_kernel(FeatView<T> x, LabelView y, WeightView w, WeightView pw, ac
   const bool valid = yi != ignore_index;
   const int64_t bi = in_range ? i / x.P : 0, pi = in_range ? i % x.P : 0;
   const A ai = valid ? pw.load<A>(bi, pi) : A(1);
-  const auto rows = stage_map<kRows, kRowLoads>(x, i0);
+  if (tid < kRows) row_off_s[tid] = pixel_offset(x, i0 + tid);  // read after the next barrier
 
   // pass 1: online logsumexp over the negatives, positive count
   A m = A(-INFINITY), s = A(0);
   int npos = 0;
   for (int64_t j0 = 0; j0 < N; j0 += kCols) {
-    __syncthreads();  // the previous tile's reads of lab_s / flag_s are done
-    if (tid < kCols) lab_s[tid] = j0 + tid < N ? label_of(y, x.P, j0 + tid) : ignore_index;
+    __syncthreads();  // the previous tile's reads of the shared arrays are done
+    if (tid < kCols) {
+      lab_s[tid] = j0 + tid < N ? label_of(y, x.P, j0 + tid) : ignore_index;
+      col_off_s[tid] = pixel_offset(x, j0 + tid);
+    }
     if (tid == 0) flag_s = 0;
     __syncthreads();
-    bool neg[kPerLane];
-    bool any = false;
+    unsigned neg = 0;  // bit k: column l + 8k is a negative of the row
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       const int c = l + kLanes * k;
       const int64_t yj = lab_s[c];
-      const bool vj = yj != ignore_index;
-      neg[k] = valid && vj && yj != yi;
+      if (valid && yj != ignore_index && yj != yi) neg |= 1u << k;
       npos += (valid && yj == yi && j0 + c != i) ? 1 : 0;
-      any = any || neg[k];
     }
-    if (!block_any(any, &flag_s)) continue;
-    const auto cols = stage_map<kCols, kColLoads>(x, j0);
+    if (!block_any(neg != 0, &flag_s)) continue;
     A dot[kPerLane];
-    similarity_tile(x, rows, cols, rows_s, cols_s, r, l, dot);
+    similarity_tile(x, row_off_s, col_off_s, rows_s, cols_s, r, l, dot);
     A tmax = A(-INFINITY);
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       dot[k] *= inv_tau;
-      if (neg[k] && dot[k] > tmax) tmax = dot[k];
+      if ((neg >> k & 1u) && dot[k] > tmax) tmax = dot[k];
     }
     tmax = row_max(tmax);
     const A mnew = tmax > m ? tmax : m;
@@ -220,7 +203,7 @@ FASTUDA_UNROLL
     if (mnew != A(-INFINITY)) {
 FASTUDA_UNROLL
       for (int k = 0; k < kPerLane; ++k)
-        if (neg[k]) part += contrast_detail::exp_acc(dot[k] - mnew);
+        if (neg >> k & 1u) part += contrast_detail::exp_acc(dot[k] - mnew);
     }
     part = row_sum(part);
     if (mnew != A(-INFINITY)) {
@@ -239,25 +222,23 @@ FASTUDA_UNROLL
     if (tid < kCols) {
       const int64_t j = j0 + tid;
       lab_s[tid] = j < N ? label_of(y, x.P, j) : ignore_index;
+      col_off_s[tid] = pixel_offset(x, j);
       pw_s[tid] = j < N ? pw.load<A>(j / x.P, j % x.P) : A(1);
     }
     if (tid == 0) flag_s = 0;
     __syncthreads();
-    bool pos[kPerLane];
-    bool any = false;
+    unsigned pos = 0;  // bit k: column l + 8k is a positive of the row
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       const int c = l + kLanes * k;
-      pos[k] = valid && has_neg && lab_s[c] == yi && j0 + c != i;
-      any = any || pos[k];
+      if (valid && has_neg && lab_s[c] == yi && j0 + c != i) pos |= 1u << k;
     }
-    if (!block_any(any, &flag_s)) continue;
-    const auto cols = stage_map<kCols, kColLoads>(x, j0);
+    if (!block_any(pos != 0, &flag_s)) continue;
     A dot[kPerLane];
-    similarity_tile(x, rows, cols, rows_s, cols_s, r, l, dot);
+    similarity_tile(x, row_off_s, col_off_s, rows_s, cols_s, r, l, dot);
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
-      if (!pos[k]) continue;
+      if (!(pos >> k & 1u)) continue;
       const A z = nu - dot[k] * inv_tau;
       const A wp = ai * pw_s[l + kLanes * k];
       lsum += wp * softplus(z);
@@ -322,7 +303,7 @@ pixel_grad_kernel(FeatView<T> x, LabelView y, WeightView pw, acc_t<T> inv_tau,
   __shared__ A rows_s[kChan][kRows + 1];
   __shared__ A cols_s[kChan][kCols + 1];
   __shared__ A g_s[kRows][kCols + 1];  // G_ij + G_ji of the tile
-  __shared__ int64_t lab_s[kCols];
+  __shared__ int64_t row_off_s[kRows], col_off_s[kCols], lab_s[kCols];
   __shared__ A c_s[kCols], nu_s[kCols], ca_s[kCols], pw_s[kCols];
   __shared__ int flag_s;
   const int tid = int(threadIdx.x), r = tid / kLanes, l = tid % kLanes;
@@ -330,15 +311,14 @@ pixel_grad_kernel(FeatView<T> x, LabelView y, WeightView pw, acc_t<T> inv_tau,
   const bool in_range = i < N;
   const int64_t yi = in_range ? label_of(y, x.P, i) : ignore_index;
   const bool valid = yi != ignore_index;
-  const int64_t bi = in_range ? i / x.P : 0, pi = in_range ? i % x.P : 0;
   const A ci = valid ? coef[i] : A(0);
   const A nui = valid && neg_lse[i] != A(-INFINITY) ? neg_lse[i] : A(0);
   const A cai = valid ? ci * pos_acc[i] : A(0);
-  const A ai = valid ? pw.load<A>(bi, pi) : A(1);
+  const A ai = valid ? pw.load<A>(i / x.P, i % x.P) : A(1);
   const bool pair_grad = grad_pair != nullptr && blockIdx.y == 0;
   const int64_t dg0 = int64_t(blockIdx.y) * grad_channels;
   const int64_t dg1 = dg0 + grad_channels < x.D ? dg0 + grad_channels : x.D;
-  const auto rows = stage_map<kRows, kRowLoads>(x, i0);
+  if (tid < kRows) row_off_s[tid] = pixel_offset(x, i0 + tid);  // read after the next barrier
 
   A acc[kMaxGradStages * kGradPerStage];
 FASTUDA_UNROLL
@@ -352,6 +332,7 @@ FASTUDA_UNROLL
       const bool vj = yj != ignore_index;
       const A cj = vj ? coef[j] : A(0);
       lab_s[tid] = yj;
+      col_off_s[tid] = pixel_offset(x, j);
       c_s[tid] = cj;
       nu_s[tid] = vj && neg_lse[j] != A(-INFINITY) ? neg_lse[j] : A(0);
       ca_s[tid] = vj ? cj * pos_acc[j] : A(0);
@@ -359,29 +340,30 @@ FASTUDA_UNROLL
     }
     if (tid == 0) flag_s = 0;
     __syncthreads();
-    // 0: no pair, 1: positive, 2: negative; work only where a coefficient is non-zero
-    int kind[kPerLane];
+    // bit k of pos / neg: column l + 8k is a positive / negative of the row; work only where a
+    // coefficient is non-zero
+    unsigned pos = 0, neg = 0;
     bool any = false;
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       const int c = l + kLanes * k;
       const int64_t yj = lab_s[c];
       const bool pair = valid && yj != ignore_index && j0 + c != i;
-      kind[k] = pair ? (yj == yi ? 1 : 2) : 0;
+      if (pair) (yj == yi ? pos : neg) |= 1u << k;
       any = any || (pair && (ci != A(0) || c_s[c] != A(0)));
     }
     if (!block_any(any, &flag_s)) continue;
-    const auto cols = stage_map<kCols, kColLoads>(x, j0);
     A dot[kPerLane];
-    similarity_tile(x, rows, cols, rows_s, cols_s, r, l, dot);
+    similarity_tile(x, row_off_s, col_off_s, rows_s, cols_s, r, l, dot);
 FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       const int c = l + kLanes * k;
       const A z = dot[k] * inv_tau;
       A g = A(0);
-      if (kind[k] == 2) {
-        g = cai * contrast_detail::exp_acc(z - nui) + ca_s[c] * contrast_detail::exp_acc(z - nu_s[c]);
-      } else if (kind[k] == 1) {
+      if (neg >> k & 1u) {
+        g = cai * contrast_detail::exp_acc(z - nui) +
+            ca_s[c] * contrast_detail::exp_acc(z - nu_s[c]);
+      } else if (pos >> k & 1u) {
         const A cj = c_s[c], nuj = nu_s[c];
         g = -(ai * pw_s[c]) * (ci * sigmoid(nui - z) + cj * sigmoid(nuj - z));
         if (pair_grad) ga += pw_s[c] * (ci * softplus(nui - z) + cj * softplus(nuj - z));
@@ -394,7 +376,7 @@ FASTUDA_UNROLL
       const int64_t d0 = dg0 + int64_t(st) * kChan;
       if (d0 >= dg1) break;  // uniform
       __syncthreads();  // g_s is complete; cols_s is free again
-      stage_slice(x, cols, d0, cols_s);
+      stage_slice<kCols>(x, col_off_s, d0, cols_s);
       __syncthreads();
       for (int c = 0; c < kCols; ++c) {
         const A g = g_s[r][c];
@@ -407,6 +389,7 @@ FASTUDA_UNROLL
   ga = row_sum(ga);
   if (!in_range) return;  // no barrier follows
   if (pair_grad && l == 0) grad_pair[i] = valid ? ga : A(0);
+  const int64_t bi = i / x.P, pi = i % x.P;
 FASTUDA_UNROLL
   for (int st = 0; st < kMaxGradStages; ++st) {
 FASTUDA_UNROLL
