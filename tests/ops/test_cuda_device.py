@@ -159,7 +159,9 @@ def test_pixel_contrast(shape: dict, layout: str, dtype: torch.dtype) -> None:
     scale = torch.rand(loss.shape, device=DEV)
     (loss * scale).sum().backward()
     (want * scale.double()).sum().backward()
-    torch.testing.assert_close(f.grad.double(), f64.grad, atol=1e-3, rtol=1e-3)
+    # the feature gradient is returned in the features' dtype (bf16: 8 significant bits)
+    gtol = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(f.grad.double(), f64.grad, atol=gtol, rtol=gtol)
     torch.testing.assert_close(a.grad.double(), a64.grad, atol=1e-3, rtol=1e-3)
     again = ops.pixel_contrast(feats, labels, tau=0.2, weights=weights, pair_weights=pair,
                                reduction="none", backend="cuda")
