@@ -197,4 +197,30 @@ void bank_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                                    const acc_t<T>* neg_lse, T* grad_x, void* workspace,
                                    void* stream);
 
+
+// ---- pixel_contrast ------------------------------------------------------------------------------
+// Channels of the feature gradient one block of the backward owns (grid.y splits D into slices of
+// at most this many; each slice recomputes the similarity tiles, the accumulators stay in
+// registers). A multiple of 32.
+inline constexpr int32_t kPixelGradChannelsMax = 128;
+
+// x: L2-normalised features; w: anchor weights, pw: pair weights a (w_ij = a_i a_j), either
+// absent (1). loss, neg_lse, pos_acc, n_pos: [B * P] acc_t, written at every pixel (0 at ignored).
+template <typename T>
+void pixel_contrast_forward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
+                                   const WeightView& pw, double tau, int64_t ignore_index,
+                                   acc_t<T>* loss, acc_t<T>* neg_lse, acc_t<T>* pos_acc,
+                                   acc_t<T>* n_pos, void* stream);
+
+// grad_loss, neg_lse, pos_acc: [B * P] contiguous acc_t; grad_x: [B, D, P] contiguous;
+// grad_pair: [B * P] or null (no pair weights); coef: [B * P] acc_t scratch. grad_channels: a
+// multiple of 32 in [32, kPixelGradChannelsMax].
+template <typename T>
+void pixel_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
+                                    const WeightView& w, const WeightView& pw, double tau,
+                                    int64_t ignore_index, const acc_t<T>* grad_loss,
+                                    const acc_t<T>* neg_lse, const acc_t<T>* pos_acc,
+                                    int32_t grad_channels, T* grad_x, acc_t<T>* grad_pair,
+                                    acc_t<T>* coef, void* stream);
+
 }  // namespace fastuda::FASTUDA_KNS

@@ -28,6 +28,12 @@ TORCH_LIBRARY(fastuda_emu, m) {
         "float tau, int ignore_index) -> (Tensor loss, Tensor neg_lse)");
   m.def("bank_contrast_backward(Tensor grad_loss, Tensor feats, Tensor labels, Tensor bank, "
         "Tensor bank_len, Tensor neg_lse, float tau, int ignore_index) -> Tensor grad_feats");
+  m.def("pixel_contrast_forward(Tensor feats, Tensor labels, float tau, int ignore_index, "
+        "Tensor? weights, Tensor? pair_weights) "
+        "-> (Tensor loss, Tensor neg_lse, Tensor pos_acc, Tensor n_pos)");
+  m.def("pixel_contrast_backward(Tensor grad_loss, Tensor feats, Tensor labels, Tensor neg_lse, "
+        "Tensor pos_acc, float tau, int ignore_index, Tensor? weights, Tensor? pair_weights) "
+        "-> (Tensor grad_feats, Tensor grad_pair_weights)");
   m.def("downscale_labels(Tensor labels, int factor, int num_classes, float min_ratio, "
         "int ignore_index) -> Tensor");
 }

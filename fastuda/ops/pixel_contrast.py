@@ -10,6 +10,7 @@ the positives' accumulated sigmoid and the number of positives of each anchor.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,18 +135,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.tau, ctx.ignore_index = tau, ignore_index
 
 
-def _backward(ctx, grad_loss: Tensor, *_aux_grads: Tensor | None):
-    feats, labels, neg_lse, pos_acc, weights, pair_weights = ctx.saved_tensors
-    need_feats, need_pair = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
-    if not (need_feats or need_pair):
-        return None, None, None, None, None, None
-    if grad_loss is None:
-        grad_loss = neg_lse.new_zeros(neg_lse.shape)
-    grad_feats, grad_pair = torch.ops.fastuda.pixel_contrast_backward(
-        grad_loss, feats, labels, neg_lse, pos_acc, ctx.tau, ctx.ignore_index, weights,
-        pair_weights)
-    return (grad_feats if need_feats else None), None, None, None, None, (
-        grad_pair if need_pair else None)
+def make_backward(backward_op: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple]:
+    """The autograd backward of a pixel_contrast_forward op that calls ``backward_op`` (a
+    pixel_contrast_backward with the same schema). torch.ops.fastuda uses it; the tests register
+    it for the emulated CUDA kernels (torch.ops.fastuda_emu), so both run the same autograd path."""
+    def backward(ctx, grad_loss: Tensor, *_aux_grads: Tensor | None):
+        feats, labels, neg_lse, pos_acc, weights, pair_weights = ctx.saved_tensors
+        need_feats, need_pair = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+        if not (need_feats or need_pair):
+            return None, None, None, None, None, None
+        if grad_loss is None:
+            grad_loss = neg_lse.new_zeros(neg_lse.shape)
+        grad_feats, grad_pair = backward_op(grad_loss, feats, labels, neg_lse, pos_acc, ctx.tau,
+                                            ctx.ignore_index, weights, pair_weights)
+        return (grad_feats if need_feats else None), None, None, None, None, (
+            grad_pair if need_pair else None)
+    return backward
+
+
+_backward = make_backward(lambda *args: torch.ops.fastuda.pixel_contrast_backward(*args))
 
 
 if _backend.extension_available():

@@ -133,6 +133,73 @@ def test_bank_contrast(shape: dict) -> None:
                                rtol=1e-3)
 
 
+PIXEL_SHAPES = [dict(B=2, D=37, H=9, W=11, C=5),     # partial row blocks, tiles and stages
+                dict(B=2, D=256, H=65, W=65, C=19)]  # the published scale (N = 2 * 65 * 65)
+
+
+@pytest.mark.parametrize("shape", PIXEL_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_contrast(shape: dict, layout: str, dtype: torch.dtype) -> None:
+    """The public op with backend="cuda" (normalisation, kernels, autograd) against the reference
+    in fp64 on the same values: loss, feature and pair-weight gradients."""
+    feats, labels = _case(7, **shape, dtype=dtype)
+    if layout == "channels_last":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(8)
+    pair = (0.2 + torch.rand(labels.shape, generator=g)).to(DEV)
+    weights = torch.rand(labels.shape, generator=g).to(DEV)
+    f, a = feats.detach().clone().requires_grad_(), pair.clone().requires_grad_()
+    loss = ops.pixel_contrast(f, labels, tau=0.2, weights=weights, pair_weights=a,
+                              reduction="none", backend="cuda")
+    f64, a64 = feats.double().requires_grad_(), pair.double().requires_grad_()
+    want = ref.pixel_contrast(f64, labels, tau=0.2, weights=weights.double(), pair_weights=a64,
+                              reduction="none")
+    torch.testing.assert_close(loss.double(), want.detach(), atol=1e-4, rtol=1e-4)
+    scale = torch.rand(loss.shape, device=DEV)
+    (loss * scale).sum().backward()
+    (want * scale.double()).sum().backward()
+    # the feature gradient is returned in the features' dtype (bf16: 8 significant bits)
+    gtol = 1e-3 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(f.grad.double(), f64.grad, atol=gtol, rtol=gtol)
+    torch.testing.assert_close(a.grad.double(), a64.grad, atol=1e-3, rtol=1e-3)
+    again = ops.pixel_contrast(feats, labels, tau=0.2, weights=weights, pair_weights=pair,
+                               reduction="none", backend="cuda")
+    assert torch.equal(loss.detach(), again)  # no floating-point atomics: bitwise reproducible
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_pixel_contrast_kernel_dtypes_and_degenerate_batches(dtype: torch.dtype) -> None:
+    """The op itself on pixel-major fp16 / fp64 unit features (the kernels' own staging of those
+    dtypes), all-ignore and single-class batches: zeros, never NaN."""
+    feats, labels = _case(9, B=1, D=48, H=40, W=50, C=4)
+    nd = torch.nn.functional.normalize(feats[0].flatten(1).t().double(), dim=1)  # [N, D] unit
+    x = nd.to(dtype).t().unsqueeze(0)  # [1, D, N] with stride_d = 1
+    y = as_bp(labels, feats)
+    loss, nu, acc, n_pos = torch.ops.fastuda.pixel_contrast_forward(x, y, 0.3, 255, None, None)
+    want = ref.pixel_contrast(x[0].t().double(), y[0], tau=0.3, reduction="none")
+    tol = 1e-10 if dtype == torch.float64 else 3e-3
+    torch.testing.assert_close(loss[0].double(), want, atol=tol, rtol=tol)
+    for labels_case in (torch.full_like(y, 255), torch.where(y == 255, 255, 1)):
+        out = torch.ops.fastuda.pixel_contrast_forward(x, labels_case, 0.3, 255, None, None)
+        assert not out[0].any() and not out[2].any()
+        gf, _ = torch.ops.fastuda.pixel_contrast_backward(torch.ones_like(out[0]), x, labels_case,
+                                                          out[1], out[2], 0.3, 255, None, None)
+        assert not gf.any()
+
+
+def test_auto_backend_prefers_the_cuda_kernels() -> None:
+    """backend="auto" on CUDA tensors: the CUDA kernel first, then Triton, as for every op."""
+    import importlib
+
+    from fastuda.ops import _backend
+    for name in ("pixel_contrast", "bank_contrast"):
+        module = importlib.import_module(f"fastuda.ops.{name}")
+        supported = module._supported(True)
+        assert "cuda" in supported, name
+        assert _backend.resolve(name, "auto", torch.device(DEV), supported=supported) == "cuda"
+
+
 def test_public_ops_use_the_cuda_backend_with_autograd() -> None:
     feats, labels = _case(6, B=2, D=64, H=16, W=16, C=7)
     feats.requires_grad_()

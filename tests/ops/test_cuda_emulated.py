@@ -33,6 +33,7 @@ def _schema_text(op: str, namespace: str) -> str:
 @pytest.mark.parametrize("op", ["class_stats", "proto_contrast_forward", "proto_contrast_backward",
                                 "dist_contrast_forward", "dist_contrast_backward",
                                 "bank_contrast_forward", "bank_contrast_backward",
+                                "pixel_contrast_forward", "pixel_contrast_backward",
                                 "downscale_labels"])
 def test_emulated_schemas_match_the_real_ops(op: str) -> None:
     assert _schema_text(op, "fastuda_emu") == _schema_text(op, "fastuda")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastuda.ops import extension_available, pixel_contrast
-from fastuda.ops._backend import as_bdp, as_bp
+from fastuda.ops import cuda_kernels_built, extension_available, pixel_contrast
+from fastuda.ops._backend import as_bdp, as_bp, resolve
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="fastuda._C is not built")
 
@@ -213,3 +213,16 @@ def test_errors() -> None:
     with pytest.raises(RuntimeError, match=r"labels shape \[2, 12\] does not match feats"):
         torch.ops.fastuda.pixel_contrast_forward(as_bdp(feats)[:, :, :11], as_bp(labels, feats),
                                                  TAU, 255, None, None)
+
+
+@pytest.mark.skipif(not cuda_kernels_built(), reason="fastuda._C was built without CUDA sources")
+def test_auto_backend_on_cuda_tensors_prefers_the_cuda_kernel() -> None:
+    """With the CUDA kernels built (no GPU needed to check the choice), backend="auto" on CUDA
+    tensors picks them before Triton, the policy of every op."""
+    import importlib
+    module = importlib.import_module("fastuda.ops.pixel_contrast")
+    supported = module._supported(False)  # without importing triton (see _supported)
+    assert "cuda" in supported
+    device = torch.device("cuda")
+    assert resolve("pixel_contrast", "auto", device, supported=supported) == "cuda"
+    assert resolve("pixel_contrast", "auto", device, supported=(*supported, "triton")) == "cuda"
