@@ -210,6 +210,70 @@ class MethodConfig:
                self.corda_discrepancy_scale, ">= 0 (0: relative to the target depth)")
 
 
+# output stride of each model's logits and features (fastuda/models): HRDA aligns its detail box
+# and sliding windows to it
+OUTPUT_STRIDE = {"deeplabv2": 8, "daformer": 4}
+
+
+@dataclass
+class HRDAConfig:
+    """HRDA multi-resolution training and inference (Hoyer et al., ECCV 2022), see
+    fastuda/models/hrda.py.
+
+    The training crop (``data.crop_size``) is the full-resolution context crop: the context view is
+    it downscaled by ``context_scale``, the detail view a random full-resolution sub-crop of
+    ``detail_crop`` pixels; a learned scale attention fuses the two predictions. Inference: the
+    context view of the whole image, detail predictions by sliding ``detail_crop`` windows (stride
+    ``slide_stride``, default half the window) over the full-resolution image."""
+
+    enabled: bool = False
+    context_scale: float = 0.5  # 1 / context_scale must be an integer (published 0.5)
+    detail_crop: list[int] = field(default_factory=lambda: [512, 512])  # (height, width), pixels
+    detail_loss_weight: float = 0.1  # CE on the detail logits (labels cropped to the box)
+    attention_channels: int = 256  # hidden channels of the scale-attention head
+    slide_stride: list[int] = field(default_factory=list)  # (height, width); [] = detail_crop / 2
+
+    def __post_init__(self) -> None:
+        inv = 1.0 / self.context_scale if self.context_scale > 0 else 0.0
+        _check(0 < self.context_scale < 1 and abs(inv - round(inv)) < 1e-6,
+               "hrda.context_scale", self.context_scale,
+               "in (0, 1) with 1 / context_scale an integer, e.g. 0.5")
+        _check(len(self.detail_crop) == 2 and min(self.detail_crop) > 0, "hrda.detail_crop",
+               self.detail_crop, "two positive integers (height, width)")
+        _check(self.detail_loss_weight >= 0, "hrda.detail_loss_weight", self.detail_loss_weight,
+               ">= 0")
+        _check(self.attention_channels >= 1, "hrda.attention_channels", self.attention_channels,
+               ">= 1")
+        _check(self.slide_stride == [] or (len(self.slide_stride) == 2
+                                           and min(self.slide_stride) > 0
+                                           and self.slide_stride[0] <= self.detail_crop[0]
+                                           and self.slide_stride[1] <= self.detail_crop[1]),
+               "hrda.slide_stride", self.slide_stride,
+               "[] (half the detail crop) or two positive integers <= hrda.detail_crop")
+
+    @property
+    def stride(self) -> list[int]:
+        """The sliding-window stride of the detail inference."""
+        return list(self.slide_stride) or [self.detail_crop[0] // 2, self.detail_crop[1] // 2]
+
+    def check_against(self, model: str, crop_size: list[int]) -> None:
+        """Sizes that must fit the model's output stride s: the detail box and the crops are
+        placed on the context grid (multiples of s / context_scale full-resolution pixels), the
+        sliding windows on the detail grid (multiples of s)."""
+        s = OUTPUT_STRIDE[model]
+        align = round(s / self.context_scale)
+        for i, side in enumerate(("height", "width")):
+            _check(self.detail_crop[i] <= crop_size[i], "hrda.detail_crop", self.detail_crop,
+                   f"<= data.crop_size {crop_size} ({side})")
+            _check(self.detail_crop[i] % align == 0, "hrda.detail_crop", self.detail_crop,
+                   f"multiples of output stride / context_scale = {align} for {model}")
+            _check(crop_size[i] % align == 0, "data.crop_size", crop_size,
+                   f"multiples of output stride / context_scale = {align} with hrda.enabled "
+                   f"for {model}")
+            _check(self.stride[i] % s == 0, "hrda.slide_stride", self.stride,
+                   f"multiples of the output stride {s} of {model}")
+
+
 @dataclass
 class OpsConfig:
     backend: Literal["auto", "cpu", "cuda", "triton", "torch"] = "auto"
@@ -254,11 +318,16 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hrda: HRDAConfig = field(default_factory=HRDAConfig)
 
     def __post_init__(self) -> None:
         _check(self.model.num_classes == self.data.source.num_classes, "model.num_classes",
                self.model.num_classes, f"equal to data.source.num_classes "
                f"({self.data.source.num_classes})")
+        if self.hrda.enabled:
+            self.hrda.check_against(self.model.name, self.data.crop_size)
+            _check(self.method.name != "corda", "hrda.enabled", True,
+                   "false with method.name = 'corda' (CorDA wraps the model with its own heads)")
 
 
 # ----------------------------------------------------------------------------------------------

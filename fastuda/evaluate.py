@@ -1,8 +1,11 @@
 """Evaluation: ``python -m fastuda.evaluate CONFIG --checkpoint PATH [--set key=value ...]``.
 
-Whole-image or sliding-window inference (optional horizontal flip), intersections and unions
-accumulated over the whole split (summed over ranks under DDP), a per-class IoU table on screen and
-the same JSON record the training evaluations write to metrics.jsonl.
+Whole-image or sliding-window inference (optional horizontal flip; with ``hrda.enabled`` the
+model is the HRDA wrapper, whose eval-mode forward is the multi-resolution inference: context view
+of the image or window, detail windows slid over it at full resolution, fused by the attention),
+intersections and unions accumulated over the whole split (summed over ranks under DDP), a
+per-class IoU table on screen and the same JSON record the training evaluations write to
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -120,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .data import build_val_loader
     from .engine.checkpoint import load_checkpoint
-    from .models import build_model
+    from .models import build_network
     from .train import pick_device
 
     device = pick_device(cfg.train.device)
-    model = build_model(cfg.model).to(device)
+    model = build_network(cfg).to(device)  # HRDA's multi-resolution inference when enabled
     state = load_checkpoint(args.checkpoint)
     # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
     # dict of the model is accepted too

@@ -79,10 +79,10 @@ class Run:
         from .data.loaders import TARGET_STREAM, build_train_iterator
         from .methods import build_method
         from .methods.self_training import SelfTraining
-        from .models import build_model
+        from .models import build_network
 
         self.cfg, self.work_dir, self.info, self.device = cfg, work_dir, info, device
-        model = build_model(cfg.model)
+        model = build_network(cfg)  # HRDAModel around the model when hrda.enabled
         method = build_method(cfg, embed_dim=getattr(model, "embed_dim", 0) or 0,
                               device=device).to(device)
         # a method's wrapper (CorDA's heads) is part of what DDP synchronises

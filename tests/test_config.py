@@ -38,6 +38,18 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[method]\ntau = -1.0\n", "method.tau"),
     ('[ops]\nbackend = "gpu"\n', "ops.backend"),
     ("[train]\ndeterministic = 1\n", "train.deterministic"),
+    ("[hrda]\nscale = 0.5\n", "'scale'"),
+    ("[hrda]\ncontext_scale = 0.3\n", "hrda.context_scale"),
+    ("[hrda]\ncontext_scale = 1.0\n", "hrda.context_scale"),
+    ("[hrda]\ndetail_crop = [512]\n", "hrda.detail_crop"),
+    ("[hrda]\ndetail_loss_weight = -1.0\n", "hrda.detail_loss_weight"),
+    ("[hrda]\nattention_channels = 0\n", "hrda.attention_channels"),
+    ("[hrda]\nslide_stride = [600, 100]\n", "hrda.slide_stride"),
+    ("[hrda]\nenabled = true\ndetail_crop = [1024, 512]\n", "hrda.detail_crop"),
+    ("[hrda]\nenabled = true\ndetail_crop = [100, 96]\n", "hrda.detail_crop"),
+    ("[hrda]\nenabled = true\n[data]\ncrop_size = [516, 512]\n", "data.crop_size"),
+    ("[hrda]\nenabled = true\nslide_stride = [258, 256]\n", "hrda.slide_stride"),
+    ('[hrda]\nenabled = true\n[method]\nname = "corda"\n', "hrda.enabled"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -37,6 +37,9 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
             "data.crop_size=[64, 64]", "data.num_workers=0", "data.rcs_min_pixels=10",
             "train.max_iters=1", "train.device='cpu'", "eval.mode='whole'", "eval.max_images=2",
             "eval.num_vis=1", "method.start_iter=0"]
+    if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop, a small contrast grid
+        sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+                 "method.cluda_grid=[8, 8]"]
     for dom, name in (("source", "synthetic_source"), ("target", "synthetic_target"),
                       ("val", "synthetic_target")):
         split = "val" if dom == "val" else "train"
@@ -58,10 +61,31 @@ def test_every_config_trains_one_iteration(path: Path, synthetic_root: str, tmp_
     assert train_logs and all(torch.isfinite(torch.tensor(x["src.ce"])) for x in train_logs)
     if cfg.method.name == "sepico":
         assert "src.contrast" in train_logs[0] and "tgt.contrast" in train_logs[0]
+    if cfg.hrda.enabled:
+        assert {"src.ce_detail", "mix.ce_detail", "src.contrast", "mix.contrast"} \
+            <= set(train_logs[0])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["iteration"] == 1
     assert (tmp_path / "run" / "config.toml").is_file()
     assert list((tmp_path / "run" / "vis").glob("*.png"))
+
+
+def test_evaluate_cli_with_hrda(synthetic_root: str, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m fastuda.evaluate`` builds the HRDA network and runs its inference."""
+    from fastuda.evaluate import main
+    from fastuda.models import HRDAModel, build_network
+
+    path = REPO / "configs" / "demo_cluda_hrda.toml"
+    sets = tiny_overrides(synthetic_root, path)
+    cfg = load_config(path, sets)
+    net = build_network(cfg)
+    assert isinstance(net, HRDAModel)
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    args = [str(path), "--checkpoint", str(tmp_path / "weights.pt")]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= record["mIoU"] <= 100.0
 
 
 def _run(args: list[str], **kw) -> subprocess.Popen:

@@ -9,13 +9,33 @@ the pair weights are the outer product of the mixed pseudo-weights. The two loss
 each. Features, labels and weights are flattened batch-major together (the op reads [B, D, h, w]
 and [B, h, w]); ignore pixels are neither positives nor negatives.
 
-Not here: the multi-resolution (HRDA) setting with its learned scale-attention weighting
-(pairs a_i a_j between context pixels, 1 - a_i a_j between context and detail pixels); see
-methods.md. In single-resolution training there is no scale attention to weight pairs with.
+Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of methods.md. Its "1-channel
+head with sigmoid output a_i" is HRDA's scale attention (fastuda/models/hrda.py), reused rather
+than a second head: it is exactly such a head (on the context features, defined at every pixel of
+both views), and its meaning (how much a pixel relies on the detail view) is what a weighting of
+pairs by resolution needs; a second head would learn from the contrast loss alone. The contrast
+loss back-propagates into the attention through the pair weights (the learned weighting), besides
+the segmentation loss through the fusion. The pixels are the context features on the grid (labels
+of the whole crop, nearest) and the detail features on the same grid (labels cropped to the
+detail box), with a_i the attention head's raw (unmasked) output at each pixel
+(``attention_context`` / ``attention_detail``, bilinear to the grid). Pair weights:
+    w_ip = a_i a_p        both pixels of the same view (context/context, and detail/detail,
+                          which methods.md does not specify: we weight it like context/context)
+    w_ip = 1 - a_i a_p    one context and one detail pixel,
+times q_i q_p on the mixed batch (q: mixed pseudo-weights). ``ops.pixel_contrast`` only takes
+w_ip = u_i u_p, but its loss is linear in w at fixed anchors and positives (neither depends on the
+weights), and with r_i = +1 for context and -1 for detail pixels
+    W = (q r a)(q r a)^T + 1/2 q q^T - 1/2 (q r)(q r)^T
+exactly (same view: r_i r_p = 1, q q a a; cross: r_i r_p = -1, q q (1 - a a)), so
+    L = L[u = q r a] + 1/2 L[u = q] - 1/2 L[u = q r]
+is computed with three exact calls of the op (the [N, N] matrix is still never stored; the
+second and third do not depend on a). No approximation; tests/methods/test_cluda_hrda.py checks
+it against a per-pair loop.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -53,18 +73,58 @@ class CLUDA(Method):
         return ops.pixel_contrast(f, lbl, tau=self.cfg.cluda_tau, pair_weights=w,
                                   ignore_index=self.ignore_index, backend=self.backend)
 
+    def contrast_multires(self, out: Outputs, labels: Tensor, weights: Tensor | None = None
+                          ) -> Tensor:
+        """The multi-resolution contrast of HRDA outputs (see the module docstring): context
+        and detail pixels on the grid, pair weights a_i a_p within a view and 1 - a_i a_p across
+        views (times the pixel weights' product), as three exact ``pixel_contrast`` calls."""
+        y1, y2, x1, x2 = (int(v) for v in out["detail_box"])
+        f_c, l_c, q_c = to_grid(out["features"], labels, weights, self.grid)
+        f_d, l_d, q_d = to_grid(out["features_detail"], labels[:, y1:y2, x1:x2],
+                                None if weights is None else weights[:, y1:y2, x1:x2], self.grid)
+        a_c = F.interpolate(out["attention_context"].float(), size=self.grid, mode="bilinear",
+                            align_corners=False)[:, 0]
+        a_d = F.interpolate(out["attention_detail"].float(), size=self.grid, mode="bilinear",
+                            align_corners=False)[:, 0]
+        feats, lbl = torch.cat([f_c, f_d]), torch.cat([l_c, l_d])
+        a = torch.cat([a_c, a_d])
+        r = torch.cat([torch.ones_like(a_c), -torch.ones_like(a_d)])
+        q = None if weights is None else torch.cat([q_c, q_d])
+        return multires_pair_contrast(feats, lbl, a, r, q, tau=self.cfg.cluda_tau,
+                                      ignore_index=self.ignore_index, backend=self.backend)
+
+    def _loss(self, out: Outputs, labels: Tensor, weights: Tensor | None) -> Tensor:
+        if "detail_box" in out and "features_detail" in out:
+            return self.contrast_multires(out, labels, weights)
+        return self.contrast(out["features"], labels, weights)
+
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
         if self.cfg.cluda_weight == 0:
             return {}
-        return {"src.contrast": 0.5 * self.cfg.cluda_weight * self.contrast(out["features"],
-                                                                             label)}
+        return {"src.contrast": 0.5 * self.cfg.cluda_weight * self._loss(out, label, None)}
 
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:
         if self.cfg.cluda_weight == 0:
             return {}
-        loss = self.contrast(out["features"], mixed_label, mixed_weight)
+        loss = self._loss(out, mixed_label, mixed_weight)
         return {"mix.contrast": 0.5 * self.cfg.cluda_weight * loss}
 
 
-__all__ = ["CLUDA", "to_grid"]
+def multires_pair_contrast(feats: Tensor, labels: Tensor, a: Tensor, r: Tensor,
+                           q: Tensor | None = None, *, tau: float, ignore_index: int = 255,
+                           backend: str = "auto") -> Tensor:
+    """``pixel_contrast`` with pair weights w_ip = q_i q_p a_i a_p when r_i = r_p and
+    w_ip = q_i q_p (1 - a_i a_p) when r_i != r_p (r in {+1, -1} per pixel; q = 1 if None):
+    W = (q r a)(q r a)^T + 1/2 q q^T - 1/2 (q r)(q r)^T, three exact calls (the loss is linear in
+    the pair weights; anchors and positive counts do not depend on them)."""
+    def call(u: Tensor | None) -> Tensor:
+        return ops.pixel_contrast(feats, labels, tau=tau, pair_weights=u,
+                                  ignore_index=ignore_index, backend=backend)
+
+    qa = a * r if q is None else q * r * a
+    qr = r if q is None else q * r
+    return call(qa) + 0.5 * call(q) - 0.5 * call(qr)
+
+
+__all__ = ["CLUDA", "multires_pair_contrast", "to_grid"]

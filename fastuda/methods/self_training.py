@@ -9,6 +9,10 @@ One step, as data flows (methods.md):
     student(aug target)       -> method.target_losses                         -> backward
     ClassMix(source, target)  -> student(aug mixed) -> weighted CE + method.mixed_losses -> backward
     optimiser step -> teacher EMA
+HRDA (``hrda.enabled``) changes no line of the step: the model is the multi-resolution wrapper
+(fastuda/models/hrda.py), whose training forward draws the detail box from the loop's generator
+and whose eval-mode forward (the teacher) is the multi-resolution inference; ``segmentation_losses``
+adds the detail CE when the outputs carry a detail box.
 Each forward is followed by its own backward, so only one graph is alive at a time. Under DDP
 the gradients are all-reduced once per step: every pass but the last runs under ``no_sync()``
 and the last one's all-reduce carries the gradients accumulated by all of them.
@@ -102,6 +106,21 @@ def weighted_ce(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> 
     return (ce * weight).mean()
 
 
+def segmentation_losses(prefix: str, out: dict[str, Tensor], label: Tensor,
+                        weight: Tensor | None = None, *, detail_weight: float = 0.0
+                        ) -> dict[str, Tensor]:
+    """``{prefix}.ce``: weighted CE of ``out["logits"]``; with HRDA outputs (a ``detail_box``) also
+    ``{prefix}.ce_detail``: detail_weight x weighted CE of ``out["logits_detail"]`` on the label
+    (and weight) cropped to the box, averaged over the box's pixels."""
+    losses = {f"{prefix}.ce": weighted_ce(out["logits"], label, weight)}
+    if "detail_box" in out and detail_weight > 0:
+        y1, y2, x1, x2 = (int(v) for v in out["detail_box"])
+        w = None if weight is None else weight[:, y1:y2, x1:x2]
+        losses[f"{prefix}.ce_detail"] = detail_weight * weighted_ce(
+            out["logits_detail"], label[:, y1:y2, x1:x2], w)
+    return losses
+
+
 def lr_factor(it: int, max_iters: int, warmup_iters: int, power: float) -> float:
     """Poly decay with a linear warm-up (warm-up starts at 1e-6 of the poly value)."""
     poly = (1.0 - it / max_iters) ** power
@@ -152,6 +171,10 @@ class SelfTraining:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        # HRDA's detail boxes come from this generator too (checkpointed with it; per rank)
+        bind = getattr(self.student, "use_generator", None)
+        if callable(bind):
+            bind(self.generator)
         self.data_mean, self.data_std = cfg.data.mean, cfg.data.std
         self.timer = StageTimer()  # enabled by fastuda.profile
 
@@ -167,6 +190,11 @@ class SelfTraining:
                               generator=self.generator, jitter_strength=st.color_jitter_strength,
                               jitter_prob=st.color_jitter_prob, blur_prob=st.blur_prob,
                               blur_sigma=tuple(st.blur_sigma))
+
+    def _seg_losses(self, prefix: str, out: dict[str, Tensor], label: Tensor,
+                    weight: Tensor | None = None) -> dict[str, Tensor]:
+        return segmentation_losses(prefix, out, label, weight,
+                                   detail_weight=self.cfg.hrda.detail_loss_weight)
 
     def _backward(self, losses: dict[str, Tensor], log: dict[str, float]) -> bool:
         """Sum, check, backward; returns False (and does not backward) on a non-finite loss.
@@ -277,7 +305,7 @@ class SelfTraining:
             with self.timer("student_forward"), self.autocast():
                 out = self.forward_student(student_src)
             with self.timer("losses"):
-                losses = {"src.ce": weighted_ce(out["logits"], src_lbl)}
+                losses = self._seg_losses("src", out, src_lbl)
             with self.timer("method_losses"):
                 losses.update(method.source_losses(out, src_lbl, it))
             ok &= self._backward(losses, log)
@@ -309,7 +337,7 @@ class SelfTraining:
                 with self.timer("student_forward"), self.autocast():
                     out = self.forward_student(mixed_img)
                 with self.timer("losses"):
-                    losses = {"mix.ce": weighted_ce(out["logits"], mixed_lbl, mixed_w)}
+                    losses = self._seg_losses("mix", out, mixed_lbl, mixed_w)
                 with self.timer("method_losses"):
                     losses.update(method.mixed_losses(out, mixed_lbl, mixed_w, it))
                 ok &= self._backward(losses, log)

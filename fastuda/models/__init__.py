@@ -1,4 +1,6 @@
-"""Segmentation models: DeepLab-V2 (ResNet) and DAFormer (MiT), one ``build_model(config)`` entry.
+"""Segmentation models: DeepLab-V2 (ResNet) and DAFormer (MiT), one ``build_model(config)`` entry,
+and ``build_network(config)``: the network a run trains and evaluates (the model, wrapped in the
+HRDA multi-resolution ``HRDAModel`` when ``hrda.enabled``).
 
 Every model is a :class:`SegModel` whose forward returns a dict of named outputs (see base.py).
 Pretrained weights come only from local files (``model.pretrained = "PATH"``).
@@ -9,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastuda.config import ModelConfig
+from fastuda.config import Config, ModelConfig
 
 from .base import SegModel
 from .daformer import DAFormer
 from .deeplabv2 import DeepLabV2
+from .hrda import HRDAModel
 from .mit import MIT_SPECS, MixTransformer
 from .pretrained import load_pretrained
 from .resnet import RESNET_SPECS, ResNet
@@ -47,10 +50,22 @@ def build_model(cfg: ModelConfig) -> SegModel:
     return model
 
 
+def build_network(cfg: Config) -> nn.Module:
+    """``build_model(cfg.model)``, inside an :class:`HRDAModel` when ``cfg.hrda.enabled``."""
+    model = build_model(cfg.model)
+    if cfg.hrda.enabled:
+        hrda = HRDAModel(model, cfg.hrda)
+        if cfg.model.channels_last:
+            hrda.attention_head.to(memory_format=torch.channels_last)
+        return hrda
+    return model
+
+
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm with SyncBatchNorm (multi-GPU training on CUDA only)."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-__all__ = ["DAFormer", "DeepLabV2", "MIT_SPECS", "MixTransformer", "RESNET_SPECS", "ResNet",
-           "SegModel", "build_model", "convert_sync_batchnorm", "load_pretrained"]
+__all__ = ["DAFormer", "DeepLabV2", "HRDAModel", "MIT_SPECS", "MixTransformer", "RESNET_SPECS",
+           "ResNet", "SegModel", "build_model", "build_network", "convert_sync_batchnorm",
+           "load_pretrained"]

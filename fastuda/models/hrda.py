@@ -1,0 +1,212 @@
+"""HRDA (Hoyer et al., ECCV 2022): multi-resolution training and inference around any SegModel.
+
+Sizes: an input of H x W full-resolution pixels, the model's output stride s, the context scale
+c (1/c an integer, published 0.5) and ``align`` = s / c, the stride of the context predictions in
+full-resolution pixels. Every output below named "full grid" is [.., H/s, W/s]: the detail
+resolution, where HRDA fuses.
+
+Training (``self.training`` or an explicit ``box``), on a full-resolution crop (H, W multiples of
+``align``):
+- context view: the crop resized by c (bilinear), through the model: logits, features at
+  [H c/s, W c/s];
+- detail view: a full-resolution sub-crop ``box`` = (y1, y2, x1, x2) of ``detail_crop`` pixels
+  whose corner is a multiple of ``align`` (so the box falls on whole context cells), drawn from the
+  generator the training loop binds with ``use_generator`` (its state is in the loop's checkpoint,
+  so a resumed run draws the same boxes);
+- scale attention: a small conv head on the context features (3x3 conv-BN-ReLU, 1x1 conv,
+  sigmoid), a in [0, 1] on the context grid, upsampled (bilinear) to the full grid and set to 0
+  outside the box;
+- fusion on the full grid: logits = (1 - a) * up(logits_context) + a * logits_detail inside the
+  box, logits = up(logits_context) outside it (a = 0 there).
+
+Inference (eval mode: the teacher's pseudo-labels, ``fastuda.evaluate``), on any image size (padded
+with zeros at the bottom/right to a multiple of ``align``, the outputs cropped back to
+ceil(H/s) x ceil(W/s)): the context view of the whole image, detail logits from ``detail_crop``
+windows slid over the full-resolution image (stride ``slide_stride``, multiples of s; overlaps
+averaged), fused with the (unmasked) attention everywhere.
+
+Outputs (a dict, like every SegModel): the context view's own outputs ("features", "embeddings",
+"backbone") and
+- ``logits``            fused, full grid
+- ``logits_context``    context view, context grid
+- ``logits_detail``     training: the box's detail logits [B, C, dh/s, dw/s]; eval: the stitched
+                        detail logits on the full grid
+- ``attention``         the a used in the fusion, full grid [B, 1, H/s, W/s] (0 outside the box in
+                        training)
+- ``attention_context`` the head's output on the context grid (never masked)
+- training only: ``attention_detail`` (the upsampled attention inside the box, [B, 1, dh/s, dw/s],
+  unmasked), ``features_detail`` (the detail view's features), ``detail_box`` (int64 [4]: y1, y2,
+  x1, x2 in input pixels; labels are cropped alike).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import HRDAConfig
+from .base import SegModel
+from .heads import ConvBNReLU, resize
+
+
+class ScaleAttentionHead(nn.Module):
+    """3x3 conv-BN-ReLU then a 1x1 conv to one channel and a sigmoid: a in [0, 1]."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 3)
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(self.conv(feats)))
+
+
+class HRDAModel(nn.Module):
+    """HRDA around ``model``; see the module docstring for sizes, fusion and outputs."""
+
+    def __init__(self, model: SegModel, cfg: HRDAConfig) -> None:
+        super().__init__()
+        if isinstance(model, HRDAModel):
+            raise ValueError("HRDAModel: the model is already an HRDAModel")
+        self.model = model
+        self.attention_head = ScaleAttentionHead(model.feature_channels, cfg.attention_channels)
+        self.context_scale = float(cfg.context_scale)
+        self.output_stride = int(model.output_stride)
+        self.align = round(self.output_stride / self.context_scale)
+        self.detail_crop = (int(cfg.detail_crop[0]), int(cfg.detail_crop[1]))
+        self.slide_stride = (int(cfg.stride[0]), int(cfg.stride[1]))
+        self.num_classes = model.num_classes
+        self.embed_dim = model.embed_dim
+        self.feature_channels = model.feature_channels
+        self.pretrained_report = getattr(model, "pretrained_report", None)
+        self.generator: torch.Generator | None = None
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """The generator the training detail boxes are drawn from (owned by the loop, which binds
+        it on the student only, after copying the teacher: the teacher never draws)."""
+        self.generator = generator
+
+    # -- optimiser groups: the wrapped model's, plus the attention head at the head lr ---------
+    def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+        groups = self.model.param_groups(lr, head_lr_mult, weight_decay)
+        params = [p for p in self.attention_head.parameters() if p.requires_grad]
+        for no_decay in (False, True):
+            ps = [p for p in params if (p.ndim <= 1) == no_decay]
+            if ps:
+                groups.append({"params": ps, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult,
+                               "weight_decay": 0.0 if no_decay else weight_decay,
+                               "name": "attention" + ("_no_decay" if no_decay else "")})
+        return groups
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def context_view(self, images: Tensor) -> Tensor:
+        H, W = images.shape[-2:]
+        size = (round(H * self.context_scale), round(W * self.context_scale))
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+    def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        out = dict(self.model(self.context_view(images)))
+        att = self.attention_head(out["features"])
+        if att.shape[-2:] != out["logits"].shape[-2:]:
+            att = resize(att, out["logits"].shape[-2:])
+        return out, att
+
+    def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
+                 ) -> tuple[int, int, int, int]:
+        """A ``detail_crop`` box (y1, y2, x1, x2) inside height x width whose corner is a
+        multiple of ``align``, uniformly over those positions."""
+        g = generator if generator is not None else self.generator
+        if g is None:
+            raise RuntimeError("HRDAModel: training draws detail boxes from a generator; bind "
+                               "one with use_generator() (the training loop does) or pass box=")
+        dh, dw = self.detail_crop
+        if dh > height or dw > width:
+            raise ValueError(f"HRDAModel: detail crop {dh}x{dw} does not fit the input "
+                             f"{height}x{width}")
+        ny = (height - dh) // self.align + 1
+        nx = (width - dw) // self.align + 1
+        y1 = int(torch.randint(ny, (1,), generator=g)) * self.align
+        x1 = int(torch.randint(nx, (1,), generator=g)) * self.align
+        return y1, y1 + dh, x1, x1 + dw
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, images: Tensor, box: tuple[int, int, int, int] | None = None
+                ) -> dict[str, Tensor]:
+        if self.training or box is not None:
+            if box is None:
+                box = self.draw_box(images.shape[-2], images.shape[-1])
+            return self.forward_train(images, box)
+        return self.infer(images)
+
+    def forward_train(self, images: Tensor, box: tuple[int, int, int, int]) -> dict[str, Tensor]:
+        H, W = images.shape[-2:]
+        s, al = self.output_stride, self.align
+        if H % al or W % al:
+            raise ValueError(f"HRDAModel: training crops must be multiples of output stride / "
+                             f"context_scale = {al} pixels, got {H}x{W}")
+        y1, y2, x1, x2 = (int(v) for v in box)
+        if y1 % al or x1 % al or (y2 - y1) % al or (x2 - x1) % al or y1 < 0 or x1 < 0 \
+                or y2 > H or x2 > W:
+            raise ValueError(f"HRDAModel: detail box {box} must lie inside {H}x{W} on multiples "
+                             f"of {al} pixels")
+        out, att_c = self._context(images)
+        detail = self.model(images[:, :, y1:y2, x1:x2])
+        grid = (H // s, W // s)
+        cy1, cy2, cx1, cx2 = y1 // s, y2 // s, x1 // s, x2 // s
+        logits_d = detail["logits"]
+        if tuple(logits_d.shape[-2:]) != (cy2 - cy1, cx2 - cx1):
+            raise ValueError(f"HRDAModel: the detail logits {tuple(logits_d.shape[-2:])} are not "
+                             f"the box {box} over the output stride {s}")
+        ctx_up = resize(out["logits"], grid)
+        att_box = resize(att_c, grid)[:, :, cy1:cy2, cx1:cx2]
+        pad = (cx1, grid[1] - cx2, cy1, grid[0] - cy2)
+        att = F.pad(att_box, pad)  # a = 0 outside the box
+        fused = (1 - att) * ctx_up + att * F.pad(logits_d, pad)
+        out.update(logits=fused, logits_context=out["logits"], logits_detail=logits_d,
+                   attention=att, attention_context=att_c, attention_detail=att_box,
+                   features_detail=detail["features"],
+                   detail_box=torch.tensor([y1, y2, x1, x2], dtype=torch.int64))
+        return out
+
+    def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """The sliding detail windows (y1, y2, x1, x2) over a height x width image (both
+        multiples of ``align``); the last row/column is moved back to end at the border."""
+        dh, dw = min(self.detail_crop[0], height), min(self.detail_crop[1], width)
+        sh, sw = self.slide_stride
+        rows = max(height - dh + sh - 1, 0) // sh + 1
+        cols = max(width - dw + sw - 1, 0) // sw + 1
+        out = []
+        for r in range(rows):
+            for c in range(cols):
+                y1, x1 = min(r * sh, height - dh), min(c * sw, width - dw)
+                out.append((y1, y1 + dh, x1, x1 + dw))
+        return out
+
+    def infer(self, images: Tensor) -> dict[str, Tensor]:
+        H, W = images.shape[-2:]
+        s, al = self.output_stride, self.align
+        Hp, Wp = math.ceil(H / al) * al, math.ceil(W / al) * al
+        x = F.pad(images, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else images
+        out, att_c = self._context(x)
+        grid = (Hp // s, Wp // s)
+        B = images.shape[0]
+        acc = images.new_zeros((B, self.num_classes, *grid), dtype=torch.float32)
+        hits = images.new_zeros((1, 1, *grid), dtype=torch.float32)
+        for y1, y2, x1, x2 in self.windows(Hp, Wp):
+            d = self.model(x[:, :, y1:y2, x1:x2])["logits"].float()
+            acc[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += d
+            hits[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += 1
+        detail = acc / hits
+        att = resize(att_c.float(), grid)
+        fused = (1 - att) * resize(out["logits"].float(), grid) + att * detail
+        oh, ow = math.ceil(H / s), math.ceil(W / s)
+        out.update(logits=fused[..., :oh, :ow], logits_context=out["logits"],
+                   logits_detail=detail[..., :oh, :ow], attention=att[..., :oh, :ow],
+                   attention_context=att_c)
+        return out
+
+
+__all__ = ["HRDAModel", "ScaleAttentionHead"]

@@ -1,0 +1,151 @@
+"""HRDA wrapper: fusion against a hand computation, detail boxes, multi-resolution inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastuda.config import HRDAConfig, ModelConfig
+from fastuda.models import HRDAModel, build_model
+from fastuda.models.base import SegModel
+
+
+class Stub(SegModel):
+    """Stride-2 model whose outputs are simple functions of the pixels (average pooling)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, num_classes, 1)
+        self.output_stride, self.num_classes = 2, num_classes
+        self.feature_channels, self.embed_dim = 3, 0
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        feats = F.avg_pool2d(images, 2)
+        return {"logits": self.proj(feats), "features": feats}
+
+
+def stub_hrda(detail: tuple[int, int], stride: list[int] | None = None) -> HRDAModel:
+    torch.manual_seed(0)
+    cfg = HRDAConfig(enabled=True, context_scale=0.5, detail_crop=list(detail),
+                     attention_channels=4, slide_stride=stride or [])
+    return HRDAModel(Stub(), cfg).eval()
+
+
+def up(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def test_fusion_matches_a_hand_computation() -> None:
+    m = stub_hrda((8, 4))  # align = 2 / 0.5 = 4 pixels
+    x = torch.randn(2, 3, 16, 12)
+    box = (4, 12, 8, 12)
+    out = m(x, box=box)
+    ctx = m.model(up(x, (8, 6)))
+    att_c = m.attention_head(ctx["features"])
+    det = m.model(x[:, :, 4:12, 8:12])
+    grid = (8, 6)  # 16x12 / stride 2
+    ctx_up, att_up = up(ctx["logits"], grid), up(att_c, grid)
+    expected = ctx_up.clone()
+    a = att_up[:, :, 2:6, 4:6]
+    expected[:, :, 2:6, 4:6] = (1 - a) * ctx_up[:, :, 2:6, 4:6] + a * det["logits"]
+    assert out["logits"].shape == (2, 3, 8, 6)
+    assert torch.allclose(out["logits"], expected, atol=1e-6)
+    inside = torch.zeros(grid, dtype=torch.bool)
+    inside[2:6, 4:6] = True
+    assert torch.equal(out["logits"][..., ~inside], ctx_up[..., ~inside])  # context alone outside
+    assert torch.all(out["attention"][..., ~inside] == 0)
+    assert torch.allclose(out["attention"][..., inside], a.flatten(-2))
+    assert torch.equal(out["detail_box"], torch.tensor(box))
+    assert out["logits_detail"].shape == (2, 3, 4, 2)
+    assert out["features_detail"].shape == (2, 3, 4, 2)
+    assert out["attention_context"].shape == (2, 1, 4, 3)
+    assert torch.allclose(out["attention_detail"], a)
+    assert torch.allclose(out["features"], ctx["features"])
+    # gradients reach the attention head through the fusion
+    out["logits"].sum().backward()
+    assert m.attention_head.out.weight.grad.abs().sum() > 0
+
+
+def test_detail_box_is_aligned_deterministic_and_uniform() -> None:
+    m = stub_hrda((8, 4)).train()
+    boxes = [m.draw_box(24, 16, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert boxes[0] == boxes[1]
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        y1, y2, x1, x2 = m.draw_box(24, 16, g)
+        assert y1 % 4 == 0 and x1 % 4 == 0 and (y2 - y1, x2 - x1) == (8, 4)
+        assert 0 <= y1 and y2 <= 24 and 0 <= x1 and x2 <= 16
+        seen.add((y1, x1))
+    assert seen == {(y, x) for y in range(0, 17, 4) for x in range(0, 13, 4)}
+    # training forward draws from the bound generator, the same boxes after re-seeding
+    x = torch.randn(1, 3, 24, 16)
+    with pytest.raises(RuntimeError, match="use_generator"):
+        m(x)
+    m.use_generator(torch.Generator().manual_seed(5))
+    first = [m(x)["detail_box"].tolist() for _ in range(3)]
+    m.use_generator(torch.Generator().manual_seed(5))
+    assert [m(x)["detail_box"].tolist() for _ in range(3)] == first
+    with pytest.raises(ValueError, match="multiples of 4"):
+        m(x, box=(2, 10, 0, 4))
+
+
+def test_inference_with_one_window_is_the_training_fusion_over_the_whole_image() -> None:
+    m = stub_hrda((16, 12))
+    x = torch.randn(2, 3, 16, 12)
+    inf = m(x)  # eval mode: multi-resolution inference, one detail window = the image
+    full = m.forward_train(x, (0, 16, 0, 12))
+    assert "detail_box" not in inf
+    assert torch.allclose(inf["logits"], full["logits"], atol=1e-6)
+    assert torch.allclose(inf["attention"], full["attention"], atol=1e-6)
+
+
+def test_sliding_detail_windows_are_averaged() -> None:
+    m = stub_hrda((8, 8), stride=[4, 4])
+    x = torch.randn(1, 3, 16, 12)
+    assert m.windows(16, 12) == [(y, y + 8, x0, x0 + 8) for y in (0, 4, 8) for x0 in (0, 4)]
+    inf = m(x)
+    acc, hits = torch.zeros(1, 3, 8, 6), torch.zeros(1, 1, 8, 6)
+    for y1, y2, x1, x2 in m.windows(16, 12):
+        acc[..., y1 // 2:y2 // 2, x1 // 2:x2 // 2] += m.model(x[..., y1:y2, x1:x2])["logits"]
+        hits[..., y1 // 2:y2 // 2, x1 // 2:x2 // 2] += 1
+    detail = acc / hits
+    ctx = m.model(up(x, (8, 6)))
+    a = up(m.attention_head(ctx["features"]), (8, 6))
+    expected = (1 - a) * up(ctx["logits"], (8, 6)) + a * detail
+    assert torch.allclose(inf["logits_detail"], detail, atol=1e-6)
+    assert torch.allclose(inf["logits"], expected, atol=1e-6)
+    # the stub is local (pooling + 1x1 conv): windowed detail = the whole image at full res
+    assert torch.allclose(detail, m.model(x)["logits"], atol=1e-6)
+
+
+def test_inference_pads_odd_sizes_and_crops_back() -> None:
+    m = stub_hrda((8, 8))
+    x = torch.randn(1, 3, 13, 10)
+    out = m(x)
+    assert out["logits"].shape == (1, 3, 7, 5)  # ceil(13/2), ceil(10/2)
+    padded = m(F.pad(x, (0, 2, 0, 3)))
+    assert torch.allclose(out["logits"], padded["logits"][..., :7, :5], atol=1e-6)
+
+
+def test_real_model_shapes_and_param_groups() -> None:
+    net = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", num_classes=4,
+                                  projection=False))
+    m = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32], attention_channels=8))
+    m.use_generator(torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 64, 64)
+    out = m.train()(x)
+    assert out["logits"].shape == (2, 4, 8, 8) and out["logits_detail"].shape == (2, 4, 4, 4)
+    assert out["features_detail"].shape[-2:] == (4, 4)
+    y1, y2, x1, x2 = out["detail_box"].tolist()
+    assert y1 % 16 == 0 and x1 % 16 == 0 and (y2 - y1, x2 - x1) == (32, 32)
+    with torch.no_grad():
+        ev = m.eval()(x)
+    assert ev["logits"].shape == (2, 4, 8, 8) and ev["attention"].shape == (2, 1, 8, 8)
+    groups = m.param_groups(1e-3, 10.0, 0.01)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in m.parameters()}
+    att = [g for g in groups if g["name"].startswith("attention")]
+    assert att and all(g["lr"] == pytest.approx(1e-2) for g in att)
