@@ -99,6 +99,17 @@ def average_buffers(module: nn.Module) -> None:
             offset += n
 
 
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over all ranks (one MIN all-reduce): decisions that change which
+    collectives run (skipping a backward on a non-finite loss) must be the same on every rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
     if not is_initialized():

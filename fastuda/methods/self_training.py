@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data import class_balanced_crop, strong_augment
+from ..engine.distributed import all_ranks_true
 from ..engine.profiling import StageTimer
 from .base import Method
 
@@ -153,6 +154,7 @@ class SelfTraining:
             model = wrapped.to(device)
         self.student = model  # the bare module (EMA, checkpoints)
         self.forward_student = ddp_model or model  # what computes gradients (DDP wrapper or not)
+        self.distributed = ddp_model is not None
         self.teacher = copy.deepcopy(model).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -196,17 +198,28 @@ class SelfTraining:
         return segmentation_losses(prefix, out, label, weight,
                                    detail_weight=self.cfg.hrda.detail_loss_weight)
 
-    def _backward(self, losses: dict[str, Tensor], log: dict[str, float]) -> bool:
+    def _backward(self, losses: dict[str, Tensor], log: dict[str, float], *,
+                  out: dict[str, Tensor] | None = None, synced: bool = False) -> bool:
         """Sum, check, backward; returns False (and does not backward) on a non-finite loss.
-        ``log["loss"]`` accumulates the total of every loss of the step."""
-        if not losses:
-            return True
-        total = sum(losses.values())
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        log.update(values)
-        log["loss"] = log.get("loss", 0.0) + sum(values.values())
-        if not math.isfinite(float(total.detach())):
+        ``log["loss"]`` accumulates the total of every loss of the step.
+
+        Under DDP every rank takes the same decision (the finite flags are all-reduced), so all
+        ranks run the same backward passes; and the ``synced`` (last) pass backpropagates even
+        without a loss (zero times the logits): its backward is the step's one all-reduce."""
+        total = sum(losses.values()) if losses else None
+        if losses:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            log.update(values)
+            log["loss"] = log.get("loss", 0.0) + sum(values.values())
+        finite = total is None or math.isfinite(float(total.detach()))
+        if self.distributed:
+            finite = all_ranks_true(finite, self.device)
+        if not finite:
             return False
+        if total is None:
+            if not (synced and self.distributed and out is not None):
+                return True
+            total = 0.0 * out["logits"].float().sum()
         with self.timer("backward"):
             self.scaler.scale(total).backward()
         return True
@@ -308,7 +321,7 @@ class SelfTraining:
                 losses = self._seg_losses("src", out, src_lbl)
             with self.timer("method_losses"):
                 losses.update(method.source_losses(out, src_lbl, it))
-            ok &= self._backward(losses, log)
+            ok &= self._backward(losses, log, out=out, synced=last == "source")
         del out, losses
 
         if st.enabled and ok:
@@ -323,7 +336,7 @@ class SelfTraining:
                         out = self.forward_student(aug_tgt)
                     with self.timer("method_losses"):
                         losses = method.target_losses(out, plabel, pweight, it)
-                    ok &= self._backward(losses, log)
+                    ok &= self._backward(losses, log, out=out, synced=last == "target")
                 del out, losses
 
             if st.mix == "classmix" and ok:
@@ -340,7 +353,7 @@ class SelfTraining:
                     losses = self._seg_losses("mix", out, mixed_lbl, mixed_w)
                 with self.timer("method_losses"):
                     losses.update(method.mixed_losses(out, mixed_lbl, mixed_w, it))
-                ok &= self._backward(losses, log)
+                ok &= self._backward(losses, log, out=out, synced=True)
                 del out, losses
 
         if not ok:
