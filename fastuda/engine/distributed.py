@@ -99,6 +99,29 @@ def average_buffers(module: nn.Module) -> None:
             offset += n
 
 
+@torch.no_grad()
+def average_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over all ranks, in place (parameters DDP does not own:
+    a method's loss-only heads). Parameters without a gradient are skipped; every rank computes
+    the same losses, so the same ones have none. One flattened all-reduce per dtype."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    world = dist.get_world_size()
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
     if not is_initialized():
