@@ -155,3 +155,24 @@ def test_contrast_trains_the_weight_head_not_the_fusion_attention() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     keys = set(m.state_dict())
     assert {"weight_head.out.weight", "weight_head.conv.1.running_mean"} <= keys
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_three_calls_on_the_cuda_backend(dtype: torch.dtype) -> None:
+    """The multi-resolution weighting (negative pair weights u = q r a on the detail pixels)
+    through the CUDA kernels against the torch reference on the GPU: loss, feature and a grads."""
+    feats, labels, a, r, q = (t.cuda() for t in case(3))
+    feats = feats.to(dtype)
+    results = {}
+    for backend in ("cuda", "torch"):
+        f, aa = feats.clone().requires_grad_(), a.to(dtype).clone().requires_grad_()
+        loss = multires_pair_contrast(f, labels, aa, r.to(dtype), q.to(dtype), tau=0.5,
+                                      backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), f.grad, aa.grad)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for got, want in zip(results["cuda"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    want = loop(feats.cpu().double(), labels.cpu(), a.cpu(), r.cpu(), q.cpu(), 0.5)
+    assert float(results["cuda"][0]) == pytest.approx(want, rel=tol * 10)
