@@ -230,7 +230,8 @@ class HRDAConfig:
     context_scale: float = 0.5  # 1 / context_scale must be an integer (published 0.5)
     detail_crop: list[int] = field(default_factory=lambda: [512, 512])  # (height, width), pixels
     detail_loss_weight: float = 0.1  # CE on the detail logits (labels cropped to the box)
-    attention_channels: int = 256  # hidden channels of the scale-attention head
+    attention_channels: int = 256  # hidden channels of the scale-attention head (and of CLUDA's
+    # pair-weight head in HRDA mode)
     slide_stride: list[int] = field(default_factory=list)  # (height, width); [] = detail_crop / 2
 
     def __post_init__(self) -> None:

@@ -84,6 +84,7 @@ class Run:
         self.cfg, self.work_dir, self.info, self.device = cfg, work_dir, info, device
         model = build_network(cfg)  # HRDAModel around the model when hrda.enabled
         method = build_method(cfg, embed_dim=getattr(model, "embed_dim", 0) or 0,
+                              feature_channels=getattr(model, "feature_channels", 0) or 0,
                               device=device).to(device)
         # a method's wrapper (CorDA's heads) is part of what DDP synchronises
         model, ddp = wrap_student(method.wrap_model(model), info, device)

@@ -74,29 +74,43 @@ def wrap_student(model: nn.Module, info: DistInfo, device: torch.device
     return model, ddp
 
 
+def _average_in_place(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` over all ranks, in place: one flattened all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    world = dist.get_world_size()
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
 @torch.no_grad()
 def average_buffers(module: nn.Module) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) over all ranks, in place.
 
     Without SyncBatchNorm each rank's running statistics follow its own batches; the EMA teacher
     copies them, and it must stay identical on every rank (it makes the pseudo-labels and the class
-    statistics every rank shares). One flattened all-reduce per dtype."""
+    statistics every rank shares)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for b in module.buffers():
-        if b.dtype.is_floating_point:
-            by_dtype.setdefault(b.dtype, []).append(b)
-    world = dist.get_world_size()
-    for bufs in by_dtype.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for b in bufs:
-            n = b.numel()
-            b.copy_(flat[offset:offset + n].view_as(b))
-            offset += n
+    _average_in_place([b for b in module.buffers() if b.dtype.is_floating_point])
+
+
+@torch.no_grad()
+def average_grads(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over all ranks, in place (parameters DDP does not own:
+    a method's loss-only heads). Parameters without a gradient are skipped; every rank computes
+    the same losses, so the same ones have none."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    _average_in_place([p.grad for p in params if p.grad is not None])
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

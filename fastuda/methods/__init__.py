@@ -15,8 +15,11 @@ from .spcl import SPCL
 METHODS = ("none", "sepico", "cluda", "spcl", "bipcl", "corda")
 
 
-def build_method(cfg: Config, *, embed_dim: int, device: torch.device) -> Method:
-    """The method object for ``cfg.method.name`` ("none": plain self-training / source-only)."""
+def build_method(cfg: Config, *, embed_dim: int, device: torch.device,
+                 feature_channels: int = 0) -> Method:
+    """The method object for ``cfg.method.name`` ("none": plain self-training / source-only).
+    ``feature_channels``: the channels of the network's ``"features"`` (needed by CLUDA in HRDA
+    mode, whose pair-weight head reads them)."""
     name = cfg.method.name
     num_classes, backend = cfg.model.num_classes, cfg.ops.backend
     if name in ("sepico", "spcl", "bipcl") and embed_dim <= 0:
@@ -34,7 +37,15 @@ def build_method(cfg: Config, *, embed_dim: int, device: torch.device) -> Method
         if cfg.self_training.mix != "classmix":
             raise ConfigError("method.name = 'cluda' contrasts the mixed batch: set "
                               "self_training.mix = 'classmix'")
-        return CLUDA(cfg.method, num_classes=num_classes, backend=backend)
+        if not cfg.hrda.enabled:
+            return CLUDA(cfg.method, num_classes=num_classes, backend=backend)
+        if feature_channels <= 0:
+            raise ConfigError("method.name = 'cluda' with hrda.enabled builds a pair-weight head "
+                              "on the features: pass build_method(feature_channels=...)")
+        # the learned multi-resolution weighting: CLUDA's own head, as wide as HRDA's attention
+        return CLUDA(cfg.method, num_classes=num_classes, backend=backend,
+                     feature_channels=feature_channels,
+                     head_channels=cfg.hrda.attention_channels)
     if name == "spcl":
         return SPCL(cfg.method, num_classes=num_classes, embed_dim=embed_dim, backend=backend,
                     device=device)

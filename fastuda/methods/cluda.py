@@ -9,16 +9,21 @@ the pair weights are the outer product of the mixed pseudo-weights. The two loss
 each. Features, labels and weights are flattened batch-major together (the op reads [B, D, h, w]
 and [B, h, w]); ignore pixels are neither positives nor negatives.
 
-Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of methods.md. Its "1-channel
-head with sigmoid output a_i" is HRDA's scale attention (fastuda/models/hrda.py), reused rather
-than a second head: it is exactly such a head (on the context features, defined at every pixel of
-both views), and its meaning (how much a pixel relies on the detail view) is what a weighting of
-pairs by resolution needs; a second head would learn from the contrast loss alone. The contrast
-loss back-propagates into the attention through the pair weights (the learned weighting), besides
-the segmentation loss through the fusion. The pixels are the context features on the grid (labels
-of the whole crop, nearest) and the detail features on the same grid (labels cropped to the
-detail box), with a_i the attention head's raw (unmasked) output at each pixel
-(``attention_context`` / ``attention_detail``, bilinear to the grid). Pair weights:
+Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of methods.md, "an extra 1-channel
+head with sigmoid output a_i". It is CLUDA's own head (``PairWeightHead``: 3x3 conv-BN-ReLU with
+``hrda.attention_channels`` hidden channels, 1x1 conv to one channel, sigmoid), a submodule of this
+method (a loss-only head, see fastuda/methods/base.py: the loop trains it with the student at the
+head learning rate and checkpoints it with the method's state_dict). It is not HRDA's scale
+attention: that one fuses the two predictions and learns from the segmentation loss; pair
+weights taken from it would let the contrast push the fusion attention towards 0/1 against the
+CE. The contrast never reads the fusion attention. The pixels are the context features on the
+grid (labels of the whole crop, nearest) and the detail features on the same grid (labels cropped
+to the detail box); a_i is the head on the features of the pixel's own view (``"features"`` for
+context pixels, ``"features_detail"`` for detail pixels, each at its native resolution, then
+bilinear to the grid), so the contrast loss trains the head (and, through it, the features)
+via the pair weights. The head's BatchNorm normalises each view's batch separately; its
+parameters are outside DDP's module, so the loop averages their gradients over the ranks.
+Pair weights:
     w_ip = a_i a_p        both pixels of the same view (context/context, and detail/detail,
                           which methods.md does not specify: we weight it like context/context)
     w_ip = 1 - a_i a_p    one context and one detail pixel,
@@ -37,10 +42,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import ops
 from ..config import MethodConfig
+from ..models.heads import ConvBNReLU
 from .base import Losses, Method, Outputs
 
 
@@ -55,15 +61,44 @@ def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[i
     return f, lbl, w
 
 
+class PairWeightHead(nn.Module):
+    """CLUDA's learned weighting: 3x3 conv-BN-ReLU, 1x1 conv to one channel, sigmoid (a in
+    [0, 1], [B, 1, h, w])."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 3)
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(self.conv(feats)))
+
+
 class CLUDA(Method):
+    """``feature_channels`` > 0 builds the multi-resolution pair-weight head (``weight_head``,
+    ``head_channels`` hidden channels) on the ``feature_channels``-channel features it contrasts;
+    0 (single resolution): no head, no parameters."""
+
     name = "cluda"
 
     def __init__(self, cfg: MethodConfig, *, num_classes: int, backend: str = "auto",
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, feature_channels: int = 0,
+                 head_channels: int = 256) -> None:
         super().__init__()
         self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
         self.ignore_index = ignore_index
         self.grid = (int(cfg.cluda_grid[0]), int(cfg.cluda_grid[1]))
+        self.weight_head = PairWeightHead(feature_channels, head_channels) \
+            if feature_channels > 0 else None
+
+    def pair_weight(self, feats: Tensor) -> Tensor:
+        """a [B, h, w] on the grid: the pair-weight head on ``feats`` [B, D, h', w'], bilinear."""
+        if self.weight_head is None:
+            raise RuntimeError("CLUDA: the multi-resolution contrast needs the pair-weight head; "
+                               "build CLUDA with feature_channels > 0 (build_method does when "
+                               "hrda.enabled)")
+        a = self.weight_head(feats).float()
+        return F.interpolate(a, size=self.grid, mode="bilinear", align_corners=False)[:, 0]
 
     def contrast(self, feats: Tensor, labels: Tensor, pair_weights: Tensor | None = None
                  ) -> Tensor:
@@ -76,16 +111,15 @@ class CLUDA(Method):
     def contrast_multires(self, out: Outputs, labels: Tensor, weights: Tensor | None = None
                           ) -> Tensor:
         """The multi-resolution contrast of HRDA outputs (see the module docstring): context
-        and detail pixels on the grid, pair weights a_i a_p within a view and 1 - a_i a_p across
-        views (times the pixel weights' product), as three exact ``pixel_contrast`` calls."""
+        and detail pixels on the grid, a from this method's pair-weight head on each view's
+        features, pair weights a_i a_p within a view and 1 - a_i a_p across views (times the
+        pixel weights' product), as three exact ``pixel_contrast`` calls."""
         y1, y2, x1, x2 = (int(v) for v in out["detail_box"])
         f_c, l_c, q_c = to_grid(out["features"], labels, weights, self.grid)
         f_d, l_d, q_d = to_grid(out["features_detail"], labels[:, y1:y2, x1:x2],
                                 None if weights is None else weights[:, y1:y2, x1:x2], self.grid)
-        a_c = F.interpolate(out["attention_context"].float(), size=self.grid, mode="bilinear",
-                            align_corners=False)[:, 0]
-        a_d = F.interpolate(out["attention_detail"].float(), size=self.grid, mode="bilinear",
-                            align_corners=False)[:, 0]
+        a_c = self.pair_weight(out["features"])
+        a_d = self.pair_weight(out["features_detail"])
         feats, lbl = torch.cat([f_c, f_d]), torch.cat([l_c, l_d])
         a = torch.cat([a_c, a_d])
         r = torch.cat([torch.ones_like(a_c), -torch.ones_like(a_d)])
@@ -127,4 +161,4 @@ def multires_pair_contrast(feats: Tensor, labels: Tensor, a: Tensor, r: Tensor,
     return call(qa) + 0.5 * call(q) - 0.5 * call(qr)
 
 
-__all__ = ["CLUDA", "multires_pair_contrast", "to_grid"]
+__all__ = ["CLUDA", "PairWeightHead", "multires_pair_contrast", "to_grid"]

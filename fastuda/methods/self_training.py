@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data import class_balanced_crop, strong_augment
-from ..engine.distributed import all_ranks_true
+from ..engine.distributed import all_ranks_true, average_grads
 from ..engine.profiling import StageTimer
 from .base import Method
 
@@ -160,7 +160,10 @@ class SelfTraining:
             p.requires_grad_(False)
         o = cfg.optim
         groups = model.param_groups(o.lr, o.head_lr_mult, o.weight_decay)
+        # a method's loss-only heads (CLUDA's pair-weight head in HRDA mode): outside DDP's
+        # module, so their gradients are averaged over the ranks in step()
         extra = [p for p in method.parameters() if p.requires_grad]
+        self.method_params = extra
         if extra:
             groups.append({"params": extra, "lr": o.lr * o.head_lr_mult,
                            "weight_decay": o.weight_decay})
@@ -359,9 +362,12 @@ class SelfTraining:
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(log, finite=False)
+        if self.method_params and self.forward_student is not self.student:
+            average_grads(self.method_params)  # DDP averaged the student's
         if cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_([*self.student.parameters(), *self.method_params],
+                                           cfg.optim.grad_clip)
         with self.timer("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()

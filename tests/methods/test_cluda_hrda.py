@@ -97,24 +97,82 @@ def test_gradients_match_a_dense_formulation(backend: str) -> None:
 
 def test_cluda_reads_hrda_outputs() -> None:
     """CLUDA on HRDA outputs: context pixels (whole-crop labels) and detail pixels (labels of the
-    box) on the grid, a from the attention outputs, the mixed weights cropped alike."""
+    box) on the grid, a from CLUDA's own pair-weight head on each view's features (never HRDA's
+    fusion attention: NaN here), the mixed weights cropped alike."""
     g = torch.Generator().manual_seed(2)
     B, grid = 2, (2, 2)
+    nan = torch.full((B, 1, 2, 2), float("nan"))
     out = {"features": torch.randn(B, 4, 2, 2, generator=g),
            "features_detail": torch.randn(B, 4, 2, 2, generator=g),
-           "attention_context": torch.rand(B, 1, 2, 2, generator=g),
-           "attention_detail": torch.rand(B, 1, 2, 2, generator=g),
+           "attention_context": nan, "attention_detail": nan, "attention": nan,
            "detail_box": torch.tensor([0, 4, 4, 8])}
     labels = torch.randint(0, 3, (B, 8, 8), generator=g)
     weight = torch.rand(B, 8, 8, generator=g)
+    torch.manual_seed(0)
     m = CLUDA(MethodConfig(name="cluda", cluda_grid=list(grid), cluda_tau=0.7, cluda_weight=2.0),
-              num_classes=3, backend="torch")
+              num_classes=3, backend="torch", feature_channels=4, head_channels=3)
     feats = torch.cat([out["features"], out["features_detail"]])
     lbl = torch.cat([labels[:, ::4, ::4], labels[:, 0:4, 4:8][:, ::2, ::2]])  # nearest
-    a = torch.cat([out["attention_context"][:, 0], out["attention_detail"][:, 0]])
+    with torch.no_grad():  # the features are already on the 2x2 grid: bilinear is the identity
+        head = m.weight_head
+        a = torch.cat([torch.sigmoid(head.out(head.conv(out["features"])))[:, 0],
+                       torch.sigmoid(head.out(head.conv(out["features_detail"])))[:, 0]])
     r = torch.cat([torch.ones(B, *grid), -torch.ones(B, *grid)])
     q = torch.cat([weight[:, ::4, ::4], weight[:, 0:4, 4:8][:, ::2, ::2]])
     src = m.source_losses(out, labels, 0)["src.contrast"]
-    assert float(src) == pytest.approx(loop(feats, lbl, a, r, None, 0.7), rel=1e-5)
+    assert float(src.detach()) == pytest.approx(loop(feats, lbl, a, r, None, 0.7), rel=1e-5)
     mix = m.mixed_losses(out, labels, weight, 0)["mix.contrast"]
-    assert float(mix) == pytest.approx(loop(feats, lbl, a, r, q, 0.7), rel=1e-5)
+    assert float(mix.detach()) == pytest.approx(loop(feats, lbl, a, r, q, 0.7), rel=1e-5)
+
+
+def test_single_resolution_cluda_has_no_head() -> None:
+    m = CLUDA(MethodConfig(name="cluda"), num_classes=3, backend="torch")
+    assert m.weight_head is None and not list(m.parameters())
+    out = {"features": torch.randn(1, 4, 2, 2), "features_detail": torch.randn(1, 4, 2, 2),
+           "detail_box": torch.tensor([0, 4, 0, 4])}
+    with pytest.raises(RuntimeError, match="pair-weight head"):
+        m.source_losses(out, torch.zeros(1, 8, 8, dtype=torch.long), 0)
+
+
+def test_contrast_trains_the_weight_head_not_the_fusion_attention() -> None:
+    """On a real HRDA network the contrast's gradient reaches CLUDA's head and the features, and
+    leaves HRDA's scale attention (the fusion) alone; the head is in the method's state_dict."""
+    from fastuda.config import HRDAConfig, ModelConfig
+    from fastuda.models import HRDAModel, build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", num_classes=3,
+                                  projection=False))
+    model = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32], attention_channels=8))
+    m = CLUDA(MethodConfig(name="cluda", cluda_grid=[4, 4]), num_classes=3, backend="torch",
+              feature_channels=model.feature_channels, head_channels=8)
+    out = model.train()(torch.randn(2, 3, 64, 64), box=(16, 48, 0, 32))
+    labels = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    m.source_losses(out, labels, 0)["src.contrast"].backward()
+    assert all(p.grad is None for p in model.attention_head.parameters())
+    assert m.weight_head.out.weight.grad.abs().sum() > 0
+    assert m.weight_head.conv[0].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    keys = set(m.state_dict())
+    assert {"weight_head.out.weight", "weight_head.conv.1.running_mean"} <= keys
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_three_calls_on_the_cuda_backend(dtype: torch.dtype) -> None:
+    """The multi-resolution weighting (negative pair weights u = q r a on the detail pixels)
+    through the CUDA kernels against the torch reference on the GPU: loss, feature and a grads."""
+    feats, labels, a, r, q = (t.cuda() for t in case(3))
+    feats = feats.to(dtype)
+    results = {}
+    for backend in ("cuda", "torch"):
+        f, aa = feats.clone().requires_grad_(), a.to(dtype).clone().requires_grad_()
+        loss = multires_pair_contrast(f, labels, aa, r.to(dtype), q.to(dtype), tau=0.5,
+                                      backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), f.grad, aa.grad)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for got, want in zip(results["cuda"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    want = loop(feats.cpu().double(), labels.cpu(), a.cpu(), r.cpu(), q.cpu(), 0.5)
+    assert float(results["cuda"][0]) == pytest.approx(want, rel=tol * 10)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import load_config
+from fastuda.config import ConfigError, load_config
 from fastuda.methods import build_method
 from fastuda.methods.self_training import SelfTraining, segmentation_losses
 from fastuda.models import build_network
@@ -39,7 +39,8 @@ def make_trainer() -> SelfTraining:
         "method.cluda_grid=[4, 4]", "model.num_classes=19", "self_training.pseudo_threshold=0.01"])
     torch.manual_seed(0)
     model = build_network(cfg)
-    method = build_method(cfg, embed_dim=0, device=torch.device("cpu"))
+    method = build_method(cfg, embed_dim=0, feature_channels=model.feature_channels,
+                          device=torch.device("cpu"))
     return SelfTraining(cfg, model, method, torch.device("cpu"))
 
 
@@ -69,3 +70,40 @@ def test_checkpoint_round_trip_resumes_the_detail_boxes_exactly() -> None:
     for (k, pa), pb in zip(a.student.state_dict().items(), b.student.state_dict().values(),
                            strict=True):
         assert torch.equal(pa, pb), k
+    # CLUDA's pair-weight head: in the optimiser, trained, and restored by the method's state
+    for (k, pa), pb in zip(a.method.state_dict().items(), b.method.state_dict().values(),
+                           strict=True):
+        assert torch.equal(pa, pb), k
+
+
+def test_cluda_weight_head_is_trained_and_checkpointed() -> None:
+    a = make_trainer()
+    head = a.method.weight_head
+    assert head is not None and a.method_params
+    in_optim = {id(p) for g in a.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in head.parameters()} <= in_optim
+    group = next(g for g in a.optimizer.param_groups if g["params"][0] is a.method_params[0])
+    assert group["lr"] == pytest.approx(a.cfg.optim.lr * a.cfg.optim.head_lr_mult)
+    before = copy.deepcopy(a.method.state_dict())
+    assert any(k.startswith("weight_head.") for k in before)
+    assert a.step(*batches(0), 0).finite
+    after = a.method.state_dict()
+    assert not torch.equal(before["weight_head.out.weight"], after["weight_head.out.weight"])
+    # a checkpoint round trip restores the head (a fresh trainer's differs before loading)
+    state = copy.deepcopy(a.state_dict())
+    b = make_trainer()
+    assert not torch.equal(b.method.state_dict()["weight_head.out.weight"],
+                           after["weight_head.out.weight"])
+    b.load_state_dict(state)
+    for k, v in after.items():
+        assert torch.equal(b.method.state_dict()[k], v), k
+    ra, rb = a.step(*batches(1), 1), b.step(*batches(1), 1)
+    assert ra.losses == rb.losses
+
+
+def test_build_method_needs_the_feature_channels_of_the_hrda_head() -> None:
+    cfg = load_config(REPO / "configs" / "demo_cluda_hrda.toml")
+    with pytest.raises(ConfigError, match="feature_channels"):
+        build_method(cfg, embed_dim=0, device=torch.device("cpu"))
+    single = load_config(REPO / "configs" / "demo_cluda_hrda.toml", ["hrda.enabled=false"])
+    assert build_method(single, embed_dim=0, device=torch.device("cpu")).weight_head is None

@@ -122,12 +122,31 @@ def test_sliding_detail_windows_are_averaged() -> None:
 
 
 def test_inference_pads_odd_sizes_and_crops_back() -> None:
-    m = stub_hrda((8, 8))
-    x = torch.randn(1, 3, 13, 10)
+    """13x10 with align 4: zeros at the bottom/right to 16x12, then cropped to ceil(13/2) x
+    ceil(10/2). Expected values built independently of ``infer``: the training fusion written out
+    by hand (one detail window = the whole padded image) on an input padded by assignment, and
+    the stub's (local) logits on the un-padded image where no padding is in reach."""
+    m = stub_hrda((16, 12))  # one detail window over the padded image
+    x = torch.randn(2, 3, 13, 10)
     out = m(x)
-    assert out["logits"].shape == (1, 3, 7, 5)  # ceil(13/2), ceil(10/2)
-    padded = m(F.pad(x, (0, 2, 0, 3)))
-    assert torch.allclose(out["logits"], padded["logits"][..., :7, :5], atol=1e-6)
+    assert out["logits"].shape == (2, 3, 7, 5)  # ceil(13/2), ceil(10/2)
+    assert out["logits_detail"].shape == (2, 3, 7, 5) and out["attention"].shape == (2, 1, 7, 5)
+    xp = torch.zeros(2, 3, 16, 12)
+    xp[..., :13, :10] = x  # zeros at the bottom and the right
+    ctx = m.model(up(xp, (8, 6)))
+    a = up(m.attention_head(ctx["features"]), (8, 6))
+    det = m.model(xp)["logits"]
+    fused = (1 - a) * up(ctx["logits"], (8, 6)) + a * det
+    torch.testing.assert_close(out["logits"], fused[..., :7, :5], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["logits_detail"], det[..., :7, :5], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["attention"], a[..., :7, :5], atol=1e-6, rtol=1e-5)
+    # the detail view (2x2 pooling + 1x1 conv) of cells whose pixels are all real equals the
+    # un-padded image's: rows 0-5 (pixels 0-11) and columns 0-4 (pixels 0-9)
+    torch.testing.assert_close(out["logits_detail"][..., :6, :5], m.model(x)["logits"][..., :6, :5],
+                               atol=1e-6, rtol=1e-5)
+    # the last row's cells mix pixel row 12 with a zero row: pooled half of the real row
+    half = m.model(F.pad(x[..., 12:13, :], (0, 0, 0, 1)))["logits"]
+    torch.testing.assert_close(out["logits_detail"][..., 6:7, :], half, atol=1e-6, rtol=1e-5)
 
 
 def test_real_model_shapes_and_param_groups() -> None:

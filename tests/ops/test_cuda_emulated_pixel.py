@@ -298,3 +298,62 @@ def test_errors() -> None:
         emu.pixel_contrast_backward(loss, x, y, nu.reshape(-1), acc, TAU, 255, None, None)
     empty = emu.pixel_contrast_forward(x[:, :, :0], y[:, :0], TAU, 255, None, None)
     assert all(t.shape == (1, 0) for t in empty)
+
+
+def _signed_pair(seed: int, B: int, H: int, W: int) -> torch.Tensor:
+    """u = q r a as CLUDA's multi-resolution weighting sends it: r = -1 on the detail pixels (the
+    second half of the batch, and a few scattered pixels), so about half the weights are < 0."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(B, H, W, generator=g)
+    q = 0.1 + torch.rand(B, H, W, generator=g)
+    r = torch.ones(B, H, W)
+    r[B // 2:] = -1
+    r[torch.rand(B, H, W, generator=g) < 0.1] *= -1
+    return q * r * a
+
+
+def test_negative_pair_weights_match_the_reference() -> None:
+    """Signed pair weights (w_ip = u_i u_p < 0 across views): losses, auxiliary outputs, feature
+    and pair-weight gradients against the reference."""
+    feats, labels, _, weights = _case(14, B=4, H=5, W=9)
+    pair = _signed_pair(15, 4, 5, 9)
+    assert pair.lt(0).any() and pair.gt(0).any()
+    for w in (None, weights):
+        _check(feats, labels, dtype=torch.float64, pair=pair, weights=w, tol=1e-9, seed=16)
+    _check(feats, labels, dtype=torch.float32, pair=pair, tol=1e-5, seed=17)
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_multires_three_calls_through_the_emulated_op(monkeypatch: pytest.MonkeyPatch,
+                                                      with_q: bool) -> None:
+    """CLUDA's multi-resolution weighting (three pixel_contrast calls, the first with u = q r a,
+    the third with u = q r: negative weights on the detail pixels) through the public op with its
+    kernel forward replaced by the emulated CUDA kernels, against the torch reference: loss and
+    the gradients of the features and of a."""
+    from fastuda.methods.cluda import multires_pair_contrast
+
+    calls: list[int] = []
+
+    def emulated_forward(*args):
+        calls.append(1)
+        return emu.pixel_contrast_forward(*args)
+
+    monkeypatch.setattr(torch.ops.fastuda, "pixel_contrast_forward", emulated_forward)
+    g = torch.Generator().manual_seed(18)
+    B, D, H, W = 4, 37, 6, 7  # 2 context + 2 detail images: 168 pixels, partial tiles
+    feats = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B, H, W), generator=g)
+    labels[torch.rand(B, H, W, generator=g) < 0.15] = 255
+    a = torch.rand(B, H, W, generator=g, dtype=torch.float64)
+    r = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)[:, None, None].expand(
+        B, H, W).contiguous()
+    q = torch.rand(B, H, W, generator=g, dtype=torch.float64) if with_q else None
+    results = {}
+    for backend in ("cpu", "torch"):
+        f, aa = feats.clone().requires_grad_(), a.clone().requires_grad_()
+        loss = multires_pair_contrast(f, labels, aa, r, q, tau=0.7, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), f.grad, aa.grad)
+    assert len(calls) == 3  # the "cpu" run went through the emulated kernels, three times
+    for got, want in zip(results["cpu"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
