@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -154,9 +153,22 @@ def _memory_child(op: str, impl: str, shape: tuple[int, ...], device: str) -> fl
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the peak resident set of the run above what is resident before it: reset the peak to the
+    # current size (Linux: clear_refs 5), so the inputs' own construction does not hide it
+    before = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan")
     run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +191,9 @@ def measure_ceilings(device: str) -> dict[str, float]:
 def min_work(op: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(bytes, flops) one run of a case needs at least (fp32 features; int64 labels): the
     features read once per pass (forward, backward) and the feature gradient written once; the
-    flops of the dominant products. The ratio to the time gives achieved GB/s and GFLOP/s."""
+    flops of the products without which the result cannot be formed (forward logits and the
+    feature gradient; a kernel that recomputes the logits in its backward does more). The ratios
+    to the time give achieved GB/s and GFLOP/s."""
     B, D, H, W = shape
     N = B * H * W
     feat, lbl = 4 * N * D, 8 * N
@@ -188,12 +202,12 @@ def min_work(op: str, shape: tuple[int, ...]) -> tuple[float, float]:
     if op == "class_stats_full":  # mean pass + Gram pass over the class-sorted pixels
         return 2 * feat + 2 * lbl, 2 * N * D * D
     if op in ("proto_contrast", "dist_contrast"):  # fwd: read f; bwd: read f, write grad
-        k = 2 if op == "proto_contrast" else 4  # f.mu (+ f^2.var) products
-        return 3 * feat + 2 * lbl, 3 * k * N * C * D
-    if op == "bank_contrast":  # C means + M positives per pixel, fwd and bwd
-        return 3 * feat + 2 * lbl, 3 * 2 * N * (C + 200) * D
-    if op == "pixel_contrast":  # N x N similarities, fwd and bwd (two products)
-        return 3 * feat + 2 * lbl, 3 * 2 * N * N * D
+        products = 1 if op == "proto_contrast" else 2  # f.mu (+ f^2.var)
+        return 3 * feat + 2 * lbl, 2 * products * 2 * N * C * D
+    if op == "bank_contrast":  # C means + M positives per pixel, forward and gradient
+        return 3 * feat + 2 * lbl, 2 * 2 * N * (C + 200) * D
+    if op == "pixel_contrast":  # the symmetric N x N similarities (half of them), fwd and grad
+        return 3 * feat + 2 * lbl, 2 * N * N * D
     if op == "downscale_labels":  # 16 input labels per output cell, one output label
         return 16 * lbl + lbl, 0.0
     raise ValueError(op)
