@@ -9,7 +9,8 @@ SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 ifneq ($(wildcard /usr/lib/ccache/g++),)
 export PATH := /usr/lib/ccache:$(PATH)
 export PYTORCH_NVCC := ccache nvcc
-# paths below the checkout hash as relative ones: a fresh clone elsewhere (CI) hits the cache
+# pip builds in a new temporary folder each time: without NOHASHDIR that folder (in the -g
+# debug info) would be part of every hash and no rebuild would hit the cache
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 endif
