@@ -307,6 +307,15 @@ class SelfTraining:
         if method.wants_teacher_source(it):
             with self.timer("teacher_forward"), torch.no_grad(), self.autocast():
                 teacher_src = self.teacher(src_img)
+            # a non-finite teacher output would enter the running statistics for good: skip
+            # the step before they see it (on every rank alike)
+            finite = all(bool(torch.isfinite(v).all()) for v in teacher_src.values()
+                         if isinstance(v, Tensor) and v.is_floating_point())
+            if self.distributed:
+                finite = all_ranks_true(finite, self.device)
+            if not finite:
+                log["teacher.source"] = math.nan
+                return StepResult(log, finite=False)
             with self.timer("statistics"):
                 method.update_state(teacher_src, src_lbl, it)
 

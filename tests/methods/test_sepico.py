@@ -90,3 +90,36 @@ def test_bank_variant_and_state_round_trip() -> None:
     out, label = batch(9)
     assert float(fresh.source_losses(out, label, 6)["src.contrast"]) == pytest.approx(
         float(m.source_losses(out, label, 6)["src.contrast"]))
+
+
+def test_non_finite_teacher_source_skips_the_step_before_the_statistics() -> None:
+    """A NaN source image: the step is skipped (not finite) and neither the class statistics nor
+    the weights change; the next clean step trains and updates them."""
+    from pathlib import Path
+
+    from fastuda.config import load_config
+    from fastuda.methods import build_method
+    from fastuda.methods.self_training import SelfTraining
+    from fastuda.models import build_network
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "demo.toml", [
+        "data.crop_size=[64, 64]", "model.embed_dim=16", "method.start_iter=0",
+        "self_training.class_balanced_crop=false"])
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    method = build_method(cfg, embed_dim=model.embed_dim, device=torch.device("cpu"))
+    trainer = SelfTraining(cfg, model, method, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 5, (2, 4, 4), generator=g)  # 16x16 blocks: survive downscaling
+    source = {"image": torch.randn(2, 3, 64, 64, generator=g),
+              "label": blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)}
+    target = {"image": torch.randn(2, 3, 64, 64, generator=g)}
+    bad = {"image": torch.full_like(source["image"], float("nan")), "label": source["label"]}
+    stats = [t.clone() for t in trainer.method.stats.stats()]
+    weights = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    assert not trainer.step(bad, target, 0).finite
+    assert all(torch.equal(a, b) for a, b in zip(stats, trainer.method.stats.stats(), strict=True))
+    assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in weights.items())
+    assert trainer.step(source, target, 1).finite
+    assert float(trainer.method.stats.stats()[0].sum()) > 0
