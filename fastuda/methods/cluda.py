@@ -10,7 +10,7 @@ each. Features, labels and weights are flattened batch-major together (the op re
 and [B, h, w]); ignore pixels are neither positives nor negatives.
 
 Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of methods.md, "an extra 1-channel
-head with sigmoid output a_i". It is CLUDA's own head (``PairWeightHead``: 3x3 conv-BN-ReLU with
+head with sigmoid output a_i". It is CLUDA's own head (``SigmoidMapHead``: 3x3 conv-BN-ReLU with
 ``hrda.attention_channels`` hidden channels, 1x1 conv to one channel, sigmoid), a submodule of this
 method (a loss-only head, see fastuda/methods/base.py: the loop trains it with the student at the
 head learning rate and checkpoints it with the method's state_dict). It is not HRDA's scale
@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
 from ..config import MethodConfig
-from ..models.heads import ConvBNReLU
+from ..models.heads import SigmoidMapHead
 from .base import Losses, Method, Outputs
 
 
@@ -59,19 +59,6 @@ def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[i
     w = None if weights is None else F.interpolate(weights[:, None].float(), size=grid,
                                                    mode="nearest")[:, 0]
     return f, lbl, w
-
-
-class PairWeightHead(nn.Module):
-    """CLUDA's learned weighting: 3x3 conv-BN-ReLU, 1x1 conv to one channel, sigmoid (a in
-    [0, 1], [B, 1, h, w])."""
-
-    def __init__(self, in_channels: int, channels: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(in_channels, channels, 3)
-        self.out = nn.Conv2d(channels, 1, 1)
-
-    def forward(self, feats: Tensor) -> Tensor:
-        return torch.sigmoid(self.out(self.conv(feats)))
 
 
 class CLUDA(Method):
@@ -88,7 +75,7 @@ class CLUDA(Method):
         self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
         self.ignore_index = ignore_index
         self.grid = (int(cfg.cluda_grid[0]), int(cfg.cluda_grid[1]))
-        self.weight_head = PairWeightHead(feature_channels, head_channels) \
+        self.weight_head = SigmoidMapHead(feature_channels, head_channels) \
             if feature_channels > 0 else None
 
     def pair_weight(self, feats: Tensor) -> Tensor:
@@ -161,4 +148,4 @@ def multires_pair_contrast(feats: Tensor, labels: Tensor, a: Tensor, r: Tensor,
     return call(qa) + 0.5 * call(q) - 0.5 * call(qr)
 
 
-__all__ = ["CLUDA", "PairWeightHead", "multires_pair_contrast", "to_grid"]
+__all__ = ["CLUDA", "multires_pair_contrast", "to_grid"]

@@ -45,6 +45,19 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
+class SigmoidMapHead(nn.Module):
+    """3x3 conv-BN-ReLU, then a 1x1 conv to one channel and a sigmoid: a per-pixel value in
+    [0, 1], [B, 1, h, w] (HRDA's scale attention, CLUDA's pair weights)."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, channels, 3)
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return torch.sigmoid(self.out(self.conv(feats)))
+
+
 class DepthwiseSeparableConv(nn.Sequential):
     """Depth-wise 3x3 conv-BN-ReLU then point-wise 1x1 conv-BN-ReLU."""
 
@@ -151,4 +164,5 @@ class MultiLevelProjectionHead(nn.Module):
 
 
 __all__ = ["ASPPClassifier", "ConvBNReLU", "DAFormerHead", "DepthwiseSeparableConv",
+           "SigmoidMapHead",
            "MultiLevelProjectionHead", "ProjectionHead", "l2_normalize", "resize"]

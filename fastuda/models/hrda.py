@@ -49,19 +49,7 @@ from torch import Tensor, nn
 
 from ..config import HRDAConfig
 from .base import SegModel
-from .heads import ConvBNReLU, resize
-
-
-class ScaleAttentionHead(nn.Module):
-    """3x3 conv-BN-ReLU then a 1x1 conv to one channel and a sigmoid: a in [0, 1]."""
-
-    def __init__(self, in_channels: int, channels: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(in_channels, channels, 3)
-        self.out = nn.Conv2d(channels, 1, 1)
-
-    def forward(self, feats: Tensor) -> Tensor:
-        return torch.sigmoid(self.out(self.conv(feats)))
+from .heads import SigmoidMapHead, resize
 
 
 class HRDAModel(nn.Module):
@@ -72,7 +60,7 @@ class HRDAModel(nn.Module):
         if isinstance(model, HRDAModel):
             raise ValueError("HRDAModel: the model is already an HRDAModel")
         self.model = model
-        self.attention_head = ScaleAttentionHead(model.feature_channels, cfg.attention_channels)
+        self.attention_head = SigmoidMapHead(model.feature_channels, cfg.attention_channels)
         self.context_scale = float(cfg.context_scale)
         self.output_stride = int(model.output_stride)
         self.align = round(self.output_stride / self.context_scale)
@@ -209,4 +197,4 @@ class HRDAModel(nn.Module):
         return out
 
 
-__all__ = ["HRDAModel", "ScaleAttentionHead"]
+__all__ = ["HRDAModel"]
