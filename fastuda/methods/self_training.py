@@ -279,10 +279,9 @@ class SelfTraining:
     def _sync(self, name: str, last: str):  # noqa: ANN202
         """DDP's ``no_sync()`` for every pass but the last (the forward decides whether its
         backward all-reduces, so the context covers forward and backward)."""
-        ddp = self.forward_student
-        if name == last or not hasattr(ddp, "no_sync"):
+        if name == last or not self.distributed:
             return nullcontext()
-        return ddp.no_sync()
+        return self.forward_student.no_sync()
 
     def set_lr(self, it: int) -> float:
         o = self.cfg.optim
@@ -309,8 +308,9 @@ class SelfTraining:
                 teacher_src = self.teacher(src_img)
             # a non-finite teacher output would enter the running statistics for good: skip
             # the step before they see it (on every rank alike)
-            finite = all(bool(torch.isfinite(v).all()) for v in teacher_src.values()
-                         if isinstance(v, Tensor) and v.is_floating_point())
+            checks = [torch.isfinite(v).all() for v in teacher_src.values()
+                      if isinstance(v, Tensor) and v.is_floating_point()]
+            finite = not checks or bool(torch.stack(checks).all())  # one host sync
             if self.distributed:
                 finite = all_ranks_true(finite, self.device)
             if not finite:
