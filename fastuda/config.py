@@ -296,6 +296,7 @@ class TrainConfig:
     max_iters: int = 40000
     eval_interval: int = 4000
     checkpoint_interval: int = 4000
+    keep_checkpoints: int = 0  # iter_N.pt snapshots kept, the newest (0: all of them)
     log_interval: int = 50
     seed: int = 0
     deterministic: bool = False
@@ -307,6 +308,8 @@ class TrainConfig:
         _check(self.max_iters >= 1, "train.max_iters", self.max_iters, ">= 1")
         for key in ("eval_interval", "checkpoint_interval", "log_interval"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
+        _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints,
+               ">= 0 (0 keeps every snapshot)")
 
 
 @dataclass

@@ -156,9 +156,11 @@ class Run:
         if self.info.is_main:
             state = self.state_dict()
             state["ranks"] = ranks
-            ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / "latest.pt")
-            if name != "latest.pt":
-                ckpt.save_checkpoint(state, self.work_dir / "checkpoints" / name)
+            folder = self.work_dir / "checkpoints"
+            ckpt.save_checkpoint(state, folder / name)
+            if name != "latest.pt":  # latest.pt names the same file: written once, on disk once
+                ckpt.link_checkpoint(folder / name, folder / "latest.pt")
+                ckpt.prune_snapshots(folder, self.cfg.train.keep_checkpoints)
         barrier()
 
     # -- evaluation ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[method]\ntau = -1.0\n", "method.tau"),
     ('[ops]\nbackend = "gpu"\n', "ops.backend"),
     ("[train]\ndeterministic = 1\n", "train.deterministic"),
+    ("[train]\nkeep_checkpoints = -1\n", "train.keep_checkpoints"),
     ("[hrda]\nscale = 0.5\n", "'scale'"),
     ("[hrda]\ncontext_scale = 0.3\n", "hrda.context_scale"),
     ("[hrda]\ncontext_scale = 1.0\n", "hrda.context_scale"),

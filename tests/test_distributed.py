@@ -216,7 +216,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, root: str) -> N
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, synthetic_root: str) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(2, str(out / "init"), str(out), synthetic_root), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    shutil.rmtree(out)  # ~540 MB of per-step states, in memory now: leave the disk to later tests
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +380,7 @@ def test_torchrun_train_evaluate_checkpoint_resume(synthetic_root: str, tmp_path
     sets = tiny_overrides(synthetic_root) + [
         "train.max_iters=3", "train.checkpoint_interval=1", "train.eval_interval=3",
         "train.log_interval=1", "train.deterministic=true", "method.start_iter=1",
-        "eval.max_images=4"]
+        "eval.max_images=4", "train.keep_checkpoints=2"]
     args = [str(DEMO), *(x for s in sets for x in ("--set", s))]
 
     whole = tmp_path / "whole"
@@ -401,7 +403,7 @@ def test_torchrun_train_evaluate_checkpoint_resume(synthetic_root: str, tmp_path
     # resume under torchrun from iteration 2: the same final state as the uninterrupted run
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(whole / "checkpoints" / "iter_2.pt", resumed / "checkpoints" / "latest.pt")
+    os.link(whole / "checkpoints" / "iter_2.pt", resumed / "checkpoints" / "latest.pt")
     done = _launch([*args, "--work-dir", str(resumed), "--resume", "auto"], nproc=2)
     assert done.returncode == 0, done.stdout + done.stderr
     again = load_checkpoint(resumed / "checkpoints" / "latest.pt")
@@ -412,7 +414,7 @@ def test_torchrun_train_evaluate_checkpoint_resume(synthetic_root: str, tmp_path
     # resume the 2-rank checkpoint in one process: allowed, with a warning about the data order
     single = tmp_path / "single"
     (single / "checkpoints").mkdir(parents=True)
-    shutil.copy(whole / "checkpoints" / "iter_2.pt", single / "checkpoints" / "latest.pt")
+    os.link(whole / "checkpoints" / "iter_2.pt", single / "checkpoints" / "latest.pt")
     done = _launch([*args, "--work-dir", str(single), "--resume", "auto"], nproc=1)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "checkpoint was written with world size 2, resuming with 1" in done.stdout + done.stderr

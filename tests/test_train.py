@@ -66,6 +66,9 @@ def test_every_config_trains_one_iteration(path: Path, synthetic_root: str, tmp_
             <= set(train_logs[0])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["iteration"] == 1
+    # the final snapshot and latest.pt are one file on disk (checkpoints of large models add up)
+    snapshot = tmp_path / "run" / "checkpoints" / "iter_1.pt"
+    assert snapshot.stat().st_ino == (tmp_path / "run" / "checkpoints" / "latest.pt").stat().st_ino
     assert (tmp_path / "run" / "config.toml").is_file()
     assert list((tmp_path / "run" / "vis").glob("*.png"))
 
@@ -99,7 +102,7 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     sets = tiny_overrides(synthetic_root, cfg_path)
     sets += ["train.max_iters=6", "train.checkpoint_interval=1", "train.eval_interval=3",
              "train.log_interval=1", "train.deterministic=true", "method.start_iter=2",
-             "data.num_workers=1"]
+             "data.num_workers=1", "train.keep_checkpoints=1"]
     args = ["configs/demo.toml", *(x for s in sets for x in ("--set", s))]
 
     whole = _run([*args, "--work-dir", str(tmp_path / "whole")])
@@ -130,6 +133,9 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
 
+    # one snapshot kept (each is ~180 MB): the newest, which latest.pt also names
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) \
+        == ["iter_6.pt", "latest.pt"]
     a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
     b = load_checkpoint(latest)
     assert a["iteration"] == b["iteration"] == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,59 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def link_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` name the same checkpoint as ``source``, atomically.
+
+    A hard link costs no disk (a DeepLab-V2 checkpoint is hundreds of MB); where the file system
+    has none, the file is copied. Either way the new name appears by one rename.
+    """
+    source, path = Path(source), Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)  # os.link will not replace an existing name
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prune_snapshots(folder: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``iter_N.pt`` snapshots in ``folder`` (``keep`` 0: none
+    deleted) and return what was deleted. ``latest.pt`` is a name of its own and is never touched.
+    """
+    if keep <= 0:
+        return []
+    snapshots = []
+    for path in Path(folder).glob("iter_*.pt"):
+        number = path.stem.removeprefix("iter_")
+        if number.isdigit():
+            snapshots.append((int(number), path))
+    doomed = [path for _, path in sorted(snapshots)[:-keep]]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -11,7 +11,9 @@ import torch
 
 from fastuda.engine.checkpoint import (
     find_latest,
+    link_checkpoint,
     load_checkpoint,
+    prune_snapshots,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -41,6 +43,47 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
         save_checkpoint({"v": Unpicklable()}, path)
     assert load_checkpoint(path)["v"] == 1
     assert os.listdir(tmp_path) == ["latest.pt"]
+
+
+def test_latest_is_a_link_to_the_snapshot_not_a_second_copy(tmp_path) -> None:
+    snapshot, latest = tmp_path / "iter_4.pt", tmp_path / "latest.pt"
+    save_checkpoint({"v": 0}, latest)  # an older latest.pt is replaced, not written into
+    old_inode = latest.stat().st_ino
+    save_checkpoint({"v": 4}, snapshot)
+    link_checkpoint(snapshot, latest)
+    assert latest.stat().st_ino == snapshot.stat().st_ino != old_inode
+    assert snapshot.stat().st_nlink == 2 and load_checkpoint(latest)["v"] == 4
+    # a later save of latest.pt alone must leave the snapshot as it was
+    save_checkpoint({"v": 5}, latest)
+    assert load_checkpoint(snapshot)["v"] == 4 and load_checkpoint(latest)["v"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["iter_4.pt", "latest.pt"]
+
+
+def test_link_falls_back_to_a_copy(tmp_path, monkeypatch) -> None:
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    snapshot, latest = tmp_path / "iter_1.pt", tmp_path / "latest.pt"
+    save_checkpoint({"v": 1}, snapshot)
+    link_checkpoint(snapshot, latest)
+    assert latest.stat().st_ino != snapshot.stat().st_ino
+    assert load_checkpoint(latest)["v"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["iter_1.pt", "latest.pt"]
+
+
+def test_prune_keeps_the_newest_snapshots_by_iteration(tmp_path) -> None:
+    for it in (2, 10, 4, 8):  # iter_10 sorts before iter_2 as a string
+        save_checkpoint({"v": it}, tmp_path / f"iter_{it}.pt")
+    link_checkpoint(tmp_path / "iter_10.pt", tmp_path / "latest.pt")
+    (tmp_path / "iter_best.pt").write_bytes(b"not a snapshot of ours")
+    assert prune_snapshots(tmp_path, 0) == []
+    deleted = prune_snapshots(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["iter_2.pt", "iter_4.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_10.pt", "iter_8.pt", "iter_best.pt", "latest.pt"]
+    prune_snapshots(tmp_path, 1)
+    assert load_checkpoint(tmp_path / "latest.pt")["v"] == 10
+    assert sorted(os.listdir(tmp_path)) == ["iter_10.pt", "iter_best.pt", "latest.pt"]
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path) -> None:
