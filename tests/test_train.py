@@ -110,9 +110,9 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     assert whole.returncode == 0, out
 
     killed_dir = tmp_path / "killed"
-    # a session of its own: the kill takes the run's data-loader workers along (a SIGKILL of
-    # the trainer alone leaves them orphaned, waiting forever)
-    victim = _run([*args, "--work-dir", str(killed_dir)], start_new_session=True)
+    # the trainer alone is killed, as the out-of-memory killer would: its loader workers die
+    # with it (tests/data/test_data_workers.py)
+    victim = _run([*args, "--work-dir", str(killed_dir)])
     latest = killed_dir / "checkpoints" / "latest.pt"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and victim.poll() is None:
@@ -124,7 +124,7 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
                 pass
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     victim.wait()
     stopped_at = load_checkpoint(latest)["iteration"]
     assert stopped_at < 6

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from fastuda.data.io import DataError, check_encoded_image
 from fastuda.data.loaders import CropSettings, plan_meta, realise_label
 from fastuda.data.sampling import SamplePlan, SamplePlanner
 from fastuda.data.transforms import Geometry
+from fastuda.data.workers import exit_with_parent
 
 # info vector per sample
 _INFO = ("position", "index", "rcs_class", "top", "left", "valid_h", "valid_w", "scaled_h",
@@ -46,6 +48,8 @@ class DaliSampleSource:
                  start_position: int, batch_size: int) -> None:
         self.dataset, self.planner, self.settings = dataset, planner, settings
         self.start_position, self.batch_size = start_position, batch_size
+        self.owner_pid = os.getpid()  # the trainer; DALI calls this object in its workers
+        self._armed_pid = self.owner_pid
 
     def _load(self, index: int) -> tuple[bytes, np.ndarray, int, list[tuple[str, str]]]:
         ds = self.dataset
@@ -79,6 +83,9 @@ class DaliSampleSource:
         raise DataError(ds.root, f"every one of the {len(ds)} samples of {ds.name} is unreadable")
 
     def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
+        if self._armed_pid != os.getpid():  # first call in a new worker (DALI has no init hook)
+            self._armed_pid = os.getpid()
+            exit_with_parent(self.owner_pid)
         position = self.start_position + info.iteration * self.batch_size + info.idx_in_batch
         plan = self.planner.plan(position)
         data, label, index, skipped = self._load(plan.index)

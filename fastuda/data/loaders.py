@@ -10,8 +10,10 @@ function of seed, stream, rank and position; see sampling.py).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from fastuda.data.io import DataError
 from fastuda.data.sampling import RareClassSampler, SamplePlan, SamplePlanner
 from fastuda.data.stats import count_matrix
 from fastuda.data.transforms import Geometry, choose_crop, crop_image, resize_pair
+from fastuda.data.workers import torch_worker_init
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,7 @@ class TorchTrainBatches:
         loader = DataLoader(self.samples, batch_size=cfg.batch_size,
                             sampler=_Positions(start_batch * cfg.batch_size),
                             num_workers=cfg.num_workers, collate_fn=_collate,
+                            worker_init_fn=partial(torch_worker_init, os.getpid()),
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=2 if cfg.num_workers > 0 else None)
         for batch in loader:
@@ -311,6 +315,7 @@ class ValLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = min(self.cfg.num_workers, len(self.samples))
         loader = DataLoader(self.samples, batch_size=None, shuffle=False, num_workers=workers,
+                            worker_init_fn=partial(torch_worker_init, os.getpid()),
                             pin_memory=torch.cuda.is_available())
         for item in loader:
             if "skipped" in item:
