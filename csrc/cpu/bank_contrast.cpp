@@ -3,17 +3,19 @@
 // For pixel i of class y with L = bank_len[y] live entries b_{y,j} and nu_i the logsumexp of
 // f_i . bbar_k / tau over the other classes k with a live entry (bbar_k = their mean entry):
 //   l_i = (1 / L) sum_j softplus(nu_i - f_i . b_{y,j} / tau).
-// Plan: counting-sort the pixels by class and copy their features into a class-sorted [n, D]
-// matrix (input dtype, so at most the size of the input); then per chunk of rows of one class two
-// GEMMs give every positive logit (rows x L) and the C negative logits (rows x C). The backward
-// recomputes them, turns them into d loss / d logit and maps back with two more GEMMs, writing the
-// rows over the sorted features before one scatter into [B, D, P]. The bank receives no gradient
-// (it holds detached batch centroids).
+// Plan: counting-sort the pixel ids by class (no feature is copied); then per chunk of rows of
+// one class the chunk's features are gathered from [B, D, P] into a small transposed buffer
+// (D x rows, per thread) and two GEMMs give every positive logit (rows x L) and the C negative
+// logits (rows x C). The backward recomputes them, turns them into d loss / d logit, maps back
+// with two more GEMMs into the same buffer and scatters it into the gradient, so the only large
+// allocation of either pass is the gradient itself. The bank receives no gradient (it holds
+// detached batch centroids).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -32,7 +34,6 @@ struct Problem {
   int64_t B, D, P, C, M;
   std::vector<int64_t> lens;      // [C] live entries per class
   std::vector<int64_t> class_start;  // [C + 1] first sorted row of each class
-  std::vector<int64_t> slot;      // [B * P] sorted row of each pixel, -1 if not counted
   std::vector<int64_t> order;     // [n] pixel id of each sorted row
   struct Chunk { int64_t cls, row0, rows; };
   std::vector<Chunk> chunks;
@@ -111,22 +112,26 @@ Problem sort_pixels(const at::Tensor& feats, const at::Tensor& labels, const at:
     for (int64_t k = 0; k < n_chunks; ++k) offset[k * C + c] = run, run += counts[k * C + c];
   }
   pb.class_start[C] = run;
-  pb.slot.assign(N, -1);
   pb.order.resize(run);
   at::parallel_for(0, n_chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       int64_t* off = offset.data() + k * C;
       for (int64_t i = k * kLabelChunk, e = std::min(N, i + kLabelChunk); i < e; ++i) {
         if (cls[i] < 0) continue;
-        const int64_t r = off[cls[i]]++;
-        pb.slot[i] = r;
-        pb.order[r] = i;
+        pb.order[off[cls[i]]++] = i;
       }
     }
   });
   for (int64_t c = 0; c < C; ++c)
     for (int64_t r = pb.class_start[c]; r < pb.class_start[c + 1]; r += kRowsPerChunk)
       pb.chunks.push_back({c, r, std::min(kRowsPerChunk, pb.class_start[c + 1] - r)});
+  // chunks in the order of their first pixel: the chunks of all classes over one stretch of the
+  // image run one after the other, so the cache lines one chunk's gather brings in are still
+  // cached for the next (class-major order re-read the whole input once per class)
+  std::stable_sort(pb.chunks.begin(), pb.chunks.end(),
+                   [&](const Problem::Chunk& a, const Problem::Chunk& b) {
+                     return pb.order[a.row0] < pb.order[b.row0];
+                   });
   return pb;
 }
 
@@ -148,16 +153,16 @@ std::pair<at::Tensor, at::Tensor> bank_and_means(const at::Tensor& bank, const P
 }
 
 // Positive logits [rows, L] and negative logits [rows, C] (both still without the 1 / tau) of
-// the sorted feature rows x (acc_t, leading dimension D).
+// the chunk's features xt (acc_t, transposed: [D, rows]).
 template <typename acc_t>
-void chunk_logits(const acc_t* x, const Problem::Chunk& ch, const Problem& pb, const at::Tensor& b,
-                  const at::Tensor& bbar, acc_t* pos, acc_t* neg) {
+void chunk_logits(const acc_t* xt, const Problem::Chunk& ch, const Problem& pb,
+                  const at::Tensor& b, const at::Tensor& bbar, acc_t* pos, acc_t* neg) {
   const int64_t L = pb.lens[ch.cls];
-  const at::Tensor xv = matrix_view(x, ch.rows, pb.D, pb.D);
+  const at::Tensor x = matrix_view(xt, pb.D, ch.rows, ch.rows).t();
   at::Tensor pv = matrix_view(pos, ch.rows, L, L);
   at::Tensor nv = matrix_view(neg, ch.rows, pb.C, pb.C);
-  at::mm_out(pv, xv, b[ch.cls].narrow(0, 0, L).t());
-  at::mm_out(nv, xv, bbar.t());
+  at::mm_out(pv, x, b[ch.cls].narrow(0, 0, L).t());
+  at::mm_out(nv, x, bbar.t());
 }
 
 // nu = logsumexp over the classes k != y with a live entry of neg[k] / tau; -inf if none.
@@ -173,40 +178,63 @@ acc_t negative_lse(const acc_t* neg, int64_t y, const Problem& pb, acc_t inv_tau
   return m + std::log(s);
 }
 
-// The sorted feature rows of one chunk as acc_t: a view into `sorted` when the input is acc_t
-// already, else converted into `buf`.
+// Flat offsets of the chunk's pixels in a [B, D, P] tensor with strides (sB, ., sP).
+inline void chunk_offsets(const Problem::Chunk& ch, const Problem& pb, int64_t sB, int64_t sP,
+                          std::vector<int64_t>& off) {
+  off.resize(ch.rows);
+  for (int64_t r = 0; r < ch.rows; ++r) {
+    const int64_t pix = pb.order[ch.row0 + r];
+    off[r] = (pix / pb.P) * sB + (pix % pb.P) * sP;
+  }
+}
+
+// xt[d, r] = feats[b_r, d, p_r] as acc_t. The pixels of a chunk ascend in memory, so each
+// channel's reads move forward through one row of the input.
 template <typename scalar_t, typename acc_t>
-const acc_t* chunk_rows(const scalar_t* sorted, const Problem::Chunk& ch, int64_t D,
-                        std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return sorted + ch.row0 * D;
-  } else {
-    buf.resize(ch.rows * D);
-    const scalar_t* src = sorted + ch.row0 * D;
-    for (int64_t e = 0; e < ch.rows * D; ++e) buf[e] = static_cast<acc_t>(src[e]);
-    return buf.data();
+void gather_chunk(const at::Tensor& feats, const Problem::Chunk& ch, const Problem& pb,
+                  std::vector<int64_t>& off, acc_t* xt) {
+  chunk_offsets(ch, pb, feats.stride(0), feats.stride(2), off);
+  const scalar_t* src = feats.const_data_ptr<scalar_t>();
+  const int64_t sD = feats.stride(1), rows = ch.rows;
+  for (int64_t d = 0; d < pb.D; ++d) {
+    const scalar_t* in = src + d * sD;
+    acc_t* out = xt + d * rows;
+    for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<acc_t>(in[off[r]]);
+  }
+}
+
+// grad[b_r, :, p_r] = yt[:, r] for a contiguous [B, D, P] gradient (every pixel belongs to one
+// chunk, so threads never write the same element).
+template <typename scalar_t, typename acc_t>
+void scatter_chunk(const acc_t* yt, const Problem::Chunk& ch, const Problem& pb,
+                   std::vector<int64_t>& off, at::Tensor& grad) {
+  chunk_offsets(ch, pb, pb.D * pb.P, 1, off);
+  scalar_t* dst = grad.data_ptr<scalar_t>();
+  const int64_t rows = ch.rows;
+  for (int64_t d = 0; d < pb.D; ++d) {
+    scalar_t* out = dst + d * pb.P;
+    const acc_t* in = yt + d * rows;
+    for (int64_t r = 0; r < rows; ++r) out[off[r]] = static_cast<scalar_t>(in[r]);
   }
 }
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem& pb, double tau,
                   at::Tensor& loss, at::Tensor& neg_lse) {
-  const int64_t n = pb.class_start[pb.C];
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
   auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
-  at::Tensor sorted = at::empty({n, pb.D}, feats.options());
-  gather_rows<scalar_t, scalar_t>(feats, pb.slot.data(), sorted.data_ptr<scalar_t>());
   acc_t* loss_p = loss.data_ptr<acc_t>();
   acc_t* nlse_p = neg_lse.data_ptr<acc_t>();
-  const scalar_t* sp = sorted.const_data_ptr<scalar_t>();
   at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> xbuf, pos(kRowsPerChunk * pb.M), neg(kRowsPerChunk * pb.C);
+    std::vector<acc_t> xt(kRowsPerChunk * pb.D), pos(kRowsPerChunk * pb.M),
+        neg(kRowsPerChunk * pb.C);
+    std::vector<int64_t> off;
     for (int64_t ci = c0; ci < c1; ++ci) {
       const Problem::Chunk& ch = pb.chunks[ci];
       const int64_t L = pb.lens[ch.cls];
-      const acc_t* x = chunk_rows<scalar_t, acc_t>(sp, ch, pb.D, xbuf);
-      chunk_logits<acc_t>(x, ch, pb, b, bbar, pos.data(), neg.data());
+      gather_chunk<scalar_t, acc_t>(feats, ch, pb, off, xt.data());
+      chunk_logits<acc_t>(xt.data(), ch, pb, b, bbar, pos.data(), neg.data());
       for (int64_t r = 0; r < ch.rows; ++r) {
         const int64_t pix = pb.order[ch.row0 + r];
         const acc_t nu = negative_lse<acc_t>(neg.data() + r * pb.C, ch.cls, pb, inv_tau);
@@ -237,7 +265,6 @@ std::tuple<at::Tensor, at::Tensor> bank_contrast_forward_cpu(
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& bank,
                    const at::Tensor& neg_lse, const Problem& pb, double tau, at::Tensor& grad) {
-  const int64_t n = pb.class_start[pb.C];
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
@@ -247,16 +274,15 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
   const acc_t* gp = g_t.const_data_ptr<acc_t>();
   const int64_t gsB = g_t.stride(0), gsP = g_t.stride(1);
   const acc_t* nup = nu_t.const_data_ptr<acc_t>();
-  at::Tensor sorted = at::empty({n, pb.D}, feats.options());
-  scalar_t* sp = sorted.data_ptr<scalar_t>();
-  gather_rows<scalar_t, scalar_t>(feats, pb.slot.data(), sp);
   at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> xbuf, ybuf, pos(kRowsPerChunk * pb.M), neg(kRowsPerChunk * pb.C);
+    std::vector<acc_t> xt(kRowsPerChunk * pb.D), pos(kRowsPerChunk * pb.M),
+        neg(kRowsPerChunk * pb.C);
+    std::vector<int64_t> off;
     for (int64_t ci = c0; ci < c1; ++ci) {
       const Problem::Chunk& ch = pb.chunks[ci];
       const int64_t L = pb.lens[ch.cls];
-      const acc_t* x = chunk_rows<scalar_t, acc_t>(sp, ch, pb.D, xbuf);
-      chunk_logits<acc_t>(x, ch, pb, b, bbar, pos.data(), neg.data());
+      gather_chunk<scalar_t, acc_t>(feats, ch, pb, off, xt.data());
+      chunk_logits<acc_t>(xt.data(), ch, pb, b, bbar, pos.data(), neg.data());
       // logits -> d loss / d logit, scaled by 1 / tau (d logit / d f = entry / tau)
       for (int64_t r = 0; r < ch.rows; ++r) {
         const int64_t pix = pb.order[ch.row0 + r];
@@ -275,24 +301,14 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
           nr[k] = (k != ch.cls && pb.lens[k] > 0) ? dnu * std::exp(nr[k] * inv_tau - nu)
                                                   : acc_t(0);
       }
-      // rows of d loss / d f = coef_pos @ bank[y, :L] + coef_neg @ bbar
-      acc_t* y;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        y = sp + ch.row0 * pb.D;  // the features of these rows are no longer needed
-      } else {
-        ybuf.resize(ch.rows * pb.D);
-        y = ybuf.data();
-      }
-      at::Tensor yv = matrix_view(y, ch.rows, pb.D, pb.D);
-      at::mm_out(yv, matrix_view(pos.data(), ch.rows, L, L), b[ch.cls].narrow(0, 0, L));
-      yv.addmm_(matrix_view(neg.data(), ch.rows, pb.C, pb.C), bbar);
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        scalar_t* dst = sp + ch.row0 * pb.D;
-        for (int64_t e = 0; e < ch.rows * pb.D; ++e) dst[e] = static_cast<scalar_t>(y[e]);
-      }
+      // (d loss / d f)^T = bank[y, :L]^T @ coef_pos^T + bbar^T @ coef_neg^T, into the buffer
+      // the features came in (they are no longer needed)
+      at::Tensor yt = matrix_view(xt.data(), pb.D, ch.rows, ch.rows);
+      at::mm_out(yt, b[ch.cls].narrow(0, 0, L).t(), matrix_view(pos.data(), ch.rows, L, L).t());
+      yt.addmm_(bbar.t(), matrix_view(neg.data(), ch.rows, pb.C, pb.C).t());
+      scatter_chunk<scalar_t, acc_t>(xt.data(), ch, pb, off, grad);
     }
   });
-  scatter_rows<scalar_t, scalar_t>(sp, pb.slot.data(), grad);
 }
 
 at::Tensor bank_contrast_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& feats,
@@ -304,8 +320,9 @@ at::Tensor bank_contrast_backward_cpu(const at::Tensor& grad_loss, const at::Ten
               "fastuda::bank_contrast_backward: grad_loss ", grad_loss.sizes(), " and neg_lse ",
               neg_lse.sizes(), " must match labels ", labels.sizes());
   const Problem pb = sort_pixels(feats, labels, bank, bank_len, ignore_index);
-  if (pb.class_start[pb.C] == 0) return at::zeros({pb.B, pb.D, pb.P}, feats.options());
-  at::Tensor grad = at::empty({pb.B, pb.D, pb.P}, feats.options());
+  // zeros: pixels that take no part (ignored, or their class has no entry) get no gradient
+  at::Tensor grad = at::zeros({pb.B, pb.D, pb.P}, feats.options());
+  if (pb.class_start[pb.C] == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "bank_contrast_backward", [&] {
     backward_impl<scalar_t>(grad_loss, feats, bank, neg_lse, pb, tau, grad);

@@ -1,6 +1,7 @@
 // CPU helpers shared by bank_contrast.cpp and pixel_contrast.cpp: reading [B, P] label/weight
-// tensors of any dtype and strides, and moving pixel features between the channels-first [B, D, P]
-// layout and a class-sorted, pixel-major [n, D] scratch matrix (what the tile GEMMs want).
+// tensors of any dtype and strides, matrix views for the tile GEMMs and the row kernels of the
+// pair terms; and, for pixel_contrast, moving pixel features between the channels-first
+// [B, D, P] layout and a class-sorted, pixel-major [n, D] scratch matrix.
 //
 // A pixel is addressed by its flat id i = b * P + p. `slot[i]` is its row in the sorted matrix, or
 // -1 when the pixel takes no part (ignored, or its class is skipped).
