@@ -218,6 +218,25 @@ void scatter_chunk(const acc_t* yt, const Problem::Chunk& ch, const Problem& pb,
   }
 }
 
+// Runs body(chunk, xt, pos, neg, off) for every chunk, the chunks spread over the threads: the
+// chunk's features gathered into xt ([D, rows]) and its logits computed (chunk_logits); off is
+// scratch the body may reuse.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_chunk(const at::Tensor& feats, const Problem& pb, const at::Tensor& b,
+                    const at::Tensor& bbar, Body&& body) {
+  at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> xt(kRowsPerChunk * pb.D), pos(kRowsPerChunk * pb.M),
+        neg(kRowsPerChunk * pb.C);
+    std::vector<int64_t> off;
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const Problem::Chunk& ch = pb.chunks[ci];
+      gather_chunk<scalar_t, acc_t>(feats, ch, pb, off, xt.data());
+      chunk_logits<acc_t>(xt.data(), ch, pb, b, bbar, pos.data(), neg.data());
+      body(ch, xt.data(), pos.data(), neg.data(), off);
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem& pb, double tau,
                   at::Tensor& loss, at::Tensor& neg_lse) {
@@ -226,23 +245,16 @@ void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem
   auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
   acc_t* loss_p = loss.data_ptr<acc_t>();
   acc_t* nlse_p = neg_lse.data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> xt(kRowsPerChunk * pb.D), pos(kRowsPerChunk * pb.M),
-        neg(kRowsPerChunk * pb.C);
-    std::vector<int64_t> off;
-    for (int64_t ci = c0; ci < c1; ++ci) {
-      const Problem::Chunk& ch = pb.chunks[ci];
-      const int64_t L = pb.lens[ch.cls];
-      gather_chunk<scalar_t, acc_t>(feats, ch, pb, off, xt.data());
-      chunk_logits<acc_t>(xt.data(), ch, pb, b, bbar, pos.data(), neg.data());
-      for (int64_t r = 0; r < ch.rows; ++r) {
-        const int64_t pix = pb.order[ch.row0 + r];
-        const acc_t nu = negative_lse<acc_t>(neg.data() + r * pb.C, ch.cls, pb, inv_tau);
-        nlse_p[pix] = nu;
-        if (nu == -std::numeric_limits<acc_t>::infinity()) continue;  // no negative: loss 0
-        const acc_t sum = row_sum_softplus<acc_t>(pos.data() + r * L, L, inv_tau, nu);
-        loss_p[pix] = sum / static_cast<acc_t>(L);
-      }
+  for_each_chunk<scalar_t, acc_t>(feats, pb, b, bbar, [&](const Problem::Chunk& ch, acc_t*,
+                                                          acc_t* pos, acc_t* neg,
+                                                          std::vector<int64_t>&) {
+    const int64_t L = pb.lens[ch.cls];
+    for (int64_t r = 0; r < ch.rows; ++r) {
+      const int64_t pix = pb.order[ch.row0 + r];
+      const acc_t nu = negative_lse<acc_t>(neg + r * pb.C, ch.cls, pb, inv_tau);
+      nlse_p[pix] = nu;
+      if (nu == -std::numeric_limits<acc_t>::infinity()) continue;  // no negative: loss 0
+      loss_p[pix] = row_sum_softplus<acc_t>(pos + r * L, L, inv_tau, nu) / static_cast<acc_t>(L);
     }
   });
 }
@@ -274,40 +286,34 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
   const acc_t* gp = g_t.const_data_ptr<acc_t>();
   const int64_t gsB = g_t.stride(0), gsP = g_t.stride(1);
   const acc_t* nup = nu_t.const_data_ptr<acc_t>();
-  at::parallel_for(0, static_cast<int64_t>(pb.chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> xt(kRowsPerChunk * pb.D), pos(kRowsPerChunk * pb.M),
-        neg(kRowsPerChunk * pb.C);
-    std::vector<int64_t> off;
-    for (int64_t ci = c0; ci < c1; ++ci) {
-      const Problem::Chunk& ch = pb.chunks[ci];
-      const int64_t L = pb.lens[ch.cls];
-      gather_chunk<scalar_t, acc_t>(feats, ch, pb, off, xt.data());
-      chunk_logits<acc_t>(xt.data(), ch, pb, b, bbar, pos.data(), neg.data());
-      // logits -> d loss / d logit, scaled by 1 / tau (d logit / d f = entry / tau)
-      for (int64_t r = 0; r < ch.rows; ++r) {
-        const int64_t pix = pb.order[ch.row0 + r];
-        const acc_t nu = nup[pix];
-        acc_t* pr = pos.data() + r * L;
-        acc_t* nr = neg.data() + r * pb.C;
-        if (nu == -std::numeric_limits<acc_t>::infinity()) {  // no negative: zero gradient
-          std::fill(pr, pr + L, acc_t(0));
-          std::fill(nr, nr + pb.C, acc_t(0));
-          continue;
-        }
-        const acc_t cg = gp[(pix / pb.P) * gsB + (pix % pb.P) * gsP] * inv_tau /
-                         static_cast<acc_t>(L);
-        const acc_t dnu = row_sigmoid_coef<acc_t>(pr, L, inv_tau, nu, cg);
-        for (int64_t k = 0; k < pb.C; ++k)
-          nr[k] = (k != ch.cls && pb.lens[k] > 0) ? dnu * std::exp(nr[k] * inv_tau - nu)
-                                                  : acc_t(0);
+  for_each_chunk<scalar_t, acc_t>(feats, pb, b, bbar, [&](const Problem::Chunk& ch, acc_t* xt,
+                                                          acc_t* pos, acc_t* neg,
+                                                          std::vector<int64_t>& off) {
+    const int64_t L = pb.lens[ch.cls];
+    // logits -> d loss / d logit, scaled by 1 / tau (d logit / d f = entry / tau)
+    for (int64_t r = 0; r < ch.rows; ++r) {
+      const int64_t pix = pb.order[ch.row0 + r];
+      const acc_t nu = nup[pix];
+      acc_t* pr = pos + r * L;
+      acc_t* nr = neg + r * pb.C;
+      if (nu == -std::numeric_limits<acc_t>::infinity()) {  // no negative: zero gradient
+        std::fill(pr, pr + L, acc_t(0));
+        std::fill(nr, nr + pb.C, acc_t(0));
+        continue;
       }
-      // (d loss / d f)^T = bank[y, :L]^T @ coef_pos^T + bbar^T @ coef_neg^T, into the buffer
-      // the features came in (they are no longer needed)
-      at::Tensor yt = matrix_view(xt.data(), pb.D, ch.rows, ch.rows);
-      at::mm_out(yt, b[ch.cls].narrow(0, 0, L).t(), matrix_view(pos.data(), ch.rows, L, L).t());
-      yt.addmm_(bbar.t(), matrix_view(neg.data(), ch.rows, pb.C, pb.C).t());
-      scatter_chunk<scalar_t, acc_t>(xt.data(), ch, pb, off, grad);
+      const acc_t cg = gp[(pix / pb.P) * gsB + (pix % pb.P) * gsP] * inv_tau /
+                       static_cast<acc_t>(L);
+      const acc_t dnu = row_sigmoid_coef<acc_t>(pr, L, inv_tau, nu, cg);
+      for (int64_t k = 0; k < pb.C; ++k)
+        nr[k] = (k != ch.cls && pb.lens[k] > 0) ? dnu * std::exp(nr[k] * inv_tau - nu)
+                                                : acc_t(0);
     }
+    // (d loss / d f)^T = bank[y, :L]^T @ coef_pos^T + bbar^T @ coef_neg^T, into the buffer the
+    // features came in (they are no longer needed)
+    at::Tensor yt = matrix_view(xt, pb.D, ch.rows, ch.rows);
+    at::mm_out(yt, b[ch.cls].narrow(0, 0, L).t(), matrix_view(pos, ch.rows, L, L).t());
+    yt.addmm_(bbar.t(), matrix_view(neg, ch.rows, pb.C, pb.C).t());
+    scatter_chunk<scalar_t, acc_t>(xt, ch, pb, off, grad);
   });
 }
 
