@@ -1,8 +1,9 @@
 """Pixel-to-pixel supervised contrast (CLUDA-style) with an online logsumexp over column tiles, so
 the [N, N] similarity matrix is never stored (ops.md section 6).
 
-The features are L2-normalised here (``F.normalize`` on the [B, D, P] view, so autograd covers that
-step); the compiled kernels (``torch.ops.fastuda.pixel_contrast_forward/backward``) see unit
+The features are L2-normalised here (``_UnitNormalize`` on the [B, D, P] view: F.normalize's
+result, with a backward that keeps one feature-sized temporary where autograd's chain of ops kept
+four); the compiled kernels (``torch.ops.fastuda.pixel_contrast_forward/backward``) see unit
 features and return the per-pixel loss plus what the backward needs: the negatives' logsumexp,
 the positives' accumulated sigmoid and the number of positives of each anchor.
 """
@@ -13,7 +14,6 @@ import importlib
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, reference
@@ -23,6 +23,31 @@ _OP = "fastuda::pixel_contrast_forward"
 
 
 _supported_cache: dict[bool, tuple[str, ...]] = {}
+_EPS = 1e-12  # F.normalize's
+
+
+class _UnitNormalize(torch.autograd.Function):
+    """u = x / max(||x||, eps) along dim 1, computed in ``acc`` (x's dtype may be narrower).
+
+    Backward: g_x = (g - u (u . g)) / ||x|| where ||x|| > eps, g / eps elsewhere (u is then x / eps,
+    a linear map); the result is cast back to x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, acc: torch.dtype) -> Tensor:  # noqa: ANN001
+        ctx.x_dtype = x.dtype
+        x = x.to(acc)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        denom = norm.clamp_min(_EPS)
+        unit = x / denom
+        ctx.save_for_backward(unit, denom, (norm > _EPS).to(acc))
+        return unit
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        unit, denom, above = ctx.saved_tensors
+        radial = (g * unit).sum(dim=1, keepdim=True).mul_(above)
+        grad = torch.addcmul(g, unit, radial, value=-1).div_(denom)
+        return grad.to(ctx.x_dtype), None
 
 
 @torch.compiler.assume_constant_result
@@ -76,7 +101,7 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
                                         reduction=reduction)
     acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
     # normalise in the accumulation dtype, as the reference does
-    unit = F.normalize(_backend.as_bdp(feats).to(acc), dim=1)
+    unit = _UnitNormalize.apply(_backend.as_bdp(feats), acc)
     pair_bp = None if pair_bp is None else pair_bp.to(acc)
     # anchor weights that need a gradient are applied here, outside the kernel
     kernel_weights = None

@@ -109,6 +109,34 @@ def test_gradcheck_fp64() -> None:
                                     reduction="none", backend="cpu"), (feats, pair))
 
 
+def test_unit_normalize_matches_f_normalize() -> None:
+    """The wrapper's normalisation: F.normalize's values and gradients (a zero pixel included,
+    where the map is x / eps), in fp64 by gradcheck and in fp16 with an fp32 result."""
+    from fastuda.ops.pixel_contrast import _UnitNormalize
+
+    x = torch.randn(2, 5, 7, dtype=torch.float64)
+    x[1, :, 3] = 0
+    g = torch.randn(2, 5, 7, dtype=torch.float64)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    ua, ub = _UnitNormalize.apply(a, torch.float64), torch.nn.functional.normalize(b, dim=1)
+    torch.testing.assert_close(ua, ub, rtol=0, atol=1e-15)
+    (ua * g).sum().backward()
+    (ub * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    assert torch.equal(a.grad[1, :, 3], g[1, :, 3] / 1e-12)
+    smooth = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _UnitNormalize.apply(t, torch.float64), (smooth,))
+    h = torch.randn(1, 8, 5, dtype=torch.float16, requires_grad=True)
+    u = _UnitNormalize.apply(h, torch.float32)
+    assert u.dtype == torch.float32
+    u.sum().backward()
+    assert h.grad.dtype == torch.float16
+    ref = h.detach().float().requires_grad_(True)
+    torch.nn.functional.normalize(ref, dim=1).sum().backward()
+    torch.testing.assert_close(h.grad.float(), ref.grad, rtol=2e-3, atol=1e-3)
+
+
 def test_opcheck() -> None:
     feats = torch.nn.functional.normalize(as_bdp(_rand((2, 6, 4, 5))), dim=1).requires_grad_(True)
     labels = _labels((2, 4, 5), 3).reshape(2, 20)
