@@ -201,12 +201,17 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
     if resume is None and latest is not None:
         raise SystemExit(f"error: {work_dir} already holds checkpoints ({latest}); pass "
                          "--resume auto to continue that run, or choose another --work-dir")
+    stale: list[Path] = []
     if info.is_main:
         (work_dir / "config.toml").write_text(to_toml(cfg))
+        stale = ckpt.remove_stale_temporaries(work_dir / "checkpoints")
 
     run = Run(cfg, work_dir, info, device)
     t = cfg.train
     log = RunLogger(work_dir, total_iters=t.max_iters, enabled=info.is_main)
+    if stale:
+        log.info(f"removed {len(stale)} unfinished checkpoint write(s) of an earlier run: "
+                 + ", ".join(p.name for p in stale))
     if resume is not None:
         path = latest if resume == "auto" else Path(resume)
         if path is None:

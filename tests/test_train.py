@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,11 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     whole = _run([*args, "--work-dir", str(tmp_path / "whole")])
     out, _ = whole.communicate(timeout=600)
     assert whole.returncode == 0, out
+    # one snapshot kept (each is ~180 MB): the newest, which latest.pt also names
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_6.pt", "latest.pt"]
+    a = load_checkpoint(checkpoints / "latest.pt")
+    shutil.rmtree(checkpoints)  # in memory now: the disk is left to the killed run
 
     killed_dir = tmp_path / "killed"
     # the trainer alone is killed, as the out-of-memory killer would: its loader workers die
@@ -129,14 +135,14 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     stopped_at = load_checkpoint(latest)["iteration"]
     assert stopped_at < 6
 
+    # a write the kill may have cut short leaves a temporary file; the resumed run removes it
+    (killed_dir / "checkpoints" / ".iter_9.pt.killed.tmp").write_bytes(b"torn")
     resumed = _run([*args, "--work-dir", str(killed_dir), "--resume", "auto"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
+    assert "removed" in out and ".iter_9.pt.killed.tmp" in out
+    assert not list((killed_dir / "checkpoints").glob(".*.tmp"))
 
-    # one snapshot kept (each is ~180 MB): the newest, which latest.pt also names
-    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) \
-        == ["iter_6.pt", "latest.pt"]
-    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
     b = load_checkpoint(latest)
     assert a["iteration"] == b["iteration"] == 6
     def assert_same(x: object, y: object, where: str) -> None:

@@ -58,6 +58,15 @@ def link_checkpoint(source: str | Path, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that never finished (a run killed while
+    saving leaves one, as large as a checkpoint). Call it only while no save is under way."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def prune_snapshots(folder: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` ``iter_N.pt`` snapshots in ``folder`` (``keep`` 0: none
     deleted) and return what was deleted. ``latest.pt`` is a name of its own and is never touched.

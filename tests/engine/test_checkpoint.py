@@ -14,6 +14,7 @@ from fastuda.engine.checkpoint import (
     link_checkpoint,
     load_checkpoint,
     prune_snapshots,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -84,6 +85,15 @@ def test_prune_keeps_the_newest_snapshots_by_iteration(tmp_path) -> None:
     prune_snapshots(tmp_path, 1)
     assert load_checkpoint(tmp_path / "latest.pt")["v"] == 10
     assert sorted(os.listdir(tmp_path)) == ["iter_10.pt", "iter_best.pt", "latest.pt"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path) -> None:
+    save_checkpoint({"v": 1}, tmp_path / "latest.pt")
+    (tmp_path / ".iter_2.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".iter_2.pt.abc123.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["latest.pt", "notes.tmp"]
+    assert remove_stale_temporaries(tmp_path / "missing") == []
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path) -> None:
