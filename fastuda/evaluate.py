@@ -121,19 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .data import build_val_loader
-    from .engine.checkpoint import load_checkpoint
+    from .data import DataError, build_val_loader
+    from .engine.checkpoint import CheckpointLoadError, load_checkpoint
     from .models import build_network
     from .train import pick_device
 
     device = pick_device(cfg.train.device)
     model = build_network(cfg).to(device)  # HRDA's multi-resolution inference when enabled
-    state = load_checkpoint(args.checkpoint)
-    # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
-    # dict of the model is accepted too
-    weights = state["trainer"][args.weights] if "trainer" in state else state
-    model.load_state_dict(weights)
-    record = evaluate(model, build_val_loader(cfg.data), cfg, device)
+    try:
+        state = load_checkpoint(args.checkpoint)
+        # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
+        # dict of the model is accepted too
+        weights = state["trainer"][args.weights] if "trainer" in state else state
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:  # missing / unexpected keys, shapes of another model
+            raise CheckpointLoadError(f"{args.checkpoint} does not hold weights of the model "
+                                      f"{args.config} describes: {err}") from None
+        record = evaluate(model, build_val_loader(cfg.data), cfg, device)
+    except (FileNotFoundError, CheckpointLoadError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(format_table(record))
     print(json.dumps(record))
     return 0

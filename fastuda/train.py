@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config, to_toml
+from .data.io import DataError
 from .engine import checkpoint as ckpt
 from .engine.distributed import (
     DistInfo,
@@ -278,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    record = train(cfg, work_dir, args.resume)
+    try:
+        record = train(cfg, work_dir, args.resume)
+    except (DataError, ckpt.CheckpointWriteError) as err:  # a named file, not a code path
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if record is not None:
         print(f"target mIoU: {record['mIoU']:.2f}")
     return 0

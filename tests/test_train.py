@@ -74,6 +74,35 @@ def test_every_config_trains_one_iteration(path: Path, synthetic_root: str, tmp_
     assert list((tmp_path / "run" / "vis").glob("*.png"))
 
 
+def test_cli_reports_a_full_disk_and_a_missing_dataset(synthetic_root: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The errors a user can fix come out as one line naming the file (exit 1), no traceback."""
+    import errno
+
+    import fastuda.engine.checkpoint as checkpoint
+    from fastuda.train import main
+
+    path = REPO / "configs" / "demo_source_only.toml"
+    sets = [x for s in tiny_overrides(synthetic_root, path) for x in ("--set", s)]
+
+    def full_disk(obj, fh) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    assert main([str(path), *sets, "--work-dir", str(tmp_path / "full")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: [Errno 28] cannot write checkpoint ") and "latest.pt" not in err
+    assert "iter_1.pt: No space left on device" in err
+    monkeypatch.undo()
+
+    missing = tmp_path / "no_such_dataset"
+    sets += ["--set", "data.source.name='gta'", "--set", f"data.source.root={str(missing)!r}"]
+    assert main([str(path), *sets, "--work-dir", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {missing}" in err and "Traceback" not in err, err
+
+
 def test_evaluate_cli_with_hrda(synthetic_root: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m fastuda.evaluate`` builds the HRDA network and runs its inference."""
@@ -90,6 +119,16 @@ def test_evaluate_cli_with_hrda(synthetic_root: str, tmp_path: Path,
     assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= record["mIoU"] <= 100.0
+
+    # the wrong file, or another model's weights: one line that names them, exit 1
+    other = REPO / "configs" / "demo_source_only.toml"
+    other_sets = [x for s in tiny_overrides(synthetic_root, other) for x in ("--set", s)]
+    assert main([str(other), "--checkpoint", str(tmp_path / "missing.pt"), *other_sets]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main([str(other), "--checkpoint", str(tmp_path / "weights.pt"), *other_sets]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'weights.pt'} does not hold weights of the model {other}" in err
+    assert "Traceback" not in err
 
 
 def _run(args: list[str], **kw) -> subprocess.Popen:

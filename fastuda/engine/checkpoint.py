@@ -18,6 +18,14 @@ import numpy as np
 import torch
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, no permission); the old one is intact."""
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file is truncated, not a checkpoint, or holds unsafe content."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,9 +37,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a full disk surfaces as OSError, or as torch's zip writer failing while handling one
+        cause = err if isinstance(err, OSError) else err.__context__
+        if isinstance(cause, OSError):
+            raise CheckpointWriteError(cause.errno, f"cannot write checkpoint {path}: "
+                          f"{cause.strerror or cause}; the checkpoint already there (if any) "
+                          "is unchanged") from err
         raise
 
 
@@ -99,7 +113,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, not a checkpoint, or unsafe content
-        raise RuntimeError(f"cannot load checkpoint {path}: {err}") from err
+        raise CheckpointLoadError(f"cannot load checkpoint {path}: {err}") from err
 
 
 def find_latest(work_dir: str | Path) -> Path | None:

@@ -46,6 +46,27 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
     assert os.listdir(tmp_path) == ["latest.pt"]
 
 
+def test_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import fastuda.engine.checkpoint as checkpoint
+
+    path = tmp_path / "latest.pt"
+    save_checkpoint({"v": 1}, path)
+
+    def full_disk(obj, fh) -> None:
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="cannot write checkpoint .*latest.pt: No space left") as err:
+        save_checkpoint({"v": 2}, path)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["latest.pt"]
+
+
 def test_latest_is_a_link_to_the_snapshot_not_a_second_copy(tmp_path) -> None:
     snapshot, latest = tmp_path / "iter_4.pt", tmp_path / "latest.pt"
     save_checkpoint({"v": 0}, latest)  # an older latest.pt is replaced, not written into
