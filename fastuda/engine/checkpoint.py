@@ -40,13 +40,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # a full disk surfaces as OSError, or as torch's zip writer failing while handling one
-        cause = err if isinstance(err, OSError) else err.__context__
-        if isinstance(cause, OSError):
-            raise CheckpointWriteError(cause.errno, f"cannot write checkpoint {path}: "
-                          f"{cause.strerror or cause}; the checkpoint already there (if any) "
-                          "is unchanged") from err
+        _raise_write_error(path, err)
         raise
+
+
+def _raise_write_error(path: Path, err: BaseException) -> None:
+    """Re-raise a failed write that the file system caused (full disk, no permission) as a
+    CheckpointWriteError naming ``path``; return for anything else (the caller re-raises it)."""
+    # a full disk surfaces as OSError, or as torch's zip writer failing while handling one
+    cause = err if isinstance(err, OSError) else err.__context__
+    if isinstance(cause, OSError):
+        raise CheckpointWriteError(
+            cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; the "
+            "checkpoint already there (if any) is unchanged") from err
 
 
 def link_checkpoint(source: str | Path, path: str | Path) -> None:
@@ -66,9 +72,10 @@ def link_checkpoint(source: str | Path, path: str | Path) -> None:
             shutil.copyfile(source, tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _raise_write_error(path, err)
         raise
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import fastuda.engine.checkpoint as checkpoint
 from fastuda.engine.checkpoint import (
+    CheckpointWriteError,
     find_latest,
     link_checkpoint,
     load_checkpoint,
@@ -48,8 +50,6 @@ def test_failed_write_keeps_the_old_file(tmp_path) -> None:
 
 def test_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:
     import errno
-
-    import fastuda.engine.checkpoint as checkpoint
 
     path = tmp_path / "latest.pt"
     save_checkpoint({"v": 1}, path)
@@ -90,6 +90,15 @@ def test_link_falls_back_to_a_copy(tmp_path, monkeypatch) -> None:
     save_checkpoint({"v": 1}, snapshot)
     link_checkpoint(snapshot, latest)
     assert latest.stat().st_ino != snapshot.stat().st_ino
+    assert load_checkpoint(latest)["v"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["iter_1.pt", "latest.pt"]
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", full_disk)
+    with pytest.raises(CheckpointWriteError, match="cannot write checkpoint .*latest.pt"):
+        link_checkpoint(snapshot, latest)
     assert load_checkpoint(latest)["v"] == 1
     assert sorted(os.listdir(tmp_path)) == ["iter_1.pt", "latest.pt"]
 
