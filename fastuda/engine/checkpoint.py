@@ -7,10 +7,12 @@ uses ``weights_only=True``: the state holds tensors and plain Python values only
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +29,10 @@ class CheckpointLoadError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        _raise_write_error(path, err)
-        raise
-
-
-def _raise_write_error(path: Path, err: BaseException) -> None:
-    """Re-raise a failed write that the file system caused (full disk, no permission) as a
-    CheckpointWriteError naming ``path``; return for anything else (the caller re-raises it)."""
-    # a full disk surfaces as OSError, or as torch's zip writer failing while handling one
-    cause = err if isinstance(err, OSError) else err.__context__
-    if isinstance(cause, OSError):
-        raise CheckpointWriteError(
-            cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; the "
-            "checkpoint already there (if any) is unchanged") from err
+    with _atomic_write(Path(path)) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def link_checkpoint(source: str | Path, path: str | Path) -> None:
@@ -61,21 +41,35 @@ def link_checkpoint(source: str | Path, path: str | Path) -> None:
     A hard link costs no disk (a DeepLab-V2 checkpoint is hundreds of MB); where the file system
     has none, the file is copied. Either way the new name appears by one rename.
     """
-    source, path = Path(source), Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic_write(Path(path)) as tmp:
         os.unlink(tmp)  # os.link will not replace an existing name
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
+
+
+@contextlib.contextmanager
+def _atomic_write(path: Path) -> Iterator[str]:
+    """A temporary name beside ``path`` for the body to fill; then one rename puts it in place. On
+    failure the temporary file is removed, and file-system errors (full disk, no permission)
+    become a CheckpointWriteError that names ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        _raise_write_error(path, err)
+        # a full disk surfaces as OSError, or as torch's zip writer failing while handling one
+        cause = err if isinstance(err, OSError) else err.__context__
+        if isinstance(cause, OSError):
+            raise CheckpointWriteError(
+                cause.errno, f"cannot write checkpoint {path}: {cause.strerror or cause}; the "
+                "checkpoint already there (if any) is unchanged") from err
         raise
 
 
