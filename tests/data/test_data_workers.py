@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,25 +32,22 @@ time.sleep(600)
 """
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...); None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+    pids = (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+    return [k for k in pids if (fields := _stat(k)) is not None and int(fields[1]) == pid]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
@@ -77,7 +75,5 @@ def test_workers_die_with_a_killed_trainer(loader: str, synthetic_root: Path) ->
             time.sleep(0.05)
         assert not [w for w in workers if _alive(w)], "workers outlived the trainer"
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # nothing of the session is left
             os.killpg(trainer.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
