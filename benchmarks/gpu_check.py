@@ -1,7 +1,7 @@
 """The prepared GPU check: everything fastuda's GPU path needs shown, in one run of a few minutes.
 
     python3 benchmarks/gpu_check.py [--out DIR] [--budget 470]
-                                    [--steps env,build,tests,kernels,train] [--allow-cpu] ...
+                                    [--steps env,build,tests,kernels,data,train] [--allow-cpu]
     make gpu-check                  # the same, with --out $OUT (or bench_results/gpu_check)
 
 Steps, in this order, each in its own process group with its own time limit, all inside one
@@ -16,6 +16,8 @@ its limit is killed; either way it is recorded and the next step runs):
   kernels  ``benchmarks/kernel_bench.py --device cuda --quick``: every backend vs the published and
            lean formulations, the device's copy bandwidth and fp32/bf16 matmul rates, and the
            backend "auto" resolves to next to the fastest one measured
+  data     the synthetic pair train_bench reads, generated once with all cores (not timed
+           inside a train step)
   train    ``benchmarks/train_bench.py``: SePiCo DistCL steps (DAFormer/MiT-B5, 512x512, batch 2
            on CUDA), one process per (precision, formulation), most informative first
 
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_NAMES = ("env", "build", "tests", "kernels", "train")
+STEP_NAMES = ("env", "build", "tests", "kernels", "data", "train")
 TRAIN_MODES = ("published", "torch", "auto")
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 TRAIN_SETTINGS = ("demo", "deeplabv2", "daformer")
@@ -68,10 +70,15 @@ class Step:
     parse: Callable[[str], dict[str, Any]] | None = None  # output text -> measured data
 
 
+def output_lines(text: str) -> list[str]:
+    """Lines as a terminal shows them: a progress bar's carriage returns keep its last state."""
+    return [line.rsplit("\r", 1)[-1] for line in text.rstrip().split("\n")]
+
+
 def traceback_tail(text: str, max_lines: int = ERROR_LINES) -> str:
     """The last Python traceback in ``text`` (at most ``max_lines`` of its end), else the last
     lines that name an error, else the output's last lines."""
-    lines = text.rstrip().splitlines()
+    lines = output_lines(text)
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if starts:
         block = lines[starts[-1]:]
@@ -131,7 +138,7 @@ def run_step(step: Step, timeout_s: float, env: dict[str, str]) -> dict[str, Any
     record: dict[str, Any] = {"name": step.name, "status": status, "seconds": round(seconds, 2),
                               "timeout_s": round(timeout_s, 1), "returncode": rc,
                               "command": " ".join(step.cmd),
-                              "tail": "\n".join(output.rstrip().splitlines()[-TAIL_LINES:])}
+                              "tail": "\n".join(output_lines(output)[-TAIL_LINES:])}
     if status == "timeout":
         record["error"] = (f"killed after {timeout_s:.0f} s (its limit)\n"
                            + traceback_tail(output, 15))
@@ -372,6 +379,16 @@ def probe_env() -> dict[str, Any]:
     return info
 
 
+def probe_data(root: str) -> dict[str, Any]:
+    from fastuda.data.synthetic import generate_synthetic, synthetic_complete
+
+    start = time.monotonic()
+    had = synthetic_complete(Path(root))
+    if not had:  # ensure_synthetic's generator, with every core rather than its default 4
+        generate_synthetic(root, workers=os.cpu_count() or 1)
+    return {"root": root, "generated": not had, "seconds": round(time.monotonic() - start, 1)}
+
+
 def probe_build() -> dict[str, Any]:
     import fastuda.ops as ops
     from fastuda.ops import _backend
@@ -428,19 +445,32 @@ def plan(args: argparse.Namespace, device: str, work: Path) -> list[Step]:
             cmd.append("--no-memory")  # a fresh process per case: minutes on a CPU
         steps.append(Step("kernels", cmd, args.kernels_budget, 30,
                           parse=lambda _out, j=kjson: read_json(j)))
+    if "data" in args.steps:
+        steps.append(Step("data", [py, me, "--probe", "data", "--data-root", args.data_root],
+                          args.data_budget, 10, parse=parse_probe))
     if "train" in args.steps:
-        for setting in args.train_settings.split(","):
-            for precision in args.train_precisions.split(","):
-                for mode in args.train_modes.split(","):
-                    tjson = work / f"train_{setting}_{precision}_{mode}.json"
-                    cmd = [py, str(ROOT / "benchmarks" / "train_bench.py"), "--device", device,
-                           "--settings", setting, "--modes", mode, "--precisions", precision,
-                           "--warmup", str(args.train_warmup), "--iters", str(args.train_iters),
-                           "--out", str(tjson), "--timeout", str(int(args.train_budget))]
-                    steps.append(Step(f"train {setting} {precision} {mode}", cmd,
-                                      args.train_budget, 20,
-                                      parse=lambda _out, j=tjson: read_json(j)))
+        for setting, precision, mode in train_order(args.train_settings.split(","),
+                                                    args.train_precisions.split(","),
+                                                    args.train_modes.split(",")):
+            tjson = work / f"train_{setting}_{precision}_{mode}.json"
+            cmd = [py, str(ROOT / "benchmarks" / "train_bench.py"), "--device", device,
+                   "--settings", setting, "--modes", mode, "--precisions", precision,
+                   "--warmup", str(args.train_warmup), "--iters", str(args.train_iters),
+                   "--data-root", args.data_root, "--out", str(tjson),
+                   "--timeout", str(int(args.train_budget))]
+            steps.append(Step(f"train {setting} {precision} {mode}", cmd, args.train_budget, 20,
+                              parse=lambda _out, j=tjson: read_json(j)))
     return steps
+
+
+def train_order(settings: list[str], precisions: list[str], modes: list[str]
+                ) -> list[tuple[str, str, str]]:
+    """The train processes, most informative first, so that the budget cuts the least useful:
+    fastuda's kernels and the published formulation in every precision before the lean torch
+    formulation (the in-between reference)."""
+    return sorted(((s, p, m) for s in settings for p in precisions for m in modes),
+                  key=lambda c: (c[2] == "torch", settings.index(c[0]), precisions.index(c[1]),
+                                 modes.index(c[2])))
 
 
 def _has_module(python: str, module: str) -> bool:
@@ -482,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pytest-timeout", type=int, default=60, help="seconds per test (0: none)")
     p.add_argument("--kernels-budget", type=float, default=120.0)
     p.add_argument("--kernel-ops", default=None, help="comma-separated (default: all)")
+    p.add_argument("--data-budget", type=float, default=90.0)
+    p.add_argument("--data-root", default=str(ROOT / "data" / "synthetic"),
+                   help="the synthetic pair for train_bench (generated when incomplete)")
     p.add_argument("--train-budget", type=float, default=60.0, help="seconds per train process")
     p.add_argument("--train-settings", default="daformer")
     p.add_argument("--train-precisions", default="bf16,fp32")
@@ -490,11 +523,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-iters", type=int, default=3)
     p.add_argument("--allow-cpu", action="store_true",
                    help="without a GPU run the steps on the CPU instead of exiting")
-    p.add_argument("--probe", choices=["env", "build"], help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=["env", "build", "data"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         return args
-    for name in ("budget", "build_budget", "tests_budget", "kernels_budget", "train_budget"):
+    for name in ("budget", "build_budget", "tests_budget", "kernels_budget", "data_budget",
+                 "train_budget"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
     for name in ("jobs", "train_iters"):
@@ -544,7 +578,8 @@ def child_env() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe:
-        data = probe_env() if args.probe == "env" else probe_build()
+        data = {"env": probe_env, "build": probe_build,
+                "data": lambda: probe_data(args.data_root)}[args.probe]()
         print("PROBE " + json.dumps(data), flush=True)
         return 0
     visible, what = gpu_visible()
