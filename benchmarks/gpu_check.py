@@ -68,6 +68,9 @@ class Step:
     min_s: float = 10.0  # not started with less time than this left
     env: dict[str, str] = field(default_factory=dict)
     parse: Callable[[str], dict[str, Any]] | None = None  # output text -> measured data
+    # where a failure's cause shows: the last Python traceback (most steps), or the first
+    # lines naming an error (a build: the compiler's message comes before the tracebacks)
+    first_error: bool = False
 
 
 def output_lines(text: str) -> list[str]:
@@ -75,9 +78,22 @@ def output_lines(text: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in text.rstrip().split("\n")]
 
 
+def first_error(text: str, max_lines: int = ERROR_LINES) -> str:
+    """From the first line naming an error on (at most ``max_lines``, then the output's last
+    line), else the output's last lines."""
+    lines = output_lines(text)
+    start = next((i for i, line in enumerate(lines) if "error" in line.lower()), None)
+    if start is None:
+        return "\n".join(lines[-max_lines:])
+    block = lines[start:]
+    if len(block) > max_lines:
+        block = [*block[:max_lines - 2], "...", lines[-1]]
+    return "\n".join(block)
+
+
 def traceback_tail(text: str, max_lines: int = ERROR_LINES) -> str:
-    """The last Python traceback in ``text`` (at most ``max_lines`` of its end), else the last
-    lines that name an error, else the output's last lines."""
+    """The last Python traceback in ``text`` (at most ``max_lines`` of its end), else what
+    ``first_error`` finds."""
     lines = output_lines(text)
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if starts:
@@ -86,10 +102,7 @@ def traceback_tail(text: str, max_lines: int = ERROR_LINES) -> str:
         end = next((j for j in range(1, len(block)) if block[j] and not block[j][0].isspace()
                     and not block[j].startswith("Traceback")), len(block) - 1)
         return "\n".join(block[:end + 1][-max_lines:])
-    errors = [i for i, line in enumerate(lines) if "error" in line.lower()]
-    if errors:
-        return "\n".join(lines[max(0, errors[-1] - max_lines + 1):errors[-1] + 1])
-    return "\n".join(lines[-max_lines:])
+    return first_error(text, max_lines)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -143,7 +156,7 @@ def run_step(step: Step, timeout_s: float, env: dict[str, str]) -> dict[str, Any
         record["error"] = (f"killed after {timeout_s:.0f} s (its limit)\n"
                            + traceback_tail(output, 15))
     elif status == "failed":
-        record["error"] = traceback_tail(output)
+        record["error"] = first_error(output) if step.first_error else traceback_tail(output)
     if step.parse is not None:
         try:  # a timed-out or failed step may still have written part of its data
             record["data"] = step.parse(output)
@@ -425,7 +438,7 @@ def plan(args: argparse.Namespace, device: str, work: Path) -> list[Step]:
             cuda_env["FASTUDA_CUDA"] = "1"  # a CUDA compile error fails the build, visibly
         steps.append(Step("build", [py, "-m", "pip", "install", "--no-build-isolation",
                                     "--no-deps", "--no-index", "-e", "."],
-                          args.build_budget, 60, env=cuda_env))
+                          args.build_budget, 60, env=cuda_env, first_error=True))
     if "build" in args.steps or "tests" in args.steps:
         steps.append(Step("build-check", [py, me, "--probe", "build"], 60, 5,
                           parse=parse_probe))
