@@ -16,7 +16,7 @@ export CCACHE_NOHASHDIR := 1
 endif
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test demo bench lint clean
+.PHONY: setup build test demo bench lint clean gpu-check
 
 setup: $(BUILT)
 
@@ -45,6 +45,12 @@ demo: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) benchmarks/kernel_bench.py
+
+# The prepared GPU check (benchmarks/gpu_check.py): on the GPU machine, with the python3 found
+# there (no venv, nothing installed from a registry); without a GPU it says so and exits 0
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --python $(GPU_PYTHON) --out "$${OUT:-bench_results/gpu_check}" $(GPU_CHECK_ARGS)
 
 lint: $(DEPS)
 	$(PY) -m ruff check fastuda tests benchmarks setup.py

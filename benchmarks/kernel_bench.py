@@ -5,10 +5,13 @@ formulation (``reference.sepico_style_*``) and the lean PyTorch formulation (``b
 
 Scales: DAFormer (N = 51200, D = 256) and DeepLab-V2 (N = 12800, D = 512), C = 19, plus a sweep over
 N and D. Times are medians of repeated runs (forward + backward for the losses). Extra peak memory
-is measured per case in a fresh process: on CPU the growth of the peak resident set over the inputs,
-on CUDA ``max_memory_allocated`` over the inputs. Speed-ups are ratios within the same run.
-Roofline columns: the bytes and flops a case needs at least (``min_work``) over its time, as a
-percentage of the device's copy bandwidth and fp32 matmul rate, both measured at the start.
+of one run over its inputs: on CPU the growth of the peak resident set, in a fresh process per
+case; on CUDA ``max_memory_allocated`` over what was allocated before, in this process (the
+counter counts live allocations, so blocks cached by earlier cases do not hide a peak). Speed-ups
+are ratios within the same run. Roofline columns: the bytes and flops a case needs at least
+(``min_work``) over its time, as a percentage of the device's copy bandwidth and fp32 matmul rate,
+measured at the start together with the bf16 matmul rate. For every op and scale the JSON's
+"auto" list names the backend ``backend="auto"`` resolves to and the fastest one measured.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastuda import ops  # noqa: E402
-from fastuda.ops import reference  # noqa: E402
+from fastuda.ops import _backend, reference  # noqa: E402
 
 C = 19
 TAU = 0.1
@@ -129,6 +132,49 @@ def time_case(run: Callable[[], object], device: str, reps: int, budget_s: float
     return statistics.median(times)
 
 
+def cuda_extra_peak_mb(run: Callable[[], object]) -> float:
+    """Extra peak CUDA memory (MiB) of one (already warmed-up) run over what is allocated now."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def auto_choice(op: str, x: dict) -> str:
+    """The backend(s) that ``backend="auto"`` resolves to when one run of the case executes
+    (recorded by wrapping the resolver; "+"-joined when forward and backward differ)."""
+    seen: list[str] = []
+    original = _backend.resolve
+
+    def spy(name: str, backend: str, *args: object, **kwargs: object) -> str:
+        got = original(name, backend, *args, **kwargs)
+        if backend == "auto":
+            seen.append(got)
+        return got
+
+    _backend.resolve = spy
+    try:
+        run = build_case(op, "auto", x)
+        if run is not None:
+            run()
+    finally:
+        _backend.resolve = original
+    return "+".join(sorted(set(seen))) or "none"
+
+
+def auto_summary(op: str, scale: str, choice: str, results: dict[str, float]) -> dict:
+    """The auto choice against the fastest backend measured for one op and scale ("lean" is the
+    torch backend; "published" is not a backend)."""
+    timed = {("torch" if k == "lean" else k): v for k, v in results.items() if k != "published"}
+    fastest = min(timed, key=timed.get) if timed else None
+    auto_ms = timed.get(choice)
+    return {"op": op, "scale": scale, "auto": choice, "auto_ms": auto_ms, "fastest": fastest,
+            "fastest_ms": timed.get(fastest) if fastest else None,
+            "auto_over_fastest": (auto_ms / timed[fastest]) if auto_ms and fastest else None}
+
+
 def measure_memory(op: str, impl: str, shape: tuple[int, ...], device: str) -> float:
     """Extra peak memory (MB) of one run over its inputs, in a fresh process."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
@@ -180,17 +226,27 @@ def _rss_kib(field: str) -> int:
 # Roofline: what each case must move / compute at least, against ceilings measured on the device
 # ----------------------------------------------------------------------------------------------
 def measure_ceilings(device: str) -> dict[str, float]:
-    """Copy bandwidth (GB/s, read + write of a 512 MiB fp32 tensor) and fp32 matmul rate
-    (GFLOP/s, 4096^3) of this device, as medians of a few runs."""
+    """Copy bandwidth (GB/s, read + write of a 512 MiB fp32 tensor), fp32 matmul rate (GFLOP/s,
+    4096^3 on CUDA with TF32 off, 2048^3 on CPU) and bf16 matmul rate (8192^3 on CUDA, 1024^3 on
+    CPU) of this device, as medians of a few runs on random data."""
     src = torch.empty(2**27, device=device).uniform_()
     dst = torch.empty_like(src)
     copy_s = time_case(lambda: dst.copy_(src), device, 5, 10.0)
-    n = 4096 if device == "cuda" else 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    mm_s = time_case(lambda: a @ b, device, 5, 10.0)
-    return {"copy_gb_s": 2 * src.numel() * 4 / copy_s / 1e9,
-            "matmul_gflop_s": 2 * n**3 / mm_s / 1e9}
+    src = dst = None  # 1 GiB freed before the matrices
+    rates = {}
+    for key, dtype, n in (("matmul_gflop_s", torch.float32, 4096 if device == "cuda" else 2048),
+                          ("matmul_bf16_gflop_s", torch.bfloat16,
+                           8192 if device == "cuda" else 1024)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 rate is plain fp32
+        try:
+            mm_s = time_case(lambda a=a, b=b: a @ b, device, 5, 10.0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        rates[key] = 2 * n**3 / mm_s / 1e9
+    return {"copy_gb_s": 2 * 2**27 * 4 / copy_s / 1e9, **rates}
 
 
 def min_work(op: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -243,11 +299,13 @@ def main() -> None:
         print("no GPU present: CUDA and Triton backends are not measured on this machine")
     ceilings = measure_ceilings(dev)
     print(f"{dev} ceilings: copy {ceilings['copy_gb_s']:.1f} GB/s, fp32 matmul "
-          f"{ceilings['matmul_gflop_s']:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
+          f"{ceilings['matmul_gflop_s']:.0f} GFLOP/s, bf16 matmul "
+          f"{ceilings['matmul_bf16_gflop_s']:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     reps, budget = (3, 4.0) if args.quick else (7, 15.0)
     scales = {"daformer": SCALES["daformer"]} if args.quick else SCALES
     impls = ["published", "lean", *available_backends(dev)]
     rows = []
+    autos = []
     header = f"{'op':<18} {'scale':<10} {'shape B,D,H,W':<18} {'impl':<10} {'ms':>9} " \
              f"{'x published':>12} {'x lean':>8} {'extra MB':>9} {'%copy':>6} {'%mm':>5}"
     print(header)
@@ -271,7 +329,12 @@ def main() -> None:
                     print(f"{op:<18} {scale:<10} {impl:<10} unavailable: {err}")
                     continue
                 results[impl] = ms
-                mem = float("nan") if args.no_memory else measure_memory(op, impl, shape, dev)
+                if args.no_memory:
+                    mem = float("nan")
+                elif dev == "cuda":
+                    mem = cuda_extra_peak_mb(run)
+                else:
+                    mem = measure_memory(op, impl, shape, dev)
                 pub, lean = results.get("published"), results.get("lean")
                 row = {"op": op, "scale": scale, "shape": list(shape), "impl": impl, "ms": ms,
                        "speedup_vs_published": (pub / ms) if pub else None,
@@ -289,6 +352,13 @@ def main() -> None:
                 print(f"{op:<18} {scale:<10} {','.join(map(str, shape)):<18} {impl:<10} "
                       f"{ms:9.2f} {sp:>12} {sl:>8} {mem:9.1f} {row['pct_of_copy']:6.1f} "
                       f"{row['pct_of_matmul']:5.1f}", flush=True)
+            if results:
+                autos.append(auto_summary(op, scale, auto_choice(op, x), results))
+                a = autos[-1]
+                ratio = f"{a['auto_over_fastest']:.2f}x" if a["auto_over_fastest"] else "-"
+                print(f"{op:<18} {scale:<10} auto picks {a['auto']}, fastest measured "
+                      f"{a['fastest']} (auto / fastest {ratio})", flush=True)
+            del x
     if not args.quick:
         print("\nsweep (proto_contrast forward+backward, fastest backend vs lean):")
         best = next((b for b in available_backends(dev)), None)
@@ -311,7 +381,7 @@ def main() -> None:
             "ceilings": ceilings,
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "auto": autos}, indent=1))
     print(f"\nwrote {out}")
 
 

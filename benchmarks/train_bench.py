@@ -2,7 +2,8 @@
 statistics and contrast losses.
 
     python benchmarks/train_bench.py [--device auto|cpu|cuda] [--settings demo,deeplabv2,daformer]
-                                     [--modes published,torch,auto] [--warmup 1] [--iters 3]
+                                     [--modes published,torch,auto] [--precisions fp32,bf16]
+                                     [--warmup 1] [--iters 3]
                                      [--sweep] [--out bench_results/train_bench.json]
                                      [--plot bench_results/train_cost.png] [--data-root DIR]
 
@@ -13,6 +14,8 @@ Modes:
              downscaling) use the reference backend
   torch      fastuda's lean formulation in plain PyTorch (``ops.backend = "torch"``)
   auto       fastuda's kernels (``ops.backend = "auto"``: C++ on CPU, CUDA/Triton on GPU)
+
+Precisions (``train.precision``, default fp32): fp32, bf16 (autocast), fp16.
 
 Settings (synthetic pair, resized so the crops fit; model weights random, which changes no cost):
   demo       configs/demo.toml as shipped (DeepLab-V2/ResNet-18, 128x128, batch 2, D = 128)
@@ -60,6 +63,7 @@ from fastuda.ops import reference  # noqa: E402
 from fastuda.ops.stats import ClassStats  # noqa: E402
 
 MODES = ("published", "torch", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SETTINGS = ("demo", "deeplabv2", "daformer")
 METHOD_STAGES = ("statistics", "method_losses")
 
@@ -125,7 +129,7 @@ def data_overrides(root: str, source_resize: list[int] | None, target_resize: li
 
 def setting_config(setting: str, mode: str, device: str, root: str,
                    crop: int | None = None, embed_dim: int | None = None,
-                   batch_size: int | None = None) -> Config:
+                   batch_size: int | None = None, precision: str = "fp32") -> Config:
     gpu = device == "cuda"
     if setting == "demo":
         path = ROOT / "configs" / "demo.toml"
@@ -149,6 +153,7 @@ def setting_config(setting: str, mode: str, device: str, root: str,
     sets.append("self_training.pseudo_threshold=0.01")
     sets.append(f"ops.backend={'auto' if mode == 'auto' else 'torch'!r}")
     sets.append(f"train.device={device!r}")
+    sets.append(f"train.precision={precision!r}")
     if batch_size is not None:
         sets.append(f"data.batch_size={batch_size}")
     return load_config(path, sets)
@@ -205,6 +210,7 @@ def measure(cfg: Config, mode: str, warmup: int, iters: int) -> dict[str, Any]:
     # the fastest step: on a shared machine the others mostly measure who else was running
     ms = 1e3 * min(times)
     return {"mode": mode, "model": f"{cfg.model.name}/{cfg.model.backbone}",
+            "precision": cfg.train.precision,
             "crop": cfg.data.crop_size[0], "batch_size": cfg.data.batch_size,
             "embed_dim": trainer.method.stats.dim, "ms_per_step": ms,
             "ms_per_step_median": 1e3 * statistics.median(times),
@@ -222,7 +228,8 @@ def worker(job: dict[str, Any]) -> list[dict[str, Any]]:
     for mode in job["modes"]:
         cfg = setting_config(job["setting"], mode, job["device"], job["root"],
                              crop=job.get("crop"), embed_dim=job.get("embed_dim"),
-                             batch_size=job.get("batch_size"))
+                             batch_size=job.get("batch_size"),
+                             precision=job.get("precision", "fp32"))
         row = measure(cfg, mode, job["warmup"], job["iters"])
         row["setting"] = job["setting"]
         rows.append(row)
@@ -262,16 +269,18 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'setting':<10}{'model':<22}{'crop':>5}{'B':>3}{'D':>5}  {'mode':<10}"
+    head = (f"{'setting':<10}{'model':<22}{'crop':>5}{'B':>3}{'D':>5}  {'prec':<5}{'mode':<10}"
             f"{'ms/step':>10}{'img/s':>8}{'method ms':>11}{'peak MiB':>10}{'vs published':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         base = next((x for x in rows if x["setting"] == r["setting"]
                      and x["mode"] == "published" and x["crop"] == r["crop"]
-                     and x["embed_dim"] == r["embed_dim"]), None)
+                     and x["embed_dim"] == r["embed_dim"]
+                     and x.get("precision") == r.get("precision")), None)
         speed = f"{base['ms_per_step'] / r['ms_per_step']:.2f}x" if base else "-"
         lines.append(f"{r['setting']:<10}{r['model']:<22}{r['crop']:>5}{r['batch_size']:>3}"
-                     f"{r['embed_dim']:>5}  {r['mode']:<10}{r['ms_per_step']:>10.0f}"
+                     f"{r['embed_dim']:>5}  {r.get('precision', 'fp32'):<5}{r['mode']:<10}"
+                     f"{r['ms_per_step']:>10.0f}"
                      f"{r['images_per_s']:>8.2f}{r['method_ms']:>11.1f}"
                      f"{r['peak_memory_mib']:>10.0f}{speed:>14}")
     return "\n".join(lines)
@@ -315,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--precisions", default="fp32", help=f"comma-separated, of {PRECISIONS}")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--sweep", action="store_true", help="crop-size and D sweep of the demo model")
@@ -334,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         "cuda" if torch.cuda.is_available() else "cpu")
     modes = [m for m in args.modes.split(",") if m]
     settings = [s for s in args.settings.split(",") if s]
-    bad = [m for m in modes if m not in MODES] + [s for s in settings if s not in SETTINGS]
-    if bad:
-        p.error(f"unknown mode/setting {bad} (modes {MODES}, settings {SETTINGS})")
+    precisions = [x for x in args.precisions.split(",") if x]
+    bad = ([m for m in modes if m not in MODES] + [s for s in settings if s not in SETTINGS]
+           + [x for x in precisions if x not in PRECISIONS])
+    if bad or not modes or not settings or not precisions:
+        p.error(f"unknown or empty mode/setting/precision {bad} (modes {MODES}, settings "
+                f"{SETTINGS}, precisions {PRECISIONS})")
     from fastuda.data import ensure_synthetic
     ensure_synthetic(args.data_root)
 
@@ -344,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             "iters": args.iters}
     rows: list[dict[str, Any]] = []
     for setting in settings:
-        for mode in modes:
-            rows += run_worker({**base, "setting": setting, "modes": [mode]}, args.timeout)
-            print(format_table(rows).splitlines()[-1], flush=True)
+        for precision in precisions:
+            for mode in modes:
+                rows += run_worker({**base, "setting": setting, "modes": [mode],
+                                    "precision": precision}, args.timeout)
+                print(format_table(rows).splitlines()[-1], flush=True)
     env = environment(device)
     result: dict[str, Any] = {"environment": env, "device": device, "results": rows}
     print()
