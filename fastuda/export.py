@@ -4,7 +4,8 @@
 The exported graph takes ``image``: float32 [B, 3, H, W], RGB in 0..255 (the config's mean/std
 normalisation is inside the graph), and returns ``logits``: float32 [B, num_classes, H, W], the
 model's logits bilinearly upsampled to the input size (argmax = the class). By default batch,
-height and width are dynamic; ``--size H W`` fixes the height and width. It is the whole-image
+height and width are dynamic; ``--size H W`` fixes the height and width (the batch stays
+dynamic). It is the whole-image
 forward of the student (``--teacher``: the EMA teacher); sliding windows and flips are left to the
 caller. An HRDA run exports its single-scale network (the model HRDA wraps, without the scale
 attention or the multi-resolution fusion), and says so.
@@ -77,14 +78,14 @@ def export_onnx(net: InferenceNet, path: Path, size: tuple[int, int], dynamic: b
                           "'fastuda[export]'") from None
     from torch.export import Dim
 
-    shapes = ({0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},) \
-        if dynamic else None
+    # the batch is always dynamic; --size fixes height and width
+    axes = {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")} if dynamic else {0: Dim("batch")}
     inline = sum(t.numel() * t.element_size() for t in net.state_dict().values()) \
         < _ONNX_INLINE_LIMIT
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(net, (example_input(size),), str(path), dynamo=True,
-                          input_names=["image"], output_names=["logits"], dynamic_shapes=shapes,
+                          input_names=["image"], output_names=["logits"], dynamic_shapes=(axes,),
                           external_data=not inline, verbose=False)
     nonstandard = onnx_custom_ops(path)
     if nonstandard:

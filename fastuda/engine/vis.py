@@ -81,7 +81,10 @@ def save_confusion_png(matrix: Tensor, class_names: Sequence[str], path: str | P
         strip = Image.new("RGB", (label_w, cell), "white")
         ImageDraw.Draw(strip).text((4, cell / 2), name, fill="black", font=font, anchor="lm")
         canvas.paste(strip.rotate(90, expand=True), (left + i * cell, top - label_w))
-    draw.text((2, top + n * cell / 2), "ground truth", fill="black", font=font, anchor="lm")
+    title = Image.new("RGB", (n * cell, 16), "white")  # the row axis title, drawn rotated
+    ImageDraw.Draw(title).text((n * cell / 2, 8), "ground truth", fill="black", font=font,
+                               anchor="mm")
+    canvas.paste(title.rotate(90, expand=True), (0, top))
     draw.text((left + n * cell / 2, 2), "prediction (% of each ground-truth row)", fill="black",
               font=font, anchor="mt")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
