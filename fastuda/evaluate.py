@@ -4,8 +4,11 @@ Whole-image or sliding-window inference (optional horizontal flip; with ``hrda.e
 model is the HRDA wrapper, whose eval-mode forward is the multi-resolution inference: context view
 of the image or window, detail windows slid over it at full resolution, fused by the attention),
 intersections and unions accumulated over the whole split (summed over ranks under DDP), a
-per-class IoU table on screen and the same JSON record the training evaluations write to
-metrics.jsonl.
+per-class table on screen (IoU, precision, recall, pixel shares) and the same JSON record the
+training evaluations write to metrics.jsonl. The output folder (``--output``; by default
+``WORK_DIR/eval/<checkpoint name>/`` for a checkpoint in ``WORK_DIR/checkpoints/``) receives
+``record.json``, ``confusion.json`` (pixel counts, rows ground truth, columns prediction, and the
+row-normalised matrix), ``confusion.png`` (its heat map) and ``per_class.md``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, ConfigError, EvalConfig, load_config
-from .engine.metrics import ConfusionMatrix, format_table
-from .engine.vis import colorize, denormalize, save_grid
+from .engine.metrics import (
+    ConfusionMatrix,
+    class_table,
+    confusion_record,
+    format_class_table,
+    format_table,
+    row_normalised,
+)
+from .engine.vis import colorize, denormalize, save_confusion_png, save_grid
 
 
 def _logits(model: nn.Module, images: Tensor, flip: bool) -> Tensor:
@@ -66,12 +76,64 @@ def evaluation_subsets(cfg: Config) -> dict[str, list[int]]:
     return {}
 
 
+def class_names(num_classes: int) -> list[str]:
+    """The Cityscapes names of train ids 0..num_classes-1 (numbers past the 19 classes)."""
+    from .data.classes import CITYSCAPES_CLASSES
+
+    if num_classes <= len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES[:num_classes])
+    return [str(i) for i in range(num_classes)]
+
+
+def autocast_for(cfg: Config, device: torch.device) -> AbstractContextManager:
+    """Autocast as ``train.precision`` says (bf16/fp16), or nothing for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def load_model(cfg: Config, checkpoint: str | Path, weights: str, device: torch.device,
+               config_path: str | Path = "the config") -> nn.Module:
+    """The network ``cfg`` describes (HRDA-wrapped when enabled) with the ``weights``
+    ("student" or "teacher") of a training checkpoint, or a bare state dict, in eval mode.
+
+    Raises FileNotFoundError / CheckpointLoadError naming the file.
+    """
+    from .engine.checkpoint import CheckpointLoadError, load_checkpoint
+    from .models import build_network
+
+    model = build_network(cfg)
+    state = load_checkpoint(checkpoint)
+    # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
+    # dict of the model is accepted too
+    if "trainer" in state:
+        if weights not in state["trainer"]:
+            raise CheckpointLoadError(f"{checkpoint} holds no {weights} weights (it has "
+                                      f"{sorted(state['trainer'])})")
+        state = state["trainer"][weights]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys, shapes of another model
+        raise CheckpointLoadError(f"{checkpoint} does not hold weights of the model "
+                                  f"{config_path} describes: {err}") from None
+    return model.to(device).eval()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict], cfg: Config, device: torch.device, *,
              teacher: nn.Module | None = None, vis_path: str | Path | None = None,
              autocast: AbstractContextManager | None = None) -> dict:
     """Run ``model`` over the loader; returns {"mIoU", "IoU": {class: IoU}, (mIoU16, mIoU13)}."""
-    from .data.classes import CITYSCAPES_CLASSES, PALETTE
+    return evaluate_split(model, loader, cfg, device, teacher=teacher, vis_path=vis_path,
+                          autocast=autocast)[0]
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device: torch.device,
+                   *, teacher: nn.Module | None = None, vis_path: str | Path | None = None,
+                   autocast: AbstractContextManager | None = None
+                   ) -> tuple[dict, ConfusionMatrix]:
+    """:func:`evaluate`, also returning the split's confusion matrix."""
+    from .data.classes import PALETTE
 
     num_classes = cfg.model.num_classes
     was_training = model.training
@@ -102,9 +164,29 @@ def evaluate(model: nn.Module, loader: Iterable[dict], cfg: Config, device: torc
         model.train()
     if vis_path is not None and vis_rows:
         save_grid(vis_path, vis_rows)
-    names = list(CITYSCAPES_CLASSES[:num_classes]) if num_classes <= len(CITYSCAPES_CLASSES) \
-        else [str(i) for i in range(num_classes)]
-    return conf.summary(names, evaluation_subsets(cfg))
+    return conf.summary(class_names(num_classes), evaluation_subsets(cfg)), conf
+
+
+def write_report(out_dir: str | Path, record: dict, conf: ConfusionMatrix,
+                 names: list[str]) -> str:
+    """Write record.json, confusion.json, confusion.png and per_class.md into ``out_dir``;
+    returns the per-class Markdown table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = class_table(conf, names)
+    (out / "record.json").write_text(json.dumps({**record, "per_class": table}, indent=1) + "\n")
+    (out / "confusion.json").write_text(json.dumps(confusion_record(conf, names)) + "\n")
+    save_confusion_png(row_normalised(conf), names, out / "confusion.png")
+    text = format_class_table(table)
+    (out / "per_class.md").write_text(text + "\n")
+    return text
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    """WORK_DIR/eval/<name> for WORK_DIR/checkpoints/<name>.pt, else beside the checkpoint."""
+    ckpt = Path(checkpoint)
+    base = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return base / "eval" / ckpt.stem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
     parser.add_argument("--weights", choices=("student", "teacher"), default="student")
+    parser.add_argument("--output", metavar="DIR",
+                        help="folder for the confusion matrix and per-class table (default: "
+                             "WORK_DIR/eval/<checkpoint name>)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -122,27 +207,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .data import DataError, build_val_loader
-    from .engine.checkpoint import CheckpointLoadError, load_checkpoint
-    from .models import build_network
+    from .engine.checkpoint import CheckpointLoadError
     from .train import pick_device
 
     device = pick_device(cfg.train.device)
-    model = build_network(cfg).to(device)  # HRDA's multi-resolution inference when enabled
+    out_dir = Path(args.output) if args.output else default_output(args.checkpoint)
     try:
-        state = load_checkpoint(args.checkpoint)
-        # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
-        # dict of the model is accepted too
-        weights = state["trainer"][args.weights] if "trainer" in state else state
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:  # missing / unexpected keys, shapes of another model
-            raise CheckpointLoadError(f"{args.checkpoint} does not hold weights of the model "
-                                      f"{args.config} describes: {err}") from None
-        record = evaluate(model, build_val_loader(cfg.data), cfg, device)
+        # HRDA-wrapped when enabled: its multi-resolution inference
+        model = load_model(cfg, args.checkpoint, args.weights, device, args.config)
+        record, conf = evaluate_split(model, build_val_loader(cfg.data), cfg, device,
+                                      autocast=autocast_for(cfg, device))
+        table = write_report(out_dir, record, conf, class_names(cfg.model.num_classes))
     except (FileNotFoundError, CheckpointLoadError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(format_table(record))
+    except OSError as err:  # the output folder cannot be written
+        print(f"error: cannot write the evaluation report to {out_dir}: {err}", file=sys.stderr)
+        return 1
+    print(table)
+    print("\n".join(line for line in format_table(record).splitlines()
+                    if line.startswith("mIoU")))
+    print(f"confusion matrix, per-class table: {out_dir}")
     print(json.dumps(record))
     return 0
 

@@ -76,3 +76,59 @@ def format_table(record: dict[str, object]) -> str:
     for key in (k for k in record if k.startswith("mIoU")):
         lines.append(f"{key:<{width}}  {record[key]:5.2f}")
     return "\n".join(lines)
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, NaN where den is 0 (a class with no pixels has no value, not 0)."""
+    return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, math.nan))
+
+
+def class_table(conf: ConfusionMatrix, class_names: Sequence[str]) -> list[dict[str, object]]:
+    """One row per class: IoU, precision, recall (percent) and the class's share of the labelled
+    pixels and of the predicted pixels (percent); None where a value is undefined.
+
+    Rows of the matrix are ground truth, columns predictions: precision_c = TP / (column sum),
+    recall_c = TP / (row sum), IoU_c = TP / (row + column - TP).
+    """
+    m = conf.matrix.double()
+    tp, gt, pred = m.diag(), m.sum(1), m.sum(0)
+    total = m.sum()
+    cols = {"IoU": conf.iou(), "precision": _ratio(tp, pred), "recall": _ratio(tp, gt),
+            "pixel_share": _ratio(gt, total.expand_as(gt)),
+            "predicted_share": _ratio(pred, total.expand_as(pred))}
+    rows = []
+    for c, name in enumerate(class_names):
+        row: dict[str, object] = {"class": name}
+        for key, values in cols.items():
+            v = float(values[c])
+            row[key] = None if math.isnan(v) else round(100 * v, 4)
+        rows.append(row)
+    return rows
+
+
+def row_normalised(conf: ConfusionMatrix) -> Tensor:
+    """Each ground-truth row divided by its sum (where a pixel of class r went); a class
+    without labelled pixels is a row of NaN."""
+    m = conf.matrix.double()
+    return _ratio(m, m.sum(1, keepdim=True).expand_as(m))
+
+
+def confusion_record(conf: ConfusionMatrix, class_names: Sequence[str]) -> dict[str, object]:
+    """The JSON form: class names, raw pixel counts (rows ground truth, columns prediction) and
+    the row-normalised matrix (null for a class without labelled pixels)."""
+    norm = row_normalised(conf).tolist()
+    return {"classes": list(class_names), "rows": "ground truth", "columns": "prediction",
+            "ignore_index": conf.ignore_index, "counts": conf.matrix.tolist(),
+            "row_normalised": [[None if math.isnan(v) else round(v, 6) for v in row]
+                               for row in norm]}
+
+
+def format_class_table(rows: list[dict[str, object]]) -> str:
+    """The per-class table as Markdown."""
+    keys = ("IoU", "precision", "recall", "pixel_share", "predicted_share")
+    heads = ("IoU", "precision", "recall", "pixel share", "predicted share")
+    lines = ["| class | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(keys)]
+    for row in rows:
+        cells = ["n/a" if row[k] is None else f"{row[k]:.2f}" for k in keys]
+        lines.append(f"| {row['class']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

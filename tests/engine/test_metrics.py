@@ -86,3 +86,47 @@ def test_synthia_subsets_by_hand() -> None:
     rec = cm.summary([str(i) for i in range(19)], {"mIoU16": SYNTHIA16, "mIoU13": SYNTHIA13})
     assert rec["mIoU16"] == pytest.approx(100 * float(iou[list(SYNTHIA16)].mean()), abs=1e-3)
     assert rec["mIoU13"] == pytest.approx(100 * float(iou[list(SYNTHIA13)].mean()), abs=1e-3)
+
+
+def _hand_case() -> ConfusionMatrix:
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([[0, 1, 1, 1], [0, 2, 0, 2]]), torch.tensor([[0, 0, 1, 1],
+                                                                        [2, 2, 255, 255]]))
+    return cm
+
+
+def test_confusion_matrix_and_class_table_by_hand() -> None:
+    from fastuda.engine.metrics import class_table, confusion_record, row_normalised
+
+    cm = _hand_case()
+    # rows ground truth, columns prediction; the two ignored pixels are not counted
+    expected = [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    assert cm.matrix.tolist() == expected
+    norm = row_normalised(cm)
+    assert norm[:3].tolist() == [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0]]
+    assert torch.isnan(norm[3]).all()  # class 3 has no labelled pixel
+    rows = class_table(cm, ["a", "b", "c", "d"])
+    # column sums (predicted) 2, 3, 1, 0; row sums (labelled) 2, 2, 2, 0; 6 pixels
+    want = {"a": (100 / 3, 50, 50, 100 / 3, 100 / 3), "b": (200 / 3, 200 / 3, 100, 100 / 3, 50),
+            "c": (50, 100, 50, 100 / 3, 100 / 6)}
+    for row in rows[:3]:
+        got = (row["IoU"], row["precision"], row["recall"], row["pixel_share"],
+               row["predicted_share"])
+        assert got == pytest.approx(want[row["class"]], abs=1e-4), row
+    assert rows[3] == {"class": "d", "IoU": None, "precision": None, "recall": None,
+                       "pixel_share": 0.0, "predicted_share": 0.0}
+    rec = confusion_record(cm, ["a", "b", "c", "d"])
+    assert rec["counts"] == expected and rec["classes"] == ["a", "b", "c", "d"]
+    assert rec["row_normalised"][3] == [None] * 4 and rec["row_normalised"][0][:2] == [0.5, 0.5]
+
+
+def test_confusion_heat_map(tmp_path) -> None:
+    from fastuda.engine.metrics import row_normalised
+    from fastuda.engine.vis import save_confusion_png
+
+    save_confusion_png(row_normalised(_hand_case()), ["road", "b", "c", "d"], tmp_path / "m.png")
+    im = np.array(Image.open(tmp_path / "m.png").convert("RGB"))
+    colours = {tuple(c) for c in im.reshape(-1, 3).tolist()}
+    assert (8, 48, 107) in colours  # the full cell (b -> b: 100 %)
+    assert (200, 200, 200) in colours  # the row of class d, which has no labelled pixel
+    assert (132, 152, 181) in colours  # a 50 % cell, halfway from white to the full colour
