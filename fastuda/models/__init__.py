@@ -81,5 +81,5 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["DAFormer", "DeepLabV2", "HRDAModel", "MIT_SPECS", "MixTransformer", "RESNET_SPECS",
-           "ResNet", "VIT_SPECS", "ViTSegModel", "SegModel", "build_model", "build_network", "convert_sync_batchnorm",
-           "load_pretrained"]
+           "ResNet", "SegModel", "VIT_SPECS", "ViTSegModel", "build_model", "build_network",
+           "convert_sync_batchnorm", "load_pretrained"]
