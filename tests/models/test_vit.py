@@ -171,9 +171,10 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_no_number() -> Non
     results = []
     for ckpt in (False, True):
         model = tiny("dinov2_vits14", head="daformer", grad_checkpointing=ckpt)
-        calls = []
+        calls: list[int] = []
         # a pre-hook: the recomputation stops once it has what the backward needs
-        model.backbone.vit.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        model.backbone.vit.blocks[0].register_forward_pre_hook(
+            lambda *a, calls=calls: calls.append(1))
         out = model(torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(1)))
         (out["logits"].square().mean() + out["embeddings"].mean()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
