@@ -33,7 +33,7 @@ def synthetic_root() -> str:
 
 def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     cfg = load_config(cfg_path)
-    small = "resnet18" if cfg.model.name == "deeplabv2" else "mit_b0"
+    small = {"deeplabv2": "resnet18", "daformer": "mit_b0", "vit": "dinov2_vits14"}[cfg.model.name]
     sets = [f"model.backbone={small!r}", "model.embed_dim=32", "model.decoder_channels=32",
             "data.crop_size=[64, 64]", "data.num_workers=0", "data.rcs_min_pixels=10",
             "train.max_iters=1", "train.device='cpu'", "eval.mode='whole'", "eval.max_images=2",
