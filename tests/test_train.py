@@ -37,7 +37,9 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     sets = [f"model.backbone={small!r}", "model.embed_dim=32", "model.decoder_channels=32",
             "data.crop_size=[64, 64]", "data.num_workers=0", "data.rcs_min_pixels=10",
             "train.max_iters=1", "train.device='cpu'", "eval.mode='whole'", "eval.max_images=2",
-            "eval.num_vis=1", "method.start_iter=0"]
+            "eval.num_vis=1", "method.start_iter=0",
+            # fp16 autocast on a CPU without fp16 arithmetic is emulated: 2-3x slower
+            "train.precision='fp32'"]
     if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop, a small contrast grid
         sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
                  "method.cluda_grid=[8, 8]"]
