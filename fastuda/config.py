@@ -7,6 +7,7 @@ key. The resolved config is written back to the work dir as TOML, so a run is re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,7 +114,11 @@ class ModelConfig:
         _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "in [0, 1)")
         _check(self.vit_resize_scale > 0, "model.vit_resize_scale", self.vit_resize_scale, "> 0")
         _check(0 < self.layer_decay <= 1, "model.layer_decay", self.layer_decay, "in (0, 1]")
-        if self.name != "vit":  # knobs only the ViT has: an error rather than silently unused
+        if self.name == "vit":
+            _check(importlib.util.find_spec("timm") is not None, "model.name", self.name,
+                   "a model whose library is installed: 'vit' needs timm "
+                   "(pip install 'fastuda[vit]')")
+        else:  # knobs only the ViT has: an error rather than silently unused
             for key, default in (("grad_checkpointing", False), ("layer_decay", 1.0)):
                 _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
                        f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")

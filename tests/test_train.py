@@ -133,6 +133,29 @@ def test_evaluate_cli_with_hrda(synthetic_root: str, tmp_path: Path,
     assert "Traceback" not in err
 
 
+def test_vit_in_hrda_mode_trains_and_evaluates(synthetic_root: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A DINOv2 ViT inside HRDA (DAFormer head, SePiCo): one training iteration, then
+    ``python -m fastuda.evaluate`` on its weights (HRDA's multi-resolution inference)."""
+    from fastuda.evaluate import main
+
+    path = REPO / "configs" / "demo_vit.toml"
+    sets = tiny_overrides(synthetic_root, path) + [
+        "hrda.enabled=true", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+        "model.vit_head='daformer'"]
+    record = train(load_config(path, sets), tmp_path / "run")
+    assert record is not None and 0.0 <= record["mIoU"] <= 100.0
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_log = [x for x in logs if x["type"] == "train"][0]
+    assert {"src.ce", "src.ce_detail", "mix.ce_detail", "src.contrast"} <= set(train_log)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    torch.save(state["trainer"]["teacher"], tmp_path / "teacher.pt")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    args = [str(path), "--checkpoint", str(tmp_path / "teacher.pt")]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mIoU"] <= 100.0
+
+
 def _run(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "fastuda.train", *args], cwd=REPO, env=env,

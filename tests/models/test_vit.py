@@ -245,3 +245,14 @@ def test_build_model_and_config_checks() -> None:
         ModelConfig(name="deeplabv2", backbone="resnet18", grad_checkpointing=True)
     with pytest.raises(ConfigError, match="model.layer_decay"):
         ModelConfig(name="vit", backbone="dinov2_vits14", layer_decay=0.0)
+
+
+def test_a_missing_timm_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "timm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"'vit' needs timm \(pip install 'fastuda\[vit\]'\)"):
+        ModelConfig(name="vit", backbone="dinov2_vits14")
+    ModelConfig(name="daformer")  # the other models do not need it
