@@ -4,6 +4,7 @@ data redirected to the synthetic pair), and a run killed with SIGKILL resumes ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -142,7 +143,9 @@ def test_vit_in_hrda_mode_trains_and_evaluates(synthetic_root: str, tmp_path: Pa
     path = REPO / "configs" / "demo_vit.toml"
     sets = tiny_overrides(synthetic_root, path) + [
         "hrda.enabled=true", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
-        "model.vit_head='daformer'"]
+        "model.vit_head='daformer'",
+        # few sliding detail windows (each a ViT forward): small val images, stride = window
+        "hrda.slide_stride=[32, 32]", "data.val.resize=[64, 64]"]
     record = train(load_config(path, sets), tmp_path / "run")
     assert record is not None and 0.0 <= record["mIoU"] <= 100.0
     logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -154,6 +157,27 @@ def test_vit_in_hrda_mode_trains_and_evaluates(synthetic_root: str, tmp_path: Pa
     args = [str(path), "--checkpoint", str(tmp_path / "teacher.pt")]
     assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mIoU"] <= 100.0
+
+
+@pytest.mark.parametrize("demo", ["demo_cluda", "demo_spcl", "demo_bipcl", "demo_corda"])
+def test_every_contrast_method_trains_on_a_vit(demo: str, synthetic_root: str,
+                                              tmp_path: Path) -> None:
+    """CLUDA, SPCL, BiPCL and CorDA on a DINOv2 ViT (SePiCo: the vfm and demo_vit configs)."""
+    path = REPO / "configs" / f"{demo}.toml"
+    sets = tiny_overrides(synthetic_root, path) + [
+        "model.name='vit'", "model.backbone='dinov2_vits14'", "model.drop_path=0.0",
+        "data.val.resize=[64, 64]"]
+    # the method's losses from the first iteration on
+    sets += {"demo_spcl": ["method.spcl_start_iter=0"],
+             "demo_bipcl": ["method.bipcl_start_iter=0"]}.get(demo, [])
+    cfg = load_config(path, sets)
+    record = train(cfg, tmp_path / "run")
+    assert record is not None and 0.0 <= record["mIoU"] <= 100.0
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = [x for x in logs if x["type"] == "train"][0]
+    assert all(math.isfinite(v) for v in first.values() if isinstance(v, float))
+    own = [k for k in first if k.startswith(("src.", "tgt.", "mix.")) and not k.endswith(".ce")]
+    assert own, f"{demo}: no method loss logged ({sorted(first)})"
 
 
 def _run(args: list[str], **kw) -> subprocess.Popen:
