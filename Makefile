@@ -27,6 +27,8 @@ $(PY):
 $(DEPS): pyproject.toml | $(PY)
 	$(PIP) install torch==2.14.1 setuptools wheel ninja
 	$(PIP) install numpy pillow tqdm tensorboard pytest ruff cityscapesscripts
+	# timm (the `vit` extra): model.name = "vit" builds DINOv2 ViTs with it (brings safetensors)
+	$(PIP) install timm
 	# DALI (the `dali` extra): data.loader = "auto" uses it, and the tests compare it with torch's
 	$(PIP) install nvidia-dali-cuda130
 	touch $@

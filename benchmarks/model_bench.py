@@ -2,9 +2,12 @@
 
     python benchmarks/model_bench.py                      # CPU small variants; GPU set if present
     python benchmarks/model_bench.py --device cpu --iters 3 --out bench_results/model_bench.json
+    python benchmarks/model_bench.py --models vit --batch-size 1 --warmup 1 --iters 2
 
-CPU: DeepLab-V2/ResNet-18 and DAFormer/MiT-B0 at 256x256 (fp32). GPU (when one is visible): the
-published DeepLab-V2/ResNet-101 and DAFormer/MiT-B5 at 512x512 and 640x640 in fp32 and bf16.
+CPU: DeepLab-V2/ResNet-18 and DAFormer/MiT-B0 at 256x256 (fp32), and every DINOv2 ViT size (VFM-UDA
+head) at 112x112 (8 x 8 patches). GPU (when one is visible): the published DeepLab-V2/ResNet-101
+and DAFormer/MiT-B5 at 512x512 and 640x640, and every ViT size at the VFM-UDA crop 1024x1024
+(padded to 1036), in fp32 and bf16. ``--models`` picks model names (e.g. ``vit``).
 One training step is timed: forward in train mode, cross-entropy on the logits plus the mean of the
 embeddings, backward (no optimiser step). Each setting runs in a fresh subprocess so peak memory is
 its own: on GPU ``max_memory_allocated``, on CPU the peak resident set size (VmHWM, reset through
@@ -34,11 +37,16 @@ from fastuda.models import build_model  # noqa: E402
 CPU_SETTINGS = [
     {"name": "deeplabv2", "backbone": "resnet18", "size": 256, "precision": "fp32"},
     {"name": "daformer", "backbone": "mit_b0", "size": 256, "precision": "fp32"},
+    *({"name": "vit", "backbone": f"dinov2_vit{s}14", "size": 112, "precision": "fp32"}
+      for s in "sblg"),
 ]
 GPU_SETTINGS = [
     {"name": name, "backbone": backbone, "size": size, "precision": precision}
     for name, backbone in (("deeplabv2", "resnet101"), ("daformer", "mit_b5"))
     for size in (512, 640) for precision in ("fp32", "bf16")
+] + [
+    {"name": "vit", "backbone": f"dinov2_vit{s}14", "size": 1024, "precision": precision}
+    for s in "sblg" for precision in ("fp32", "bf16")
 ]
 
 
@@ -131,17 +139,17 @@ def run_in_subprocess(setting: dict, args: argparse.Namespace, device: str) -> d
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'model':<10} {'backbone':<10} {'size':>5} {'prec':>5} {'dev':>5} {'batch':>5} "
-              f"{'img/s':>9} {'ms/step':>9} {'peak MB':>9}")
+    header = (f"{'model':<10} {'backbone':<14} {'size':>5} {'prec':>5} {'dev':>5} {'batch':>5} "
+              f"{'params M':>9} {'img/s':>9} {'ms/step':>9} {'peak MB':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        head = (f"{r['name']:<10} {r['backbone']:<10} {r['size']:>5} {r['precision']:>5} "
+        head = (f"{r['name']:<10} {r['backbone']:<14} {r['size']:>5} {r['precision']:>5} "
                 f"{r['device']:>5}")
         if "error" in r:
             print(f"{head}  failed: {r['error']}")
         else:
-            print(f"{head} {r['batch_size']:>5} {r['images_per_s']:>9.2f} "
+            print(f"{head} {r['batch_size']:>5} {r['params_m']:>9.1f} {r['images_per_s']:>9.2f} "
                   f"{r['ms_per_step']:>9.1f} {r['peak_mem_mb']:>9.1f}")
 
 
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    parser.add_argument("--models", default="",
+                        help="comma-separated model names to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "model_bench.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         plan += [(s, "cpu") for s in CPU_SETTINGS]
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         plan += [(s, "cuda") for s in GPU_SETTINGS]
+    if args.models:
+        wanted = set(args.models.split(","))
+        unknown = wanted - {s["name"] for s in CPU_SETTINGS + GPU_SETTINGS}
+        if unknown:
+            parser.error(f"--models: unknown model name(s) {sorted(unknown)}")
+        plan = [(s, d) for s, d in plan if s["name"] in wanted]
     rows = []
     for setting, device in plan:
         rows.append(run_in_subprocess(setting, args, device))

@@ -7,6 +7,7 @@ key. The resolved config is written back to the work dir as TOML, so a run is re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,24 +83,45 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["deeplabv2", "daformer"] = "daformer"
-    # deeplabv2: resnet18 | resnet50 | resnet101; daformer: mit_b0 ... mit_b5
+    name: Literal["deeplabv2", "daformer", "vit"] = "daformer"
+    # deeplabv2: resnet18 | resnet50 | resnet101; daformer: mit_b0 ... mit_b5;
+    # vit: dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | dinov2_vitg14 (fastuda/models/vit.py)
     backbone: str = "mit_b5"
     num_classes: int = 19
     pretrained: str = ""  # local checkpoint path; nothing is downloaded
     decoder_channels: int = 256
     projection: bool = True  # SePiCo projection head (embeddings output)
-    embed_dim: int = 0  # 0: the published size (512 deeplabv2, 256 daformer)
+    embed_dim: int = 0  # 0: the published size (512 deeplabv2, 256 daformer and vit)
     drop_path: float = 0.1
     dropout: float = 0.1
     channels_last: bool = False
+    # vit only: the decode head ("vfm_uda": the released VFM-UDA head on the last layer,
+    # "daformer": the DAFormer decoder on a four-level pyramid), how images become multiples of
+    # the patch size 14 ("pad" with zeros, or "resize" by about vit_resize_scale as VFM-UDA does)
+    vit_head: Literal["vfm_uda", "daformer"] = "vfm_uda"
+    vit_input: Literal["pad", "resize"] = "pad"
+    vit_resize_scale: float = 1.0
+    grad_checkpointing: bool = False  # vit only: recompute each block in the backward
+    layer_decay: float = 1.0  # vit only: block i of n at lr * layer_decay ** (n - 1 - i)
 
     def __post_init__(self) -> None:
         allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
-                   "daformer": tuple(f"mit_b{i}" for i in range(6))}[self.name]
+                   "daformer": tuple(f"mit_b{i}" for i in range(6)),
+                   "vit": tuple(f"dinov2_vit{s}14" for s in "sblg")}[self.name]
         _check(self.backbone in allowed, "model.backbone", self.backbone,
                f"one of {allowed} for model.name = {self.name!r}")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, ">= 1")
+        _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "in [0, 1)")
+        _check(self.vit_resize_scale > 0, "model.vit_resize_scale", self.vit_resize_scale, "> 0")
+        _check(0 < self.layer_decay <= 1, "model.layer_decay", self.layer_decay, "in (0, 1]")
+        if self.name == "vit":
+            _check(importlib.util.find_spec("timm") is not None, "model.name", self.name,
+                   "a model whose library is installed: 'vit' needs timm "
+                   "(pip install 'fastuda[vit]')")
+        else:  # knobs only the ViT has: an error rather than silently unused
+            for key, default in (("grad_checkpointing", False), ("layer_decay", 1.0)):
+                _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
+                       f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")
 
 
 @dataclass
@@ -212,7 +234,7 @@ class MethodConfig:
 
 # output stride of each model's logits and features (fastuda/models): HRDA aligns its detail box
 # and sliding windows to it
-OUTPUT_STRIDE = {"deeplabv2": 8, "daformer": 4}
+OUTPUT_STRIDE = {"deeplabv2": 8, "daformer": 4, "vit": 4}
 
 
 @dataclass

@@ -4,6 +4,7 @@ data redirected to the synthetic pair), and a run killed with SIGKILL resumes ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,11 +34,13 @@ def synthetic_root() -> str:
 
 def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     cfg = load_config(cfg_path)
-    small = "resnet18" if cfg.model.name == "deeplabv2" else "mit_b0"
+    small = {"deeplabv2": "resnet18", "daformer": "mit_b0", "vit": "dinov2_vits14"}[cfg.model.name]
     sets = [f"model.backbone={small!r}", "model.embed_dim=32", "model.decoder_channels=32",
             "data.crop_size=[64, 64]", "data.num_workers=0", "data.rcs_min_pixels=10",
             "train.max_iters=1", "train.device='cpu'", "eval.mode='whole'", "eval.max_images=2",
-            "eval.num_vis=1", "method.start_iter=0"]
+            "eval.num_vis=1", "method.start_iter=0",
+            # fp16 autocast on a CPU without fp16 arithmetic is emulated: 2-3x slower
+            "train.precision='fp32'"]
     if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop, a small contrast grid
         sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
                  "method.cluda_grid=[8, 8]"]
@@ -129,6 +132,52 @@ def test_evaluate_cli_with_hrda(synthetic_root: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert f"{tmp_path / 'weights.pt'} does not hold weights of the model {other}" in err
     assert "Traceback" not in err
+
+
+def test_vit_in_hrda_mode_trains_and_evaluates(synthetic_root: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A DINOv2 ViT inside HRDA (DAFormer head, SePiCo): one training iteration, then
+    ``python -m fastuda.evaluate`` on its weights (HRDA's multi-resolution inference)."""
+    from fastuda.evaluate import main
+
+    path = REPO / "configs" / "demo_vit.toml"
+    sets = tiny_overrides(synthetic_root, path) + [
+        "hrda.enabled=true", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+        "model.vit_head='daformer'",
+        # few sliding detail windows (each a ViT forward): small val images, stride = window
+        "hrda.slide_stride=[32, 32]", "data.val.resize=[64, 64]"]
+    record = train(load_config(path, sets), tmp_path / "run")
+    assert record is not None and 0.0 <= record["mIoU"] <= 100.0
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_log = [x for x in logs if x["type"] == "train"][0]
+    assert {"src.ce", "src.ce_detail", "mix.ce_detail", "src.contrast"} <= set(train_log)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    torch.save(state["trainer"]["teacher"], tmp_path / "teacher.pt")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    args = [str(path), "--checkpoint", str(tmp_path / "teacher.pt")]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mIoU"] <= 100.0
+
+
+@pytest.mark.parametrize("demo", ["demo_cluda", "demo_spcl", "demo_bipcl", "demo_corda"])
+def test_every_contrast_method_trains_on_a_vit(demo: str, synthetic_root: str,
+                                              tmp_path: Path) -> None:
+    """CLUDA, SPCL, BiPCL and CorDA on a DINOv2 ViT (SePiCo: the vfm and demo_vit configs)."""
+    path = REPO / "configs" / f"{demo}.toml"
+    sets = tiny_overrides(synthetic_root, path) + [
+        "model.name='vit'", "model.backbone='dinov2_vits14'", "model.drop_path=0.0",
+        "data.val.resize=[64, 64]"]
+    # the method's losses from the first iteration on
+    sets += {"demo_spcl": ["method.spcl_start_iter=0"],
+             "demo_bipcl": ["method.bipcl_start_iter=0"]}.get(demo, [])
+    cfg = load_config(path, sets)
+    record = train(cfg, tmp_path / "run")
+    assert record is not None and 0.0 <= record["mIoU"] <= 100.0
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = [x for x in logs if x["type"] == "train"][0]
+    assert all(math.isfinite(v) for v in first.values() if isinstance(v, float))
+    own = [k for k in first if k.startswith(("src.", "tgt.", "mix.")) and not k.endswith(".ce")]
+    assert own, f"{demo}: no method loss logged ({sorted(first)})"
 
 
 def _run(args: list[str], **kw) -> subprocess.Popen:

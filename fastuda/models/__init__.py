@@ -1,4 +1,5 @@
-"""Segmentation models: DeepLab-V2 (ResNet) and DAFormer (MiT), one ``build_model(config)`` entry,
+"""Segmentation models: DeepLab-V2 (ResNet), DAFormer (MiT) and DINOv2 ViTs (timm, the ``vit``
+extra), one ``build_model(config)`` entry,
 and ``build_network(config)``: the network a run trains and evaluates (the model, wrapped in the
 HRDA multi-resolution ``HRDAModel`` when ``hrda.enabled``).
 
@@ -20,6 +21,7 @@ from .hrda import HRDAModel
 from .mit import MIT_SPECS, MixTransformer
 from .pretrained import load_pretrained
 from .resnet import RESNET_SPECS, ResNet
+from .vit import VIT_SPECS, ViTSegModel
 
 
 def build_model(cfg: ModelConfig) -> SegModel:
@@ -42,8 +44,20 @@ def build_model(cfg: ModelConfig) -> SegModel:
                          projection=cfg.projection, embed_dim=cfg.embed_dim,
                          drop_path=cfg.drop_path, dropout=cfg.dropout,
                          channels_last=cfg.channels_last)
+    elif cfg.name == "vit":
+        if cfg.backbone not in VIT_SPECS:
+            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a DINOv2 ViT; vit takes "
+                             f"one of {sorted(VIT_SPECS)}")
+        model = ViTSegModel(cfg.backbone, cfg.num_classes, head=cfg.vit_head,
+                            decoder_channels=cfg.decoder_channels, projection=cfg.projection,
+                            embed_dim=cfg.embed_dim, drop_path=cfg.drop_path,
+                            dropout=cfg.dropout, input_mode=cfg.vit_input,
+                            resize_scale=cfg.vit_resize_scale,
+                            grad_checkpointing=cfg.grad_checkpointing,
+                            layer_decay=cfg.layer_decay, channels_last=cfg.channels_last)
     else:
-        raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2' or 'daformer'")
+        raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2', 'daformer' or "
+                         f"'vit'")
     model.pretrained_report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -67,5 +81,5 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["DAFormer", "DeepLabV2", "HRDAModel", "MIT_SPECS", "MixTransformer", "RESNET_SPECS",
-           "ResNet", "SegModel", "build_model", "build_network", "convert_sync_batchnorm",
-           "load_pretrained"]
+           "ResNet", "SegModel", "VIT_SPECS", "ViTSegModel", "build_model", "build_network",
+           "convert_sync_batchnorm", "load_pretrained"]

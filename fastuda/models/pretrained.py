@@ -7,12 +7,22 @@ Accepted formats, recognised from their keys:
 - ``mit``: the released ImageNet MiT checkpoints (``mit_b5.pth``: ``patch_embed1.proj.weight``,
   ``block1.0.attn.q.weight``, ``block1.0.attn.kv.weight``, ``block1.0.attn.sr.weight``,
   ``block1.0.mlp.dwconv.dwconv.weight``, ``norm4.bias`` ...); ``head.*`` is dropped.
+- ``dinov2``: the officially released DINOv2 checkpoints (``dinov2_vitb14_pretrain.pth``:
+  ``cls_token``, ``pos_embed``, ``mask_token``, ``patch_embed.proj.weight``,
+  ``blocks.11.attn.qkv.weight``, ``blocks.11.ls1.gamma``, ``blocks.11.mlp.fc1.weight`` (ViT-g:
+  ``blocks.39.mlp.w12.weight`` / ``w3``), ``norm.weight`` ...); ``mask_token`` is dropped (token
+  masking is not part of the model), ``w12``/``w3`` become timm's ``fc1``/``fc2``.
+- ``timm_vit``: timm's DINOv2 weights (``model.safetensors`` of ``vit_*_patch14_dinov2``, or a
+  ``.pth`` of that state dict): the same keys with ``fc1``/``fc2``; a classifier ``head.*`` is
+  dropped.
 - ``fastuda``: a state dict of a fastuda SegModel (``backbone.*``, ``decode_head.*`` ...).
 
 A checkpoint may be wrapped in ``{"state_dict": ...}`` or ``{"model": ...}`` and its keys may carry
 DDP's ``module.`` prefix. Each backbone key is mapped by an explicit pattern; keys that match no
 pattern are reported as unexpected, model keys left untouched as missing, and a shape mismatch is an
-error naming the key. Files are read with ``torch.load(weights_only=True)``.
+error naming the key and both shapes. The ViT formats are strict: a transformer key the file lacks,
+or a file key with no place in the transformer, is an error that names it. Files are read with
+``torch.load(weights_only=True)``, ``.safetensors`` files with safetensors (a dependency of timm).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch import Tensor
 from .base import SegModel
 from .daformer import DAFormer
 from .deeplabv2 import DeepLabV2
+from .vit import ViTSegModel
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _LN = r"(weight|bias)"
@@ -45,11 +56,28 @@ _MIT_KEY = re.compile(
     rf"|mlp\.(fc1|fc2|dwconv\.dwconv)\.(weight|bias))"
     rf"|norm[1-4]\.{_LN})$")
 _MIT_DROPPED = re.compile(r"^head\.(weight|bias)$")
+# DINOv2 ViTs in timm's layout, and the official release's (SwiGLU MLP of ViT-g as w12/w3)
+_VIT_COMMON = (rf"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.{_LN}"
+               rf"|blocks\.\d+\.(norm[12]\.{_LN}|attn\.(qkv|proj)\.(weight|bias)"
+               rf"|ls[12]\.gamma|mlp\.(fc1|fc2")
+_TIMM_VIT_KEY = re.compile(rf"^({_VIT_COMMON})\.(weight|bias)))$")
+_DINOV2_KEY = re.compile(rf"^({_VIT_COMMON}|w12|w3)\.(weight|bias)))$")
+_TIMM_VIT_DROPPED = re.compile(r"^head\.(weight|bias)$")
+_DINOV2_DROPPED = re.compile(r"^mask_token$")
 
-# format -> (backbone key pattern, dropped-key pattern, model class it fits)
+
+def _dinov2_to_timm(key: str) -> str:
+    return re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key))
+
+
+# format -> (backbone key pattern, dropped-key pattern, model class it fits, where the backbone's
+# keys live in the model, key renaming, strict: every backbone key must come from the file)
 _BACKBONE_FORMATS = {
-    "torchvision_resnet": (_RESNET_KEY, _RESNET_DROPPED, DeepLabV2),
-    "mit": (_MIT_KEY, _MIT_DROPPED, DAFormer),
+    "torchvision_resnet": (_RESNET_KEY, _RESNET_DROPPED, DeepLabV2, "backbone.", None, False),
+    "mit": (_MIT_KEY, _MIT_DROPPED, DAFormer, "backbone.", None, False),
+    # a tie between the two ViT layouts (no mask_token, no w12) is timm's: listed first
+    "timm_vit": (_TIMM_VIT_KEY, _TIMM_VIT_DROPPED, ViTSegModel, "backbone.vit.", None, True),
+    "dinov2": (_DINOV2_KEY, _DINOV2_DROPPED, ViTSegModel, "backbone.vit.", _dinov2_to_timm, True),
 }
 
 
@@ -59,7 +87,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        obj: Any
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as err:
+        raise ValueError(f"cannot read {path}: .safetensors files need the safetensors package "
+                         f"(pip install safetensors; timm brings it)") from err
     except Exception as err:  # unpickling errors come in many types; name the file
         raise ValueError(f"cannot read pretrained checkpoint {path}: {err}") from err
     for wrapper in ("state_dict", "model"):
@@ -81,8 +118,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def detect_format(state: dict[str, Tensor]) -> str:
     """Name the checkpoint format whose patterns match most keys ("unknown" when none)."""
     scores = {"fastuda": sum(k.startswith("backbone.") for k in state)}
-    for name, (pattern, _, _) in _BACKBONE_FORMATS.items():
-        scores[name] = sum(bool(pattern.match(k)) for k in state)
+    for name, (pattern, dropped, *_) in _BACKBONE_FORMATS.items():
+        # the dropped keys count too: they tell the two ViT layouts apart (mask_token)
+        scores[name] = sum(bool(pattern.match(k)) or bool(dropped.match(k)) for k in state)
     best = max(scores, key=scores.__getitem__)
     return best if scores[best] > 0 else "unknown"
 
@@ -96,9 +134,9 @@ def map_keys(state: dict[str, Tensor], fmt: str) -> tuple[dict[str, str], list[s
         if fmt == "fastuda":
             mapping[key] = key
             continue
-        pattern, dropped_pattern, _ = _BACKBONE_FORMATS[fmt]
+        pattern, dropped_pattern, _, prefix, rename, _ = _BACKBONE_FORMATS[fmt]
         if pattern.match(key):
-            mapping[key] = "backbone." + key
+            mapping[key] = prefix + (rename(key) if rename else key)
         elif dropped_pattern.match(key):
             dropped.append(key)  # the ImageNet classifier: not part of a segmentation model
         else:
@@ -125,6 +163,9 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
                          f"a {type(model).__name__} model")
     mapping, dropped, unexpected = map_keys(state, fmt)
     own = model.state_dict()
+    strict = fmt in _BACKBONE_FORMATS and _BACKBONE_FORMATS[fmt][5]
+    if strict:
+        _check_strict(path, fmt, mapping, unexpected, own, _BACKBONE_FORMATS[fmt][3])
     to_load: dict[str, Tensor] = {}
     for ckpt_key, model_key in mapping.items():
         if model_key not in own:
@@ -140,7 +181,7 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
         raise ValueError(f"pretrained checkpoint {path} ({fmt}): no key fits the "
                          f"{type(model).__name__} model; first keys: {list(state)[:5]}")
     model.load_state_dict(to_load, strict=False)
-    scope = "backbone." if fmt in _BACKBONE_FORMATS else ""
+    scope = _BACKBONE_FORMATS[fmt][3] if fmt in _BACKBONE_FORMATS else ""
     # old torchvision files predate BatchNorm's step counter; its absence changes nothing
     missing = [k for k in own if k.startswith(scope) and k not in to_load
                and not k.endswith("num_batches_tracked")]
@@ -151,3 +192,21 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
                       f"{missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}",
                       stacklevel=2)
     return report
+
+
+def _check_strict(path: str | Path, fmt: str, mapping: dict[str, str], unexpected: list[str],
+                  own: dict[str, Tensor], scope: str) -> None:
+    """The ViT formats: every file key has a place and every transformer key comes from the file
+    (a ViT loaded half-pretrained is worse than an error)."""
+    extra = unexpected + [k for k, m in mapping.items() if m not in own]
+    if extra:
+        raise ValueError(f"pretrained checkpoint {path} ({fmt}): unexpected key {extra[0]!r} "
+                         f"(no place in the {scope.rstrip('.')} of this model; "
+                         f"{len(extra)} such key(s): {extra[:5]})")
+    given = set(mapping.values())
+    missing = [k for k in own if k.startswith(scope) and k not in given]
+    if missing:
+        raise ValueError(f"pretrained checkpoint {path} ({fmt}): missing key "
+                         f"{missing[0][len(scope):]!r} (model key {missing[0]!r}; {len(missing)} "
+                         f"missing: {[k[len(scope):] for k in missing[:5]]}); is it the "
+                         f"checkpoint of another ViT size?")
