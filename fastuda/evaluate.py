@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .data import DataError, build_val_loader
     from .engine.checkpoint import CheckpointLoadError, load_checkpoint
+    from .engine.runtime import pick_device
     from .models import build_network
-    from .train import pick_device
 
     device = pick_device(cfg.train.device)
     model = build_network(cfg).to(device)  # HRDA's multi-resolution inference when enabled

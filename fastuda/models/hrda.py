@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import HRDAConfig
+from . import outputs as O
 from .base import SegModel
 from .heads import SigmoidMapHead, resize
 
@@ -97,9 +98,9 @@ class HRDAModel(nn.Module):
 
     def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         out = dict(self.model(self.context_view(images)))
-        att = self.attention_head(out["features"])
-        if att.shape[-2:] != out["logits"].shape[-2:]:
-            att = resize(att, out["logits"].shape[-2:])
+        att = self.attention_head(out[O.FEATURES])
+        if att.shape[-2:] != out[O.LOGITS].shape[-2:]:
+            att = resize(att, out[O.LOGITS].shape[-2:])
         return out, att
 
     def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
@@ -144,19 +145,19 @@ class HRDAModel(nn.Module):
         detail = self.model(images[:, :, y1:y2, x1:x2])
         grid = (H // s, W // s)
         cy1, cy2, cx1, cx2 = y1 // s, y2 // s, x1 // s, x2 // s
-        logits_d = detail["logits"]
+        logits_d = detail[O.LOGITS]
         if tuple(logits_d.shape[-2:]) != (cy2 - cy1, cx2 - cx1):
             raise ValueError(f"HRDAModel: the detail logits {tuple(logits_d.shape[-2:])} are not "
                              f"the box {box} over the output stride {s}")
-        ctx_up = resize(out["logits"], grid)
+        ctx_up = resize(out[O.LOGITS], grid)
         att_box = resize(att_c, grid)[:, :, cy1:cy2, cx1:cx2]
         pad = (cx1, grid[1] - cx2, cy1, grid[0] - cy2)
         att = F.pad(att_box, pad)  # a = 0 outside the box
         fused = (1 - att) * ctx_up + att * F.pad(logits_d, pad)
-        out.update(logits=fused, logits_context=out["logits"], logits_detail=logits_d,
-                   attention=att, attention_context=att_c, attention_detail=att_box,
-                   features_detail=detail["features"],
-                   detail_box=torch.tensor([y1, y2, x1, x2], dtype=torch.int64))
+        out.update({O.LOGITS: fused, O.LOGITS_CONTEXT: out[O.LOGITS], O.LOGITS_DETAIL: logits_d,
+                    O.ATTENTION: att, O.ATTENTION_CONTEXT: att_c, O.ATTENTION_DETAIL: att_box,
+                    O.FEATURES_DETAIL: detail[O.FEATURES],
+                    O.DETAIL_BOX: torch.tensor([y1, y2, x1, x2], dtype=torch.int64)})
         return out
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -184,16 +185,16 @@ class HRDAModel(nn.Module):
         acc = images.new_zeros((B, self.num_classes, *grid), dtype=torch.float32)
         hits = images.new_zeros((1, 1, *grid), dtype=torch.float32)
         for y1, y2, x1, x2 in self.windows(Hp, Wp):
-            d = self.model(x[:, :, y1:y2, x1:x2])["logits"].float()
+            d = self.model(x[:, :, y1:y2, x1:x2])[O.LOGITS].float()
             acc[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += d
             hits[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += 1
         detail = acc / hits
         att = resize(att_c.float(), grid)
-        fused = (1 - att) * resize(out["logits"].float(), grid) + att * detail
+        fused = (1 - att) * resize(out[O.LOGITS].float(), grid) + att * detail
         oh, ow = math.ceil(H / s), math.ceil(W / s)
-        out.update(logits=fused[..., :oh, :ow], logits_context=out["logits"],
-                   logits_detail=detail[..., :oh, :ow], attention=att[..., :oh, :ow],
-                   attention_context=att_c)
+        out.update({O.LOGITS: fused[..., :oh, :ow], O.LOGITS_CONTEXT: out[O.LOGITS],
+                    O.LOGITS_DETAIL: detail[..., :oh, :ow], O.ATTENTION: att[..., :oh, :ow],
+                    O.ATTENTION_CONTEXT: att_c})
         return out
 
 

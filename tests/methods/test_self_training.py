@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastuda.methods.self_training import (
+from fastuda.engine.self_training import (
     classmix_masks,
     ema_alpha,
     ema_update,
