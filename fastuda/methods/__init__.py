@@ -12,11 +12,12 @@ from .base import Method, MethodStack
 from .bipcl import BiPCL
 from .cluda import CLUDA
 from .corda import CorDA, CorDAModel
+from .mic import MIC
 from .sepico import SePiCo
 from .spcl import SPCL
 
 # name -> class; a config's ``methods = [...]`` names these, ``[name]`` is the class's Settings
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SePiCo, CLUDA, SPCL, BiPCL, CorDA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SePiCo, CLUDA, SPCL, BiPCL, CorDA, MIC)}
 
 
 def build_methods(cfg: Config, network: nn.Module, device: torch.device) -> MethodStack:
@@ -27,5 +28,5 @@ def build_methods(cfg: Config, network: nn.Module, device: torch.device) -> Meth
     return MethodStack(methods, ctx).to(device)
 
 
-__all__ = ["BiPCL", "CLUDA", "CorDA", "CorDAModel", "METHODS", "Method", "MethodStack", "SPCL",
-           "SePiCo", "build_methods"]
+__all__ = ["BiPCL", "CLUDA", "CorDA", "CorDAModel", "METHODS", "MIC", "Method", "MethodStack",
+           "SPCL", "SePiCo", "build_methods"]
