@@ -127,6 +127,10 @@ class SelfTrainingConfig:
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
+    # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
+    # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
+    # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])
+    pseudo_margins: list[int] = field(default_factory=list)
     class_balanced_crop: bool = False  # SePiCo target crop
     # labels brought to a feature grid by majority vote keep a class holding this share of the
     # cell (the methods' label downscaling; SePiCo, SPCL, BiPCL)
@@ -136,6 +140,10 @@ class SelfTrainingConfig:
         _check(0 < self.pseudo_threshold < 1, "self_training.pseudo_threshold",
                self.pseudo_threshold, "in (0, 1)")
         _check(0 <= self.ema_alpha < 1, "self_training.ema_alpha", self.ema_alpha, "in [0, 1)")
+        _check(self.pseudo_margins == [] or (len(self.pseudo_margins) == 4
+                                             and min(self.pseudo_margins) >= 0),
+               "self_training.pseudo_margins", self.pseudo_margins,
+               "[] or four pixel counts >= 0 (top, bottom, left, right)")
         _check(0 < self.downscale_min_ratio <= 1, "self_training.downscale_min_ratio",
                self.downscale_min_ratio, "in (0, 1]")
         _check(self.imnet_feature_dist == 0.0, "self_training.imnet_feature_dist",
@@ -162,9 +170,11 @@ class HRDAConfig:
     enabled: bool = False
     context_scale: float = 0.5  # 1 / context_scale must be an integer (published 0.5)
     detail_crop: list[int] = field(default_factory=lambda: [512, 512])  # (height, width), pixels
-    detail_loss_weight: float = 0.1  # CE on the detail logits (labels cropped to the box)
-    attention_channels: int = 256  # hidden channels of the scale-attention head (and of CLUDA's
-    # pair-weight head in HRDA mode)
+    # CE on the detail logits (labels cropped to the box); the fused CE counts 1 - this
+    detail_loss_weight: float = 0.1
+    attention_channels: int = 256  # hidden channels of the scale-attention head
+    attention_classwise: bool = True  # one attention channel per class (false: one for all)
+    crop_divisible: int = 8  # the detail box's corner: multiples of this many pixels
     slide_stride: list[int] = field(default_factory=list)  # (height, width); [] = detail_crop / 2
 
     def __post_init__(self) -> None:
@@ -174,8 +184,9 @@ class HRDAConfig:
                "in (0, 1) with 1 / context_scale an integer, e.g. 0.5")
         _check(len(self.detail_crop) == 2 and min(self.detail_crop) > 0, "hrda.detail_crop",
                self.detail_crop, "two positive integers (height, width)")
-        _check(self.detail_loss_weight >= 0, "hrda.detail_loss_weight", self.detail_loss_weight,
-               ">= 0")
+        _check(0 <= self.detail_loss_weight < 1, "hrda.detail_loss_weight",
+               self.detail_loss_weight, "in [0, 1) (the fused CE counts 1 - it)")
+        _check(self.crop_divisible >= 1, "hrda.crop_divisible", self.crop_divisible, ">= 1")
         _check(self.attention_channels >= 1, "hrda.attention_channels", self.attention_channels,
                ">= 1")
         _check(self.slide_stride == [] or (len(self.slide_stride) == 2
@@ -206,6 +217,9 @@ class HRDAConfig:
                    f"for {model}")
             _check(self.stride[i] % s == 0, "hrda.slide_stride", self.stride,
                    f"multiples of the output stride {s} of {model}")
+        _check(self.crop_divisible % s == 0, "hrda.crop_divisible", self.crop_divisible,
+               f"a multiple of the output stride {s} of {model} (the detail logits tile the "
+               "full grid)")
 
 
 @dataclass

@@ -23,10 +23,14 @@ def weighted_ce(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> 
 def segmentation_losses(prefix: str, out: dict[str, Tensor], label: Tensor,
                         weight: Tensor | None = None, *, detail_weight: float = 0.0
                         ) -> dict[str, Tensor]:
-    """``{prefix}.ce``: weighted CE of the logits; with HRDA outputs (a detail box) also
-    ``{prefix}.ce_detail``: detail_weight x weighted CE of the detail logits on the label (and
-    weight) cropped to the box, averaged over the box's pixels."""
-    losses = {f"{prefix}.ce": weighted_ce(out[O.LOGITS], label, weight)}
+    """``{prefix}.ce``: weighted CE of the logits; with HRDA outputs (a detail box) that counts
+    1 - detail_weight, and ``{prefix}.ce_detail`` is detail_weight x weighted CE of the detail
+    logits on the label (and weight) cropped to the box, averaged over the box's pixels (the
+    released HRDAHead.losses: loss_seg * (1 - hr_loss_weight), hr.loss_seg * hr_loss_weight)."""
+    ce = weighted_ce(out[O.LOGITS], label, weight)
+    if O.DETAIL_BOX in out:
+        ce = (1.0 - detail_weight) * ce
+    losses = {f"{prefix}.ce": ce}
     if O.DETAIL_BOX in out and detail_weight > 0:
         y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
         w = None if weight is None else weight[:, y1:y2, x1:x2]

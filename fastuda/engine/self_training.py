@@ -103,6 +103,33 @@ def classmix_masks(source_label: Tensor, generator: torch.Generator) -> Tensor:
     return torch.stack(masks)
 
 
+def pseudo_margin_mask(metas: list[dict], margins: list[int], crop_hw: tuple[int, int],
+                       reference_hw: tuple[int, int] | None = None) -> Tensor:
+    """HRDA's pseudo-label margins: [B, H, W] float, 0 where a crop pixel lies within
+    (top, bottom, left, right) ``margins`` of its image's border, 1 elsewhere (and in padding).
+
+    The margins are pixels of the image at ``reference_hw`` (the configured resize; None: the
+    size the loader scaled it to); a crop of an image scaled otherwise gets them scaled alike.
+    The crop comes from each sample's meta (scaled_size, crop_box, flip), as the label's does;
+    the release builds this mask beside the label before the crop (CityscapesDataset with
+    crop_pseudo_margins), so only crops at the image's periphery lose pixels."""
+    top, bottom, left, right = margins
+    out = torch.ones(len(metas), *crop_hw)
+    for b, meta in enumerate(metas):
+        sh, sw = meta["scaled_size"]
+        ry, rx = (1.0, 1.0) if reference_hw is None else (sh / reference_hw[0],
+                                                          sw / reference_hw[1])
+        full = torch.ones(sh, sw)
+        full[:round(top * ry)] = 0
+        full[sh - round(bottom * ry):] = 0
+        full[:, :round(left * rx)] = 0
+        full[:, sw - round(right * rx):] = 0
+        y, x, vh, vw = meta["crop_box"]
+        window = full[y:y + vh, x:x + vw]
+        out[b, :vh, :vw] = window.flip(-1) if meta["flip"] else window
+    return out
+
+
 def lr_factor(it: int, max_iters: int, warmup_iters: int, power: float) -> float:
     """Poly decay with a linear warm-up (warm-up starts at 1e-6 of the poly value)."""
     poly = (1.0 - it / max_iters) ** power
@@ -219,30 +246,44 @@ class SelfTraining:
 
     def _make_pseudo_labels(self, view: StepView, log: dict[str, float]) -> None:
         """The step's target image, pseudo-label and pseudo-weight, refined by the methods."""
+        st = self.cfg.self_training
         tgt_img = view.target["image"].to(self.device, non_blocking=True)
         with self.timer("pseudo_labels"):
-            if self.cfg.self_training.class_balanced_crop:
-                tgt_img = self._class_balanced_crop(tgt_img)
+            valid = None
+            if st.pseudo_margins:
+                resize = self.cfg.data.target.resize
+                valid = pseudo_margin_mask(view.target["meta"], st.pseudo_margins,
+                                           tuple(tgt_img.shape[-2:]),
+                                           (resize[1], resize[0]) if resize else None)
+                valid = valid.to(self.device)
+            if st.class_balanced_crop:
+                tgt_img, valid = self._class_balanced_crop(tgt_img, valid)
             plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img)
+            if valid is not None:
+                pweight = pweight * valid
             with torch.no_grad():
                 plabel, pweight = self.methods.refine_pseudo_labels(teacher_out, plabel, pweight,
                                                                     view.it)
         view.target_image, view.pseudo_label, view.pseudo_weight = tgt_img, plabel, pweight
         log["pseudo.weight"] = float(pweight.mean())
 
-    def _class_balanced_crop(self, images: Tensor) -> Tensor:
+    def _class_balanced_crop(self, images: Tensor, valid: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor | None]:
         """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
-        keep the best per image (pseudo-labels are then made again on the crop)."""
+        keep the best per image (pseudo-labels are then made again on the crop); ``valid``
+        (the pseudo-label margins' mask) is cropped alike."""
         ch, cw = self.cfg.data.crop_size
         if images.shape[-2] < ch or images.shape[-1] < cw:
             raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
                              f"{tuple(images.shape[-2:])}")
         label, _, _ = self._teacher_pseudo_labels(images)
-        crops = []
-        for img, lbl in zip(images, label, strict=True):
+        crops, masks = [], []
+        for b, (img, lbl) in enumerate(zip(images, label, strict=True)):
             top, left = class_balanced_crop(lbl.cpu(), (ch, cw), generator=self.generator)
             crops.append(img[:, top:top + ch, left:left + cw])
-        return torch.stack(crops)
+            if valid is not None:
+                masks.append(valid[b, top:top + ch, left:left + cw])
+        return torch.stack(crops), (torch.stack(masks) if valid is not None else None)
 
     # -- the passes -------------------------------------------------------------------------
     def _source_images(self, view: StepView) -> Tensor:

@@ -30,6 +30,10 @@ def test_segmentation_losses_crop_labels_and_weights_to_the_box() -> None:
     ce = F.cross_entropy(up, label[:, 4:8, 0:4], reduction="none")
     assert float(losses["mix.ce_detail"]) == pytest.approx(
         0.1 * float((ce * weight[:, 4:8, 0:4]).mean()), rel=1e-6)
+    # the fused CE counts 1 - 0.1 (the released HRDAHead.losses)
+    up = F.interpolate(out["logits"], size=(8, 8), mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(up, label, reduction="none")
+    assert float(losses["mix.ce"]) == pytest.approx(0.9 * float((ce * weight).mean()), rel=1e-6)
     assert set(segmentation_losses("src", {"logits": out["logits"]}, label)) == {"src.ce"}
 
 
