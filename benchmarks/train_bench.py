@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 from fastuda.config import Config, load_config  # noqa: E402
 from fastuda.engine.profiling import StageTimer  # noqa: E402
 from fastuda.methods.sepico import SePiCo  # noqa: E402
+from fastuda.models import outputs as O  # noqa: E402
 from fastuda.ops import reference  # noqa: E402
 from fastuda.ops.stats import ClassStats  # noqa: E402
 
@@ -78,13 +79,13 @@ class PublishedSePiCo(SePiCo):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.cfg.variant == "bank":
+        if self.settings.variant == "bank":
             raise ValueError("train_bench: the published formulation is benchmarked for the proto "
                              "and dist variants (the bank push is the same ring buffer)")
 
     @torch.no_grad()
     def update_state(self, teacher_source: dict, source_label: torch.Tensor, it: int) -> None:
-        emb = teacher_source["embeddings"].float()
+        emb = teacher_source[O.EMBEDDINGS].float()
         labels = self._labels_at(source_label, emb)
         count, mean, m2 = self.stats.stats()
         new = reference.sepico_style_estimator_update(
@@ -97,7 +98,7 @@ class PublishedSePiCo(SePiCo):
     def _contrast(self, emb: torch.Tensor, labels: torch.Tensor, tag: str) -> dict:
         emb = emb.float()
         lbl = self._labels_at(labels, emb)
-        cfg, stats = self.cfg, self.stats
+        cfg, stats = self.settings, self.stats
         if not bool((lbl != self.ignore_index).any()):  # as fastuda's ops: 0, not NaN
             loss = emb.sum() * 0.0
         elif cfg.variant == "proto":
@@ -164,20 +165,20 @@ def setting_config(setting: str, mode: str, device: str, root: str,
 # ----------------------------------------------------------------------------------------------
 def measure(cfg: Config, mode: str, warmup: int, iters: int) -> dict[str, Any]:
     from fastuda.engine.distributed import DistInfo
-    from fastuda.train import Run, pick_device, seed_everything
+    from fastuda.engine.runtime import pick_device, seed_everything
+    from fastuda.train import Run
 
     device = pick_device(cfg.train.device)
-    start = cfg.method.start_iter
+    start = cfg.settings("sepico").start_iter
     cfg = replace(cfg, train=replace(cfg.train, max_iters=start + warmup + iters + 1))
     seed_everything(cfg.train.seed, False)
     with tempfile.TemporaryDirectory(prefix="train-bench-") as work_dir:
         run = Run(cfg, Path(work_dir), DistInfo(), device)
         trainer = run.trainer
         if mode == "published":
-            old = trainer.method
-            trainer.method = PublishedSePiCo(cfg.method, num_classes=old.num_classes,
-                                             embed_dim=old.stats.dim, backend="torch",
-                                             ignore_index=old.ignore_index, device=device)
+            ctx = replace(trainer.ctx, backend="torch")
+            published = PublishedSePiCo(cfg.settings("sepico"), ctx).to(device)
+            trainer.methods.methods["sepico"] = published
         batches = [(next(run.source), next(run.target)) for _ in range(warmup + iters)]
         timer = StageTimer(enabled=True, device=device)
         trainer.timer = timer
@@ -212,7 +213,7 @@ def measure(cfg: Config, mode: str, warmup: int, iters: int) -> dict[str, Any]:
     return {"mode": mode, "model": f"{cfg.model.name}/{cfg.model.backbone}",
             "precision": cfg.train.precision,
             "crop": cfg.data.crop_size[0], "batch_size": cfg.data.batch_size,
-            "embed_dim": trainer.method.stats.dim, "ms_per_step": ms,
+            "embed_dim": trainer.methods["sepico"].stats.dim, "ms_per_step": ms,
             "ms_per_step_median": 1e3 * statistics.median(times),
             "ms_per_step_all": [1e3 * t for t in times],
             "images_per_s": 2 * cfg.data.batch_size * 1e3 / ms,

@@ -149,87 +149,28 @@ class SelfTrainingConfig:
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
+    # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
+    # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
+    # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])
+    pseudo_margins: list[int] = field(default_factory=list)
     class_balanced_crop: bool = False  # SePiCo target crop
+    # labels brought to a feature grid by majority vote keep a class holding this share of the
+    # cell (the methods' label downscaling; SePiCo, SPCL, BiPCL)
+    downscale_min_ratio: float = 0.75
 
     def __post_init__(self) -> None:
         _check(0 < self.pseudo_threshold < 1, "self_training.pseudo_threshold",
                self.pseudo_threshold, "in (0, 1)")
         _check(0 <= self.ema_alpha < 1, "self_training.ema_alpha", self.ema_alpha, "in [0, 1)")
+        _check(self.pseudo_margins == [] or (len(self.pseudo_margins) == 4
+                                             and min(self.pseudo_margins) >= 0),
+               "self_training.pseudo_margins", self.pseudo_margins,
+               "[] or four pixel counts >= 0 (top, bottom, left, right)")
+        _check(0 < self.downscale_min_ratio <= 1, "self_training.downscale_min_ratio",
+               self.downscale_min_ratio, "in (0, 1]")
         _check(self.imnet_feature_dist == 0.0, "self_training.imnet_feature_dist",
                self.imnet_feature_dist, "0 (DAFormer's ImageNet feature distance is not "
                "implemented in fastuda yet)")
-
-
-@dataclass
-class MethodConfig:
-    """The method plug-in and its knobs (methods.md); defaults are the published settings.
-
-    SePiCo's knobs are unprefixed (the primary method); every other method's carry its name."""
-
-    name: Literal["none", "sepico", "cluda", "spcl", "bipcl", "corda"] = "none"
-    # SePiCo
-    variant: Literal["proto", "bank", "dist"] = "dist"
-    start_iter: int = 3000
-    contrast_weight: float = 1.0
-    reg_weight: float = 1.0
-    tau: float = 100.0
-    lam: float = 1.0
-    bank_size: int = 200
-    downscale_min_ratio: float = 0.75  # labels to the feature grid (SePiCo, SPCL, BiPCL)
-    # CLUDA: pixel-to-pixel contrast on the fused decoder features (source and mixed batches)
-    cluda_weight: float = 1.0  # each of the two losses counts cluda_weight / 2
-    cluda_tau: float = 1.0
-    cluda_grid: list[int] = field(default_factory=lambda: [65, 65])  # (height, width)
-    # SPCL: prototypes of correctly predicted source pixels, EMA P <- m P + (1 - m) m_batch
-    spcl_tau: float = 100.0
-    spcl_momentum: float = 0.1
-    spcl_threshold_cap: float = 0.9  # per-class median-confidence thresholds, capped here
-    spcl_source_weight: float = 1.0
-    spcl_target_weight: float = 1.0
-    spcl_start_iter: int = 0
-    # BiPCL: per-image-pair prototypes, contrast in both directions
-    bipcl_tau: float = 0.1
-    bipcl_weight: float = 0.1  # per direction
-    bipcl_label_transfer: Literal["off", "agree", "replace"] = "agree"
-    bipcl_calibration: bool = True
-    bipcl_calibration_momentum: float = 0.99
-    bipcl_start_iter: int = 0
-    # CorDA: depth decoders, cross-task exchange, BerHu depth losses, depth-aware pseudo weights
-    corda_channels: int = 256  # task features (published: 2048 -> 256)
-    corda_source_depth_weight: float = 0.01
-    corda_mix_depth_weight: float = 0.001
-    corda_berhu_ratio: float = 0.2  # c = ratio * max |error|
-    corda_depth_weighting: bool = True
-    # d of w = relu(1 - |D_src - D_tgt| / d): 0 means relative to the target decoder's |D_tgt|
-    corda_discrepancy_scale: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check(self.tau > 0, "method.tau", self.tau, "> 0")
-        _check(self.bank_size >= 0, "method.bank_size", self.bank_size, ">= 0")
-        _check(0 < self.downscale_min_ratio <= 1, "method.downscale_min_ratio",
-               self.downscale_min_ratio, "in (0, 1]")
-        _check(self.cluda_tau > 0, "method.cluda_tau", self.cluda_tau, "> 0")
-        _check(self.cluda_weight >= 0, "method.cluda_weight", self.cluda_weight, ">= 0")
-        _check(len(self.cluda_grid) == 2 and min(self.cluda_grid) > 0, "method.cluda_grid",
-               self.cluda_grid, "two positive integers (height, width)")
-        _check(self.spcl_tau > 0, "method.spcl_tau", self.spcl_tau, "> 0")
-        _check(0 <= self.spcl_momentum < 1, "method.spcl_momentum", self.spcl_momentum,
-               "in [0, 1)")
-        _check(0 < self.spcl_threshold_cap <= 1, "method.spcl_threshold_cap",
-               self.spcl_threshold_cap, "in (0, 1]")
-        for key in ("spcl_source_weight", "spcl_target_weight", "bipcl_weight",
-                    "corda_source_depth_weight", "corda_mix_depth_weight"):
-            _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), ">= 0")
-        for key in ("spcl_start_iter", "bipcl_start_iter", "start_iter"):
-            _check(getattr(self, key) >= 0, f"method.{key}", getattr(self, key), ">= 0")
-        _check(self.bipcl_tau > 0, "method.bipcl_tau", self.bipcl_tau, "> 0")
-        _check(0 <= self.bipcl_calibration_momentum < 1, "method.bipcl_calibration_momentum",
-               self.bipcl_calibration_momentum, "in [0, 1)")
-        _check(self.corda_channels >= 1, "method.corda_channels", self.corda_channels, ">= 1")
-        _check(0 < self.corda_berhu_ratio <= 1, "method.corda_berhu_ratio",
-               self.corda_berhu_ratio, "in (0, 1]")
-        _check(self.corda_discrepancy_scale >= 0, "method.corda_discrepancy_scale",
-               self.corda_discrepancy_scale, ">= 0 (0: relative to the target depth)")
 
 
 # output stride of each model's logits and features (fastuda/models): HRDA aligns its detail box
@@ -251,9 +192,11 @@ class HRDAConfig:
     enabled: bool = False
     context_scale: float = 0.5  # 1 / context_scale must be an integer (published 0.5)
     detail_crop: list[int] = field(default_factory=lambda: [512, 512])  # (height, width), pixels
-    detail_loss_weight: float = 0.1  # CE on the detail logits (labels cropped to the box)
-    attention_channels: int = 256  # hidden channels of the scale-attention head (and of CLUDA's
-    # pair-weight head in HRDA mode)
+    # CE on the detail logits (labels cropped to the box); the fused CE counts 1 - this
+    detail_loss_weight: float = 0.1
+    attention_channels: int = 256  # hidden channels of the scale-attention head
+    attention_classwise: bool = True  # one attention channel per class (false: one for all)
+    crop_divisible: int = 8  # the detail box's corner: multiples of this many pixels
     slide_stride: list[int] = field(default_factory=list)  # (height, width); [] = detail_crop / 2
 
     def __post_init__(self) -> None:
@@ -263,8 +206,9 @@ class HRDAConfig:
                "in (0, 1) with 1 / context_scale an integer, e.g. 0.5")
         _check(len(self.detail_crop) == 2 and min(self.detail_crop) > 0, "hrda.detail_crop",
                self.detail_crop, "two positive integers (height, width)")
-        _check(self.detail_loss_weight >= 0, "hrda.detail_loss_weight", self.detail_loss_weight,
-               ">= 0")
+        _check(0 <= self.detail_loss_weight < 1, "hrda.detail_loss_weight",
+               self.detail_loss_weight, "in [0, 1) (the fused CE counts 1 - it)")
+        _check(self.crop_divisible >= 1, "hrda.crop_divisible", self.crop_divisible, ">= 1")
         _check(self.attention_channels >= 1, "hrda.attention_channels", self.attention_channels,
                ">= 1")
         _check(self.slide_stride == [] or (len(self.slide_stride) == 2
@@ -295,6 +239,9 @@ class HRDAConfig:
                    f"for {model}")
             _check(self.stride[i] % s == 0, "hrda.slide_stride", self.stride,
                    f"multiples of the output stride {s} of {model}")
+        _check(self.crop_divisible % s == 0, "hrda.crop_divisible", self.crop_divisible,
+               f"a multiple of the output stride {s} of {model} (the detail logits tile the "
+               "full grid)")
 
 
 @dataclass
@@ -334,6 +281,14 @@ class TrainConfig:
                ">= 0 (0 keeps every snapshot)")
 
 
+def method_registry() -> dict[str, Any]:
+    """The registered methods, name -> class (``fastuda.methods.METHODS``); each class carries
+    its ``Settings`` dataclass, the ``[name]`` section of a config (docs/architecture.md)."""
+    from .methods import METHODS  # methods import this module: resolved at call time
+
+    return METHODS
+
+
 @dataclass
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -341,10 +296,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hrda: HRDAConfig = field(default_factory=HRDAConfig)
+    # the methods of the run, in the order their hooks run ([] = plain self-training)
+    methods: list[str] = field(default_factory=list)
+    # name -> that method's settings (its own dataclass); in TOML each is a top-level section
+    # named after the method ([sepico], [mic], ...); defaults fill the sections a file leaves out
+    method_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.model.num_classes == self.data.source.num_classes, "model.num_classes",
@@ -352,8 +311,28 @@ class Config:
                f"({self.data.source.num_classes})")
         if self.hrda.enabled:
             self.hrda.check_against(self.model.name, self.data.crop_size)
-            _check(self.method.name != "corda", "hrda.enabled", True,
-                   "false with method.name = 'corda' (CorDA wraps the model with its own heads)")
+        registry = method_registry()
+        for name in self.methods:
+            _check(name in registry, "methods", self.methods,
+                   f"names of registered methods ({', '.join(sorted(registry))})")
+        _check(len(set(self.methods)) == len(self.methods), "methods", self.methods,
+               "each method once")
+        for name in self.method_settings:
+            if name not in self.methods:
+                raise ConfigError(f"section [{name}] configures method {name!r}, which is not "
+                                  f"in methods = {self.methods}: add it there or remove the "
+                                  "section")
+        for name in self.methods:
+            settings = self.method_settings.setdefault(name, registry[name].Settings())
+            _check(isinstance(settings, registry[name].Settings), f"[{name}]",
+                   type(settings).__name__, registry[name].Settings.__name__)
+            registry[name].check_config(self)
+
+    def settings(self, name: str) -> Any:
+        """The ``[name]`` section of a method of this run."""
+        if name not in self.method_settings:
+            raise KeyError(f"method {name!r} is not in methods = {self.methods}")
+        return self.method_settings[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +346,8 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # built elsewhere (the method sections, see from_dict)
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
@@ -448,7 +429,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw)
+    """A Config from nested dicts (a parsed TOML file); the top-level tables named after a
+    registered method are that method's settings, built and validated by its own dataclass."""
+    raw = dict(raw)
+    if "method" in raw:
+        sections = ", ".join(f"[{name}]" for name in sorted(method_registry()))
+        raise ConfigError("the [method] section is gone: list the methods of the run as "
+                          "methods = [\"sepico\", ...] and configure each in its own section "
+                          f"({sections}); see docs/architecture.md")
+    if "method_settings" in raw:
+        raise ConfigError("unknown config key(s) 'method_settings' in the top level (method "
+                          "settings are sections named after the method, e.g. [sepico])")
+    registry = method_registry()
+    sections = {name: _coerce(raw.pop(name), registry[name].Settings, name)
+                for name in list(raw) if name in registry}
+    try:
+        return _build(Config, {**raw, "method_settings": sections})
+    except ConfigError as err:
+        if "unknown config key" in str(err) and "the top level" in str(err):
+            raise ConfigError(f"{err}; method sections: {', '.join(sorted(registry))}") from err
+        raise
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -522,5 +522,7 @@ def to_toml(cfg: Config) -> str:
         for k, v in tables.items():
             emit(f"{prefix}.{k}" if prefix else k, v)
 
-    emit("", to_dict(cfg))
+    tree = to_dict(cfg)
+    tree.update(tree.pop("method_settings"))  # each method's section at the top level
+    emit("", tree)
     return "\n".join(lines).lstrip("\n")

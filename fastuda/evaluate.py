@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .data import DataError, build_val_loader
     from .engine.checkpoint import CheckpointLoadError
-    from .train import pick_device
+    from .engine.runtime import pick_device
 
     device = pick_device(cfg.train.device)
     out_dir = Path(args.output) if args.output else default_output(args.checkpoint)

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .engine.checkpoint import CheckpointLoadError
     from .evaluate import load_model
-    from .train import pick_device
+    from .engine.runtime import pick_device
 
     def report(line: str) -> None:
         from tqdm import tqdm

@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--at-iter", type=int, default=None,
-                   help="iteration number of the first step (default: method.start_iter)")
+                   help="iteration number of the first step (default: the methods' latest "
+                        "start_iter)")
     p.add_argument("--profile-iters", type=int, default=2,
                    help="steps under torch.profiler for the kernel share and --trace (default 2;"
                         " 0 skips)")
@@ -105,13 +106,15 @@ def kernel_share(prof: torch.profiler.profile, wall_seconds: float, cuda: bool
 
 
 def _default_at_iter(cfg: Config) -> int:
-    return cfg.method.start_iter if cfg.method.name != "none" else 0
+    """The first iteration at which every method's losses run (the latest start_iter)."""
+    return max((getattr(cfg.settings(n), "start_iter", 0) for n in cfg.methods), default=0)
 
 
 def profile(cfg: Config, *, iters: int, warmup: int, at_iter: int | None = None,
             profile_iters: int = 2, trace_dir: str | None = None) -> dict[str, Any] | None:
     """Run the steps and return the report (rank 0; None on other ranks)."""
-    from .train import Run, pick_device, seed_everything
+    from .engine.runtime import pick_device, seed_everything
+    from .train import Run
 
     device = pick_device(cfg.train.device)
     info = init_distributed(device.type)
@@ -153,7 +156,7 @@ def profile(cfg: Config, *, iters: int, warmup: int, at_iter: int | None = None,
         return None
     images = 2 * cfg.data.batch_size * info.world_size * iters
     return {"config": {"model": f"{cfg.model.name}/{cfg.model.backbone}",
-                       "method": f"{cfg.method.name}/{cfg.method.variant}",
+                       "method": "+".join(cfg.methods) or "none",
                        "crop_size": list(cfg.data.crop_size), "batch_size": cfg.data.batch_size,
                        "embed_dim": cfg.model.embed_dim, "precision": cfg.train.precision,
                        "ops_backend": cfg.ops.backend, "loader": cfg.data.loader},

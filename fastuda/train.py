@@ -4,7 +4,7 @@
 
 Read top to bottom: configuration -> process group -> model, method, self-training state -> data ->
 resume -> the loop (step, log, evaluate, checkpoint). The step itself is
-``fastuda.methods.self_training.SelfTraining.step``.
+``fastuda.engine.self_training.SelfTraining.step`` (docs/architecture.md).
 
 The work dir holds the resolved ``config.toml``, ``metrics.jsonl``, ``checkpoints/latest.pt`` (and
 ``iter_N.pt`` every checkpoint interval), ``tensorboard/`` and ``vis/``.
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import random
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config, to_toml
@@ -38,26 +36,10 @@ from .engine.distributed import (
 )
 from .engine.logger import RunLogger
 from .engine.metrics import format_table
+from .engine.runtime import pick_device, seed_everything
 
 if TYPE_CHECKING:
-    from .methods.self_training import StepResult
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is visible")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    from .engine.self_training import StepResult
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,24 +60,24 @@ class Run:
     def __init__(self, cfg: Config, work_dir: Path, info: DistInfo, device: torch.device) -> None:
         from .data import build_train_iterators, build_val_loader
         from .data.loaders import TARGET_STREAM, build_train_iterator
-        from .methods import build_method
-        from .methods.self_training import SelfTraining
+        from .engine.self_training import SelfTraining
+        from .methods import build_methods
         from .models import build_network
 
         self.cfg, self.work_dir, self.info, self.device = cfg, work_dir, info, device
         model = build_network(cfg)  # HRDAModel around the model when hrda.enabled
-        method = build_method(cfg, embed_dim=getattr(model, "embed_dim", 0) or 0,
-                              feature_channels=getattr(model, "feature_channels", 0) or 0,
-                              device=device).to(device)
+        methods = build_methods(cfg, model, device)
         # a method's wrapper (CorDA's heads) is part of what DDP synchronises
-        model, ddp = wrap_student(method.wrap_model(model), info, device)
-        self.trainer = SelfTraining(cfg, model, method, device, ddp_model=ddp)
+        model, ddp = wrap_student(methods.wrap_model(model), info, device)
+        self.trainer = SelfTraining(cfg, model, methods, device, ddp_model=ddp)
+        depth = any("depth" in m.batch_keys for m in methods)  # loaded by the loaders' workers
         # without SyncBatchNorm (CPU) each rank's BatchNorm running statistics follow its own
         # batches: they are averaged after every step, so that student (evaluated by every rank,
         # checkpointed by rank 0) and teacher (pseudo-labels, statistics) match on every rank
         self.sync_buffers = info.enabled and device.type != "cuda"
         self.source, self.target = build_train_iterators(
-            cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size)
+            cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+            depth=depth)
         if cfg.self_training.class_balanced_crop and cfg.self_training.enabled:
             # whole (resized) target images: the step picks the crop from their pseudo-labels
             size = cfg.data.target.resize
@@ -106,7 +88,7 @@ class Run:
                                         ratio_range=[1.0, 1.0], cat_max_ratio=1.0)
             self.target = build_train_iterator(whole, cfg.data.target, stream=TARGET_STREAM,
                                                seed=cfg.train.seed, rank=info.rank,
-                                               world_size=info.world_size)
+                                               world_size=info.world_size, depth=depth)
         self.val_loader = build_val_loader(cfg.data, rank=info.rank, world_size=info.world_size)
         self.iteration = 0
         self.bad_steps = 0
@@ -222,7 +204,8 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
             run.load_state_dict(ckpt.load_checkpoint(path, map_location="cpu"), log)
             log.info(f"resumed from {path} at iteration {run.iteration}")
             log.step(run.iteration)
-    log.info(f"training {cfg.model.name}/{cfg.model.backbone}, method {cfg.method.name}, "
+    log.info(f"training {cfg.model.name}/{cfg.model.backbone}, methods "
+             f"{'+'.join(cfg.methods) or 'none'}, "
              f"{t.max_iters} iterations, {t.precision}, ops backend {cfg.ops.backend}, "
              f"device {device}, world size {info.world_size}; work dir {work_dir}")
 

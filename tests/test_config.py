@@ -19,10 +19,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
-    p = write(tmp_path, '[train]\nmax_iters = 10\n[method]\nname = "sepico"\n')
-    cfg = load_config(p, ["train.max_iters=7", "method.variant=bank", "optim.lr=1e-4",
+    p = write(tmp_path, 'methods = ["sepico"]\n[train]\nmax_iters = 10\n')
+    cfg = load_config(p, ["train.max_iters=7", "sepico.variant=bank", "optim.lr=1e-4",
                           'data.source.root="/x y"', "data.crop_size=[64, 32]"])
-    assert cfg.train.max_iters == 7 and cfg.method.variant == "bank"
+    assert cfg.train.max_iters == 7 and cfg.settings("sepico").variant == "bank"
     assert cfg.optim.lr == 1e-4 and cfg.data.source.root == "/x y"
     assert cfg.data.crop_size == [64, 32]
 
@@ -35,7 +35,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[train]\nmax_iters = 0\n", "train.max_iters"),
     ('[model]\nname = "deeplabv2"\nbackbone = "mit_b5"\n', "model.backbone"),
     ("[data]\ncrop_size = [512]\n", "data.crop_size"),
-    ("[method]\ntau = -1.0\n", "method.tau"),
+    ('methods = ["sepico"]\n[sepico]\ntau = -1.0\n', "sepico.tau"),
     ('[ops]\nbackend = "gpu"\n', "ops.backend"),
     ("[train]\ndeterministic = 1\n", "train.deterministic"),
     ("[train]\nkeep_checkpoints = -1\n", "train.keep_checkpoints"),
@@ -50,7 +50,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[hrda]\nenabled = true\ndetail_crop = [100, 96]\n", "hrda.detail_crop"),
     ("[hrda]\nenabled = true\n[data]\ncrop_size = [516, 512]\n", "data.crop_size"),
     ("[hrda]\nenabled = true\nslide_stride = [258, 256]\n", "hrda.slide_stride"),
-    ('[hrda]\nenabled = true\n[method]\nname = "corda"\n', "hrda.enabled"),
+    ('methods = ["corda"]\n[hrda]\nenabled = true\n', "hrda.enabled"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -71,7 +71,7 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
 
 
 def test_round_trip_through_toml() -> None:
-    cfg = from_dict({"method": {"name": "sepico", "variant": "proto"},
+    cfg = from_dict({"methods": ["sepico"], "sepico": {"variant": "proto"},
                      "data": {"source": {"label_map": {"7": 0, "8": 1}}}})
     again = from_dict(tomllib.loads(to_toml(cfg)))
     assert again == cfg
@@ -81,7 +81,8 @@ def test_required_key_names_exist() -> None:
     cfg = Config()
     for key in ("train.max_iters", "train.eval_interval", "train.checkpoint_interval",
                 "train.seed", "train.deterministic", "train.precision", "ops.backend",
-                "data.loader", "data.on_error", "model.pretrained", "method.name"):
+                "data.loader", "data.on_error", "model.pretrained",
+                "self_training.downscale_min_ratio"):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name), key
 

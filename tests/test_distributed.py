@@ -24,9 +24,9 @@ from fastuda.data import build_val_loader
 from fastuda.data.synthetic import generate_synthetic
 from fastuda.engine.checkpoint import load_checkpoint
 from fastuda.engine.distributed import DistInfo, average_buffers, wrap_student
+from fastuda.engine.self_training import SelfTraining
 from fastuda.evaluate import evaluate
-from fastuda.methods import build_method
-from fastuda.methods.self_training import SelfTraining
+from fastuda.methods import build_methods
 from fastuda.models import build_model
 from fastuda.ops import reference
 
@@ -51,7 +51,7 @@ def tiny_overrides(root: str) -> list[str]:
     """The demo config shrunk: ResNet-18, D = 32, 64 x 64 crops, data in-process."""
     sets = ["model.backbone='resnet18'", "model.embed_dim=32", f"data.crop_size=[{CROP}, {CROP}]",
             "data.num_workers=0", "data.rcs_min_pixels=10", "train.device='cpu'",
-            "eval.mode='whole'", "eval.num_vis=1", "method.start_iter=0"]
+            "eval.mode='whole'", "eval.num_vis=1", "sepico.start_iter=0"]
     for dom, name, split in (("source", "synthetic_source", "train"),
                              ("target", "synthetic_target", "train"),
                              ("val", "synthetic_target", "val")):
@@ -69,7 +69,8 @@ def equivalence_config(root: str) -> Config:
     images sit on one process or on two ranks (see the docstring of the test below)."""
     return load_config(DEMO, tiny_overrides(root) + [
         "self_training.class_balanced_crop=false", "self_training.pseudo_threshold=0.01",
-        "method.reg_weight=0.0", "method.downscale_min_ratio=0.01", "optim.warmup_iters=0",
+        "sepico.reg_weight=0.0", "self_training.downscale_min_ratio=0.01",
+        "optim.warmup_iters=0",
         "optim.lr=1e-3"])
 
 
@@ -108,8 +109,8 @@ def build_trainer(cfg: Config, info: DistInfo, running_stats_bn: bool) -> SelfTr
                 m.__class__ = RunningStatsBatchNorm
     device = torch.device("cpu")
     model, ddp = wrap_student(model, info, device)
-    method = build_method(cfg, embed_dim=model.embed_dim, device=device).to(device)
-    return SelfTraining(cfg, model, method, device, ddp_model=ddp)
+    methods = build_methods(cfg, model, device)
+    return SelfTraining(cfg, model, methods, device, ddp_model=ddp)
 
 
 def run_equivalence(cfg: Config, info: DistInfo) -> dict:
@@ -136,7 +137,7 @@ def _run_equivalence(cfg: Config, info: DistInfo) -> dict:
                               {k: v[take] for k, v in target.items()}, it)
         assert result.finite
         out.setdefault("losses", []).append(result.losses)
-        out["stats"].append(tuple(t.clone() for t in trainer.method.stats.stats()))
+        out["stats"].append(tuple(t.clone() for t in trainer.methods["sepico"].stats.stats()))
         if it == 0:  # the first step's gradients: both runs start from the same weights
             out["grads"] = {n: p.grad.clone() for n, p in trainer.student.named_parameters()
                             if p.grad is not None}
@@ -379,7 +380,7 @@ def test_torchrun_train_evaluate_checkpoint_resume(synthetic_root: str, tmp_path
     images; resuming under torchrun continues exactly; resuming with one process warns."""
     sets = tiny_overrides(synthetic_root) + [
         "train.max_iters=3", "train.checkpoint_interval=1", "train.eval_interval=3",
-        "train.log_interval=1", "train.deterministic=true", "method.start_iter=1",
+        "train.log_interval=1", "train.deterministic=true", "sepico.start_iter=1",
         "eval.max_images=4", "train.keep_checkpoints=2"]
     args = [str(DEMO), *(x for s in sets for x in ("--set", s))]
 
@@ -411,7 +412,7 @@ def test_torchrun_train_evaluate_checkpoint_resume(synthetic_root: str, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     again = load_checkpoint(resumed / "checkpoints" / "latest.pt")
     assert again["iteration"] == 3
-    for part in ("student", "teacher", "method", "optimizer"):
+    for part in ("student", "teacher", "methods", "optimizer"):
         _same(final["trainer"][part], again["trainer"][part], part)
     shutil.rmtree(resumed)
 

@@ -28,7 +28,7 @@ def tiny_sets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
                        workers=1)
     sets = ["model.backbone='resnet18'", "model.embed_dim=16", "data.crop_size=[64, 64]",
             "data.num_workers=0", "data.rcs_min_pixels=10", "train.device='cpu'",
-            "method.start_iter=0"]
+            "sepico.start_iter=0"]
     for dom, name, split in (("source", "synthetic_source", "train"),
                              ("target", "synthetic_target", "train"),
                              ("val", "synthetic_target", "val")):

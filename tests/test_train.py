@@ -38,12 +38,15 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     sets = [f"model.backbone={small!r}", "model.embed_dim=32", "model.decoder_channels=32",
             "data.crop_size=[64, 64]", "data.num_workers=0", "data.rcs_min_pixels=10",
             "train.max_iters=1", "train.device='cpu'", "eval.mode='whole'", "eval.max_images=2",
-            "eval.num_vis=1", "method.start_iter=0",
+            "eval.num_vis=1",
             # fp16 autocast on a CPU without fp16 arithmetic is emulated: 2-3x slower
             "train.precision='fp32'"]
-    if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop, a small contrast grid
-        sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
-                 "method.cluda_grid=[8, 8]"]
+    sets += [f"{name}.start_iter=0" for name in cfg.methods
+             if hasattr(cfg.settings(name), "start_iter")]
+    if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop
+        sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8"]
+    if "cluda" in cfg.methods:  # a small contrast grid and pair-weight head
+        sets += ["cluda.grid=[8, 8]", "cluda.head_channels=8"]
     for dom, name in (("source", "synthetic_source"), ("target", "synthetic_target"),
                       ("val", "synthetic_target")):
         split = "val" if dom == "val" else "train"
@@ -63,11 +66,14 @@ def test_every_config_trains_one_iteration(path: Path, synthetic_root: str, tmp_
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_logs = [x for x in lines if x["type"] == "train"]
     assert train_logs and all(torch.isfinite(torch.tensor(x["src.ce"])) for x in train_logs)
-    if cfg.method.name == "sepico":
-        assert "src.contrast" in train_logs[0] and "tgt.contrast" in train_logs[0]
+    if "sepico" in cfg.methods:
+        assert "sepico.src.contrast" in train_logs[0] and "sepico.tgt.contrast" in train_logs[0]
     if cfg.hrda.enabled:
-        assert {"src.ce_detail", "mix.ce_detail", "src.contrast", "mix.contrast"} \
-            <= set(train_logs[0])
+        assert {"src.ce_detail", "mix.ce_detail"} <= set(train_logs[0])
+    if "cluda" in cfg.methods:
+        assert {"cluda.src.contrast", "cluda.mix.contrast"} <= set(train_logs[0])
+    if "mic" in cfg.methods:
+        assert "mic.masked.ce" in train_logs[0]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["iteration"] == 1
     # the final snapshot and latest.pt are one file on disk (checkpoints of large models add up)
@@ -187,12 +193,13 @@ def _run(args: list[str], **kw) -> subprocess.Popen:
 
 
 def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> None:
-    cfg_path = REPO / "configs" / "demo.toml"
+    # the SePiCo demo with MIC's masked pass added: two methods, four passes per step
+    cfg_path = REPO / "configs" / "demo_sepico_mic.toml"
     sets = tiny_overrides(synthetic_root, cfg_path)
     sets += ["train.max_iters=6", "train.checkpoint_interval=1", "train.eval_interval=3",
-             "train.log_interval=1", "train.deterministic=true", "method.start_iter=2",
+             "train.log_interval=1", "train.deterministic=true", "sepico.start_iter=2",
              "data.num_workers=1", "train.keep_checkpoints=1"]
-    args = ["configs/demo.toml", *(x for s in sets for x in ("--set", s))]
+    args = ["configs/demo_sepico_mic.toml", *(x for s in sets for x in ("--set", s))]
 
     whole = _run([*args, "--work-dir", str(tmp_path / "whole")])
     out, _ = whole.communicate(timeout=600)
@@ -239,7 +246,7 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
             for k in x:
                 assert_same(x[k], y[k], f"{where}.{k}")
 
-    for part in ("student", "teacher", "method", "optimizer"):
+    for part in ("student", "teacher", "methods", "optimizer"):
         assert_same(a["trainer"][part], b["trainer"][part], part)
     evals_a = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text()
                .splitlines() if '"eval"' in x]

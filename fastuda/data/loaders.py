@@ -2,7 +2,9 @@
 
 `build_train_iterators` returns infinite (source, target) `TrainIterator`s; ``next(it)`` gives
 ``{"image": float [B,3,H,W] normalised, "label": long [B,H,W] train ids (255 ignore),
-"meta": [dict per image]}``. An iterator's state is the number of batches it has handed out, so
+"meta": [dict per image]}``, and with ``depth=True`` also ``"depth": float [B,H,W]`` inverse depth
+(NaN invalid; fastuda/data/depth.py), cropped like the label (CorDA asks for it). An iterator's
+state is the number of batches it has handed out, so
 ``load_state_dict`` resumes with the exact batches that would have followed (sample plans are a pure
 function of seed, stream, rank and position; see sampling.py).
 """
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastuda.config import DataConfig, DatasetConfig
 from fastuda.data.datasets import SegDataset, build_dataset
+from fastuda.data.depth import depth_crop, load_depth_batch
 from fastuda.data.io import DataError
 from fastuda.data.sampling import RareClassSampler, SamplePlan, SamplePlanner
 from fastuda.data.stats import count_matrix
@@ -86,8 +89,10 @@ def plan_meta(plan: SamplePlan, g: Geometry, meta: dict[str, Any]) -> dict[str, 
 class _TrainSamples(Dataset):
     """Map-style view for the DataLoader: item ``position`` is the sample planned there."""
 
-    def __init__(self, dataset: SegDataset, planner: SamplePlanner, settings: CropSettings):
+    def __init__(self, dataset: SegDataset, planner: SamplePlanner, settings: CropSettings,
+                 depth: bool = False) -> None:
         self.dataset, self.planner, self.settings = dataset, planner, settings
+        self.depth = depth
 
     def __len__(self) -> int:  # the stream is infinite; the sampler never asks for this
         return 2**62
@@ -98,8 +103,11 @@ class _TrainSamples(Dataset):
         if meta["skipped"] and plan.rcs_class is not None:
             plan = SamplePlan(plan.position, meta["index"], plan.attempts, plan.rcs_class)
         g, label_crop = realise_label(label, plan, self.settings)
-        return {"image": torch.from_numpy(crop_image(image, g)).permute(2, 0, 1),
+        item = {"image": torch.from_numpy(crop_image(image, g)).permute(2, 0, 1),
                 "label": torch.from_numpy(label_crop), "meta": plan_meta(plan, g, meta)}
+        if self.depth:  # read here, in the loader's worker, with the label's geometry
+            item["depth"] = torch.from_numpy(depth_crop(item["meta"], self.settings.crop_hw))
+        return item
 
 
 class _Positions(torch.utils.data.Sampler):
@@ -114,9 +122,12 @@ class _Positions(torch.utils.data.Sampler):
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"image": torch.stack([it["image"] for it in items]),
-            "label": torch.stack([it["label"] for it in items]),
-            "meta": [it["meta"] for it in items]}
+    batch = {"image": torch.stack([it["image"] for it in items]),
+             "label": torch.stack([it["label"] for it in items]),
+             "meta": [it["meta"] for it in items]}
+    if "depth" in items[0]:
+        batch["depth"] = torch.stack([it["depth"] for it in items])
+    return batch
 
 
 def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -133,15 +144,18 @@ def finish_batch(batch: dict[str, Any], mean: list[float], std: list[float]) -> 
         _, _, h, w = meta["crop_box"]
         image[b, :, h:, :] = 0
         image[b, :, :, w:] = 0
-    return {"image": image, "label": batch["label"].long(), "meta": batch["meta"]}
+    out = {"image": image, "label": batch["label"].long(), "meta": batch["meta"]}
+    if "depth" in batch:
+        out["depth"] = batch["depth"]
+    return out
 
 
 class TorchTrainBatches:
     """An infinite DataLoader over stream positions start, start+1, ..."""
 
     def __init__(self, dataset: SegDataset, planner: SamplePlanner, settings: CropSettings,
-                 cfg: DataConfig) -> None:
-        self.samples = _TrainSamples(dataset, planner, settings)
+                 cfg: DataConfig, depth: bool = False) -> None:
+        self.samples = _TrainSamples(dataset, planner, settings, depth)
         self.cfg = cfg
 
     def batches(self, start_batch: int) -> Iterator[dict[str, Any]]:
@@ -160,11 +174,12 @@ class TrainIterator:
     """Infinite batches of one domain; checkpointable (state = batches handed out)."""
 
     def __init__(self, dataset: SegDataset, planner: SamplePlanner, backend: Any,
-                 kind: str) -> None:
+                 kind: str, depth: bool = False) -> None:
         self.dataset = dataset
         self.planner = planner
         self.backend = backend
         self.kind = kind  # "torch" or "dali"
+        self.depth = depth
         self.position = 0  # batches handed out
         self.skipped: dict[str, str] = {}
         self._it: Iterator[dict[str, Any]] | None = None
@@ -176,6 +191,10 @@ class TrainIterator:
         if self._it is None:
             self._it = self.backend.batches(self.position)
         batch = next(self._it)
+        if self.depth and "depth" not in batch:
+            # DALI decodes images and labels only: its batches get their depth maps here,
+            # decoded by threads (the PyTorch loader reads them in its workers)
+            batch["depth"] = load_depth_batch(batch)
         self.position += 1
         for meta in batch["meta"]:
             for path, problem in meta.get("skipped", ()):
@@ -237,7 +256,7 @@ def resolve_loader(kind: str) -> str:
 
 def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream: int, seed: int,
                          rank: int = 0, world_size: int = 1, rcs: bool = False,
-                         loader: str | None = None) -> TrainIterator:
+                         loader: str | None = None, depth: bool = False) -> TrainIterator:
     dataset = build_dataset(dataset_cfg, on_error=cfg.on_error)
     sampler = None
     if rcs:
@@ -256,17 +275,18 @@ def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream:
 
         backend: Any = DaliTrainBatches(dataset, planner, settings, cfg, seed=seed)
     else:
-        backend = TorchTrainBatches(dataset, planner, settings, cfg)
-    return TrainIterator(dataset, planner, backend, kind)
+        backend = TorchTrainBatches(dataset, planner, settings, cfg, depth)
+    return TrainIterator(dataset, planner, backend, kind, depth)
 
 
-def build_train_iterators(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1
-                          ) -> tuple[TrainIterator, TrainIterator]:
-    """Infinite (source, target) streams; rare class sampling on the source when cfg.rcs."""
+def build_train_iterators(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
+                          depth: bool = False) -> tuple[TrainIterator, TrainIterator]:
+    """Infinite (source, target) streams; rare class sampling on the source when cfg.rcs;
+    ``depth``: the batches carry the depth maps."""
     source = build_train_iterator(cfg, cfg.source, stream=SOURCE_STREAM, seed=seed, rank=rank,
-                                  world_size=world_size, rcs=cfg.rcs)
+                                  world_size=world_size, rcs=cfg.rcs, depth=depth)
     target = build_train_iterator(cfg, cfg.target, stream=TARGET_STREAM, seed=seed, rank=rank,
-                                  world_size=world_size)
+                                  world_size=world_size, depth=depth)
     return source, target
 
 

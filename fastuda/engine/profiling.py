@@ -18,7 +18,7 @@ import torch
 
 STAGE_PREFIX = "stage::"
 
-# The stages the loop names (fastuda/train.py, fastuda/methods/self_training.py), in step order,
+# The stages the loop names (fastuda/train.py, fastuda/engine/self_training.py), in step order,
 # with the words a report uses for them.
 STAGE_LABELS: dict[str, str] = {
     "data": "data wait",

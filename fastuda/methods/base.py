@@ -1,53 +1,78 @@
-"""What a method is: a small module that adds heads, losses and state to the shared loop.
+"""What a method is: a plug-in of the self-training loop (docs/architecture.md, "The method
+contract"). A method adds losses at the loop's passes, passes of its own, pseudo-label
+refinement, heads and state; it reads the model only through its named outputs
+(fastuda/models/outputs.py) and the run through its ``MethodContext``.
 
-The self-training loop (fastuda/methods/self_training.py) calls these hooks at fixed points of a
-step; a method touches the model only through its dict of named outputs. Extra heads that only
-feed a loss are submodules of the method (trained with the student at the head learning rate);
-heads that change what the network predicts (CorDA's depth exchange) wrap the model instead
-(``wrap_model``), so the teacher, checkpoints and evaluation see them too. Statistics, banks and
-prototypes are part of ``state_dict`` so checkpoints capture them.
+A method is one module: the class (a subclass of ``Method``), its ``Settings`` dataclass (the
+``[name]`` section of a config, validated in its ``__post_init__``; unknown keys are errors) and
+its registration in fastuda/methods/__init__.py. Extra heads that only feed a loss are
+submodules of the method (trained with the student at the head learning rate); heads that change
+what the network predicts (CorDA's depth exchange) wrap the model instead (``wrap_model``), so
+the teacher, checkpoints and evaluation see them too. Statistics, banks and prototypes are part
+of ``state_dict`` so checkpoints capture them.
 
-Order of the hooks in one step (see ``SelfTraining.step``):
-    start_step(source, target)                            the raw batches (depth, meta)
+Order of the hooks in one step (fastuda/engine/self_training.py):
+    start_step(view)                                      the raw batches (e.g. "depth")
     update_state(teacher(source), source label)           if wants_teacher_source
     refine_pseudo_labels(teacher(target), label, weight)  -> the label/weight the loop uses
-        (before the source pass when pseudo_labels_first, else after it)
-    source_losses(student(source), label)
-    target_losses(student(aug target), label, weight)     if wants_student_target
-    mixed_losses(student(aug mixed), label, weight)       after on_mix(mask)
+        (before the source pass when any method has pseudo_labels_first, else after it)
+    pass "src":  source_losses(student(source), label)
+    pass "tgt":  target_losses(student(aug target), label, weight)   if wants_student_target
+    pass "mix":  on_mix(mask), mixed_losses(student(aug mixed), label, weight)
+    the methods' own passes (extra_passes), in the order of ``methods``
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-Outputs = dict[str, Tensor]
-Losses = dict[str, Tensor]
+from ..engine.context import Losses, MethodContext, Outputs, Pass, StepView
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@dataclass
+class NoSettings:
+    """The settings of a method without knobs."""
 
 
 class Method(nn.Module):
-    name = "none"
-    augment_source = False  # strong augmentation on the student's source image too
+    name: ClassVar[str]
+    Settings: ClassVar[type] = NoSettings
+    augment_source: ClassVar[bool] = False  # strong augmentation on the student's source image
     # run the teacher on the target (and refine_pseudo_labels) before the student's source pass,
     # for methods whose source loss needs target information (BiPCL's target prototypes)
-    pseudo_labels_first = False
+    pseudo_labels_first: ClassVar[bool] = False
+    # what the training batches must carry for this method (the loaders read it: "depth")
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, settings: Any, ctx: MethodContext) -> None:
+        super().__init__()
+        self.settings, self.ctx = settings, ctx
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError when the rest of the config cannot host this method (called while
+        the config loads, before any work)."""
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The network the loop trains; a method whose heads change the predictions returns a
         wrapper around ``model`` (must be idempotent: a wrapped model is returned as is)."""
         return model
 
-    def start_step(self, source: dict[str, Any], target: dict[str, Any], it: int) -> None:
-        """See the step's raw batches (e.g. to read depth maps named in their meta)."""
+    def start_step(self, view: StepView) -> None:
+        """See the step's raw batches (``view.source``, ``view.target``)."""
 
     def wants_teacher_source(self, it: int) -> bool:
         """Does this step need the teacher's outputs on the un-augmented source?"""
         return False
 
     def wants_student_target(self, it: int) -> bool:
-        """Does this step need a student forward on the augmented target image?"""
+        """Does this step need a student pass on the augmented target image ("tgt")?"""
         return False
 
     def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
@@ -73,19 +98,109 @@ class Method(nn.Module):
                      it: int) -> Losses:
         return {}
 
+    def extra_passes(self, it: int) -> list[Pass]:
+        """Student passes of this method's own this step (MIC's masked target), run after the
+        loop's passes."""
+        return []
 
-def labels_at(labels: Tensor, feats: Tensor, *, num_classes: int, min_ratio: float,
-              ignore_index: int = 255, backend: str = "auto") -> Tensor:
-    """Labels [B, H, W] brought to the grid of ``feats`` [B, D, h, w] by majority vote
-    (``ops.downscale_labels``); H and W must be the same multiple of h and w."""
-    from .. import ops  # methods -> ops; imported here to keep this module light
 
-    factor = labels.shape[-1] // feats.shape[-1]
-    if factor < 1 or labels.shape[-2] != feats.shape[-2] * factor \
-            or labels.shape[-1] != feats.shape[-1] * factor:
-        raise ValueError(f"label size {tuple(labels.shape[-2:])} is not a multiple of the "
-                         f"feature size {tuple(feats.shape[-2:])}")
-    if factor == 1:
-        return labels
-    return ops.downscale_labels(labels, factor, num_classes=num_classes, min_ratio=min_ratio,
-                                ignore_index=ignore_index, backend=backend)
+def prefixed(name: str, losses: Losses) -> Losses:
+    """A method's losses under its name: ``sepico.src.contrast`` (methods may share names)."""
+    return {f"{name}.{k}": v for k, v in losses.items()}
+
+
+class MethodStack(nn.Module):
+    """The methods of a run, in config order, asked together by the loop; ``stack["sepico"]``
+    is one of them. Its state_dict holds every method's state under the method's name."""
+
+    def __init__(self, methods: list[Method], ctx: MethodContext) -> None:
+        super().__init__()
+        self.methods = nn.ModuleDict({m.name: m for m in methods})
+        self.ctx = ctx
+
+    def __getitem__(self, name: str) -> Method:
+        return self.methods[name]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.methods.values())
+
+    def __len__(self) -> int:
+        return len(self.methods)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.methods)
+
+    @property
+    def augment_source(self) -> bool:
+        return any(m.augment_source for m in self)
+
+    @property
+    def pseudo_labels_first(self) -> bool:
+        return any(m.pseudo_labels_first for m in self)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        for m in self:
+            model = m.wrap_model(model)
+        return model
+
+    def start_step(self, view: StepView) -> None:
+        for m in self:
+            m.start_step(view)
+
+    def wants_teacher_source(self, it: int) -> bool:
+        return any(m.wants_teacher_source(it) for m in self)
+
+    def wants_student_target(self, it: int) -> bool:
+        return any(m.wants_student_target(it) for m in self)
+
+    def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
+        for m in self:
+            if m.wants_teacher_source(it):
+                m.update_state(teacher_source, source_label, it)
+
+    def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
+                             it: int) -> tuple[Tensor, Tensor]:
+        for m in self:
+            label, weight = m.refine_pseudo_labels(teacher_target, label, weight, it)
+        return label, weight
+
+    def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
+        losses: Losses = {}
+        for m in self:
+            losses.update(prefixed(m.name, m.source_losses(out, label, it)))
+        return losses
+
+    def target_losses(self, out: Outputs, pseudo_label: Tensor, pseudo_weight: Tensor,
+                      it: int) -> Losses:
+        losses: Losses = {}
+        for m in self:
+            if m.wants_student_target(it):
+                losses.update(prefixed(m.name, m.target_losses(out, pseudo_label,
+                                                               pseudo_weight, it)))
+        return losses
+
+    def on_mix(self, mask: Tensor, it: int) -> None:
+        for m in self:
+            m.on_mix(mask, it)
+
+    def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
+                     it: int) -> Losses:
+        losses: Losses = {}
+        for m in self:
+            losses.update(prefixed(m.name, m.mixed_losses(out, mixed_label, mixed_weight, it)))
+        return losses
+
+    def extra_passes(self, it: int) -> list[Pass]:
+        passes = []
+        for m in self:
+            for p in m.extra_passes(it):
+                def losses(out: Outputs, view: StepView, p: Pass = p, name: str = m.name
+                           ) -> Losses:
+                    return prefixed(name, p.losses(out, view))
+                passes.append(Pass(f"{m.name}.{p.name}", p.images, losses,
+                                   p.needs_pseudo_labels))
+        return passes
+
+
+__all__ = ["Losses", "Method", "MethodStack", "NoSettings", "Outputs", "prefixed"]

@@ -23,14 +23,38 @@ the student's source pass (``pseudo_labels_first``) because the source loss need
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..config import MethodConfig
-from .base import Losses, Method, Outputs, labels_at
+from ..config import Config, ConfigError, _check
+from ..engine.context import MethodContext
+from ..models import outputs as O
+from .base import Losses, Method, Outputs
+
+
+@dataclass
+class BiPCLSettings:
+    """``[bipcl]``: per-image-pair prototypes, contrast in both directions."""
+
+    tau: float = 0.1
+    weight: float = 0.1  # per direction
+    label_transfer: Literal["off", "agree", "replace"] = "agree"
+    calibration: bool = True
+    calibration_momentum: float = 0.99
+    start_iter: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.tau > 0, "bipcl.tau", self.tau, "> 0")
+        _check(self.weight >= 0, "bipcl.weight", self.weight, ">= 0")
+        _check(self.start_iter >= 0, "bipcl.start_iter", self.start_iter, ">= 0")
+        _check(0 <= self.calibration_momentum < 1, "bipcl.calibration_momentum",
+               self.calibration_momentum, "in [0, 1)")
 
 
 @torch.no_grad()
@@ -80,18 +104,27 @@ def pair_contrast(emb: Tensor, labels: Tensor, prototypes: Tensor, usable: Tenso
 
 class BiPCL(Method):
     name = "bipcl"
+    Settings = BiPCLSettings
     pseudo_labels_first = True
 
-    def __init__(self, cfg: MethodConfig, *, num_classes: int, embed_dim: int,
-                 backend: str = "auto", ignore_index: int = 255,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
-        self.ignore_index = ignore_index
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if not cfg.model.projection:
+            raise ConfigError("methods = [..., 'bipcl'] needs the projection head "
+                              "(embeddings): set model.projection = true")
+        if not cfg.self_training.enabled:
+            raise ConfigError("methods = [..., 'bipcl'] adapts with the self-training loop: "
+                              "set self_training.enabled = true")
+
+    def __init__(self, settings: BiPCLSettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.num_classes, self.backend = ctx.num_classes, ctx.backend
+        self.ignore_index = ctx.ignore_index
         # calibration: running target-minus-source prototype offset per class
-        self.register_buffer("offset", torch.zeros(num_classes, embed_dim, device=device))
-        self.register_buffer("offset_seen", torch.zeros(num_classes, dtype=torch.bool,
-                                                        device=device))
+        self.register_buffer("offset", torch.zeros(ctx.num_classes, ctx.embed_dim,
+                                                   device=ctx.device))
+        self.register_buffer("offset_seen", torch.zeros(ctx.num_classes, dtype=torch.bool,
+                                                        device=ctx.device))
         self._source: tuple[Tensor, Tensor] | None = None  # this step's prototypes, present
         self._target: tuple[Tensor, Tensor] | None = None
 
@@ -99,12 +132,10 @@ class BiPCL(Method):
         return True
 
     def wants_student_target(self, it: int) -> bool:
-        return it >= self.cfg.bipcl_start_iter
+        return it >= self.settings.start_iter
 
     def _labels_at(self, labels: Tensor, emb: Tensor) -> Tensor:
-        return labels_at(labels, emb, num_classes=self.num_classes,
-                         min_ratio=self.cfg.downscale_min_ratio, ignore_index=self.ignore_index,
-                         backend=self.backend)
+        return self.ctx.labels_at(labels, emb)
 
     def _prototypes(self, emb: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return image_prototypes(emb, labels, self.num_classes, ignore_index=self.ignore_index,
@@ -113,7 +144,7 @@ class BiPCL(Method):
     # -- prototypes, label transfer, calibration (teacher features, no grad) ----------------
     @torch.no_grad()
     def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
-        emb = teacher_source["embeddings"].float()
+        emb = teacher_source[O.EMBEDDINGS].float()
         self._source = self._prototypes(emb, self._labels_at(source_label, emb))
 
     @torch.no_grad()
@@ -124,7 +155,7 @@ class BiPCL(Method):
         if self._source is None:
             raise RuntimeError("BiPCL: source prototypes are made in update_state first")
         protos, present = self._source
-        if self.cfg.bipcl_calibration:
+        if self.settings.calibration:
             protos = F.normalize(protos + self.offset.to(protos.dtype), dim=-1)
         scores = torch.einsum("bdhw,bcd->bchw", F.normalize(emb.float(), dim=1), protos)
         scores = scores.masked_fill(~present[:, :, None, None], float("-inf"))
@@ -145,7 +176,7 @@ class BiPCL(Method):
             dist.all_reduce(total)
         diff = total / n.clamp_min(1)[:, None]
         present = n > 0
-        m = self.cfg.bipcl_calibration_momentum
+        m = self.settings.calibration_momentum
         first = present & ~self.offset_seen
         updated = torch.where(first[:, None], diff, m * self.offset + (1 - m) * diff)
         self.offset.copy_(torch.where(present[:, None], updated, self.offset))
@@ -153,8 +184,8 @@ class BiPCL(Method):
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
-        emb = teacher_target["embeddings"].float()
-        mode = self.cfg.bipcl_label_transfer
+        emb = teacher_target[O.EMBEDDINGS].float()
+        mode = self.settings.label_transfer
         if mode != "off":
             factor = label.shape[-1] // emb.shape[-1]
             moved = self.transfer_labels(emb)
@@ -167,7 +198,7 @@ class BiPCL(Method):
                 label = moved
         valid_label = torch.where(weight > 0, label, torch.full_like(label, self.ignore_index))
         self._target = self._prototypes(emb, self._labels_at(valid_label, emb))
-        if self.cfg.bipcl_calibration and self._source is not None:
+        if self.settings.calibration and self._source is not None:
             self.calibrate(self._source, self._target)
         return label, weight
 
@@ -175,27 +206,27 @@ class BiPCL(Method):
     def _contrast(self, emb: Tensor, labels: Tensor, prototypes: Tensor, usable: Tensor
                   ) -> Tensor:
         return pair_contrast(emb.float(), self._labels_at(labels, emb), prototypes, usable,
-                             tau=self.cfg.bipcl_tau, ignore_index=self.ignore_index,
+                             tau=self.settings.tau, ignore_index=self.ignore_index,
                              backend=self.backend)
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
         """Source pixels against the target prototypes of their pair."""
-        if it < self.cfg.bipcl_start_iter or self.cfg.bipcl_weight == 0 or self._target is None:
+        if it < self.settings.start_iter or self.settings.weight == 0 or self._target is None:
             return {}
         (_, ns), (pt, nt) = self._source, self._target
-        loss = self._contrast(out["embeddings"], label, pt, ns & nt)
-        return {"src.contrast": self.cfg.bipcl_weight * loss}
+        loss = self._contrast(out[O.EMBEDDINGS], label, pt, ns & nt)
+        return {"src.contrast": self.settings.weight * loss}
 
     def target_losses(self, out: Outputs, pseudo_label: Tensor, pseudo_weight: Tensor,
                       it: int) -> Losses:
         """Target pixels against the source prototypes of their pair."""
-        if it < self.cfg.bipcl_start_iter or self.cfg.bipcl_weight == 0 or self._target is None:
+        if it < self.settings.start_iter or self.settings.weight == 0 or self._target is None:
             return {}
         (ps, ns), (_, nt) = self._source, self._target
         label = torch.where(pseudo_weight > 0, pseudo_label,
                             torch.full_like(pseudo_label, self.ignore_index))
-        loss = self._contrast(out["embeddings"], label, ps, ns & nt)
-        return {"tgt.contrast": self.cfg.bipcl_weight * loss}
+        loss = self._contrast(out[O.EMBEDDINGS], label, ps, ns & nt)
+        return {"tgt.contrast": self.settings.weight * loss}
 
 
 __all__ = ["BiPCL", "image_prototypes", "pair_contrast"]

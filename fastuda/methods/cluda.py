@@ -9,10 +9,10 @@ the pair weights are the outer product of the mixed pseudo-weights. The two loss
 each. Features, labels and weights are flattened batch-major together (the op reads [B, D, h, w]
 and [B, h, w]); ignore pixels are neither positives nor negatives.
 
-Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of methods.md, "an extra 1-channel
+Multi-resolution (HRDA, ``hrda.enabled``): the learned weighting of CLUDA, "an extra 1-channel
 head with sigmoid output a_i". It is CLUDA's own head (``SigmoidMapHead``: 3x3 conv-BN-ReLU with
-``hrda.attention_channels`` hidden channels, 1x1 conv to one channel, sigmoid), a submodule of this
-method (a loss-only head, see fastuda/methods/base.py: the loop trains it with the student at the
+``cluda.head_channels`` hidden channels, 1x1 conv to one channel, sigmoid), a submodule of this
+method (a loss-only head, see docs/architecture.md: the loop trains it with the student at the
 head learning rate and checkpoints it with the method's state_dict). It is not HRDA's scale
 attention: that one fuses the two predictions and learns from the segmentation loss; pair
 weights taken from it would let the contrast push the fusion attention towards 0/1 against the
@@ -25,7 +25,7 @@ via the pair weights. The head's BatchNorm normalises each view's batch separate
 parameters are outside DDP's module, so the loop averages their gradients over the ranks.
 Pair weights:
     w_ip = a_i a_p        both pixels of the same view (context/context, and detail/detail,
-                          which methods.md does not specify: we weight it like context/context)
+                          which CLUDA does not specify: we weight it like context/context)
     w_ip = 1 - a_i a_p    one context and one detail pixel,
 times q_i q_p on the mixed batch (q: mixed pseudo-weights). ``ops.pixel_contrast`` only takes
 w_ip = u_i u_p, but its loss is linear in w at fixed anchors and positives (neither depends on the
@@ -40,14 +40,35 @@ it against a per-pair loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..config import MethodConfig
+from ..config import Config, ConfigError, _check
+from ..engine.context import MethodContext
+from ..models import outputs as O
 from ..models.heads import SigmoidMapHead
 from .base import Losses, Method, Outputs
+
+
+@dataclass
+class CLUDASettings:
+    """``[cluda]``: pixel-to-pixel contrast on the fused decoder features (source and mixed)."""
+
+    weight: float = 1.0  # each of the two losses counts weight / 2
+    tau: float = 1.0
+    grid: list[int] = field(default_factory=lambda: [65, 65])  # (height, width)
+    head_channels: int = 256  # hidden channels of the pair-weight head (HRDA mode only)
+
+    def __post_init__(self) -> None:
+        _check(self.tau > 0, "cluda.tau", self.tau, "> 0")
+        _check(self.weight >= 0, "cluda.weight", self.weight, ">= 0")
+        _check(len(self.grid) == 2 and min(self.grid) > 0, "cluda.grid", self.grid,
+               "two positive integers (height, width)")
+        _check(self.head_channels >= 1, "cluda.head_channels", self.head_channels, ">= 1")
 
 
 def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[int, int]
@@ -62,28 +83,39 @@ def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[i
 
 
 class CLUDA(Method):
-    """``feature_channels`` > 0 builds the multi-resolution pair-weight head (``weight_head``,
-    ``head_channels`` hidden channels) on the ``feature_channels``-channel features it contrasts;
-    0 (single resolution): no head, no parameters."""
+    """In HRDA mode (``ctx.multi_resolution``) CLUDA builds the multi-resolution pair-weight
+    head (``weight_head``) on the ``ctx.feature_channels``-channel features it contrasts;
+    single resolution: no head, no parameters."""
 
     name = "cluda"
+    Settings = CLUDASettings
 
-    def __init__(self, cfg: MethodConfig, *, num_classes: int, backend: str = "auto",
-                 ignore_index: int = 255, feature_channels: int = 0,
-                 head_channels: int = 256) -> None:
-        super().__init__()
-        self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
-        self.ignore_index = ignore_index
-        self.grid = (int(cfg.cluda_grid[0]), int(cfg.cluda_grid[1]))
-        self.weight_head = SigmoidMapHead(feature_channels, head_channels) \
-            if feature_channels > 0 else None
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if not cfg.self_training.enabled:
+            raise ConfigError("methods = [..., 'cluda'] adapts with the self-training loop: set "
+                              "self_training.enabled = true")
+        if cfg.self_training.mix != "classmix":
+            raise ConfigError("methods = [..., 'cluda'] contrasts the mixed batch: set "
+                              "self_training.mix = 'classmix'")
+
+    def __init__(self, settings: CLUDASettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.num_classes, self.backend = ctx.num_classes, ctx.backend
+        self.ignore_index = ctx.ignore_index
+        self.grid = (int(settings.grid[0]), int(settings.grid[1]))
+        self.weight_head = None
+        if ctx.multi_resolution:
+            if ctx.feature_channels <= 0:
+                raise ValueError("CLUDA in HRDA mode builds a pair-weight head on the features: "
+                                 "the context needs the network's feature_channels")
+            self.weight_head = SigmoidMapHead(ctx.feature_channels, settings.head_channels)
 
     def pair_weight(self, feats: Tensor) -> Tensor:
         """a [B, h, w] on the grid: the pair-weight head on ``feats`` [B, D, h', w'], bilinear."""
         if self.weight_head is None:
             raise RuntimeError("CLUDA: the multi-resolution contrast needs the pair-weight head; "
-                               "build CLUDA with feature_channels > 0 (build_method does when "
-                               "hrda.enabled)")
+                               "CLUDA builds it when its context is multi-resolution (HRDA)")
         a = self.weight_head(feats).float()
         return F.interpolate(a, size=self.grid, mode="bilinear", align_corners=False)[:, 0]
 
@@ -92,7 +124,7 @@ class CLUDA(Method):
         """pixel_contrast of ``feats`` [B, D, h, w] with full-resolution ``labels`` [B, H, W]
         (and per-pixel pair weights [B, H, W]) on the configured grid."""
         f, lbl, w = to_grid(feats, labels, pair_weights, self.grid)
-        return ops.pixel_contrast(f, lbl, tau=self.cfg.cluda_tau, pair_weights=w,
+        return ops.pixel_contrast(f, lbl, tau=self.settings.tau, pair_weights=w,
                                   ignore_index=self.ignore_index, backend=self.backend)
 
     def contrast_multires(self, out: Outputs, labels: Tensor, weights: Tensor | None = None
@@ -101,35 +133,35 @@ class CLUDA(Method):
         and detail pixels on the grid, a from this method's pair-weight head on each view's
         features, pair weights a_i a_p within a view and 1 - a_i a_p across views (times the
         pixel weights' product), as three exact ``pixel_contrast`` calls."""
-        y1, y2, x1, x2 = (int(v) for v in out["detail_box"])
-        f_c, l_c, q_c = to_grid(out["features"], labels, weights, self.grid)
-        f_d, l_d, q_d = to_grid(out["features_detail"], labels[:, y1:y2, x1:x2],
+        y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
+        f_c, l_c, q_c = to_grid(out[O.FEATURES], labels, weights, self.grid)
+        f_d, l_d, q_d = to_grid(out[O.FEATURES_DETAIL], labels[:, y1:y2, x1:x2],
                                 None if weights is None else weights[:, y1:y2, x1:x2], self.grid)
-        a_c = self.pair_weight(out["features"])
-        a_d = self.pair_weight(out["features_detail"])
+        a_c = self.pair_weight(out[O.FEATURES])
+        a_d = self.pair_weight(out[O.FEATURES_DETAIL])
         feats, lbl = torch.cat([f_c, f_d]), torch.cat([l_c, l_d])
         a = torch.cat([a_c, a_d])
         r = torch.cat([torch.ones_like(a_c), -torch.ones_like(a_d)])
         q = None if weights is None else torch.cat([q_c, q_d])
-        return multires_pair_contrast(feats, lbl, a, r, q, tau=self.cfg.cluda_tau,
+        return multires_pair_contrast(feats, lbl, a, r, q, tau=self.settings.tau,
                                       ignore_index=self.ignore_index, backend=self.backend)
 
     def _loss(self, out: Outputs, labels: Tensor, weights: Tensor | None) -> Tensor:
-        if "detail_box" in out and "features_detail" in out:
+        if O.DETAIL_BOX in out and O.FEATURES_DETAIL in out:
             return self.contrast_multires(out, labels, weights)
-        return self.contrast(out["features"], labels, weights)
+        return self.contrast(out[O.FEATURES], labels, weights)
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
-        if self.cfg.cluda_weight == 0:
+        if self.settings.weight == 0:
             return {}
-        return {"src.contrast": 0.5 * self.cfg.cluda_weight * self._loss(out, label, None)}
+        return {"src.contrast": 0.5 * self.settings.weight * self._loss(out, label, None)}
 
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:
-        if self.cfg.cluda_weight == 0:
+        if self.settings.weight == 0:
             return {}
         loss = self._loss(out, mixed_label, mixed_weight)
-        return {"mix.contrast": 0.5 * self.cfg.cluda_weight * loss}
+        return {"mix.contrast": 0.5 * self.settings.weight * loss}
 
 
 def multires_pair_contrast(feats: Tensor, labels: Tensor, a: Tensor, r: Tensor,

@@ -16,23 +16,47 @@ w = clip(relu(1 - |D_src - D_tgt| / d) + 1e-3, 0, 1) per target pixel from the t
 heads on the target image (d: ``corda_discrepancy_scale``, or |D_tgt| when 0: the relative
 discrepancy), divided by its batch mean, multiplied into the pseudo-label weight.
 
-Depth maps are read per step from the files named in the batches' meta (fastuda/data/depth.py),
-cropped with the very geometry of the label.
+The depth maps come in the batches (``batch["depth"]``: the loaders read them in their workers,
+cropped with the very geometry of the label, fastuda/data/depth.py); CorDA asks for them with
+``batch_keys``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MethodConfig
-from ..data.depth import load_depth_batch
+from ..config import Config, ConfigError, _check
+from ..engine.context import MethodContext, StepView
+from ..models import outputs as O
 from ..models.base import SegModel
 from ..models.heads import ASPPClassifier, ConvBNReLU
 from .base import Losses, Method, Outputs
+
+
+@dataclass
+class CorDASettings:
+    """``[corda]``: depth decoders, cross-task exchange, BerHu depth losses, depth-aware
+    pseudo-label weights; defaults are the published settings."""
+
+    channels: int = 256  # task features (published: 2048 -> 256)
+    source_depth_weight: float = 0.01
+    mix_depth_weight: float = 0.001
+    berhu_ratio: float = 0.2  # c = ratio * max |error|
+    depth_weighting: bool = True
+    # d of w = relu(1 - |D_src - D_tgt| / d): 0 means relative to the target decoder's |D_tgt|
+    discrepancy_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.channels >= 1, "corda.channels", self.channels, ">= 1")
+        for key in ("source_depth_weight", "mix_depth_weight"):
+            _check(getattr(self, key) >= 0, f"corda.{key}", getattr(self, key), ">= 0")
+        _check(0 < self.berhu_ratio <= 1, "corda.berhu_ratio", self.berhu_ratio, "in (0, 1]")
+        _check(self.discrepancy_scale >= 0, "corda.discrepancy_scale", self.discrepancy_scale,
+               ">= 0 (0: relative to the target depth)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,13 +102,13 @@ class CorDAModel(SegModel):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         out = dict(self.net(images))
-        shared = out["features"]
+        shared = out[O.FEATURES]
         f_seg, f_depth = self.seg_task(shared), self.depth_task(shared)
         f_seg, f_depth = f_seg + self.depth_to_seg(f_depth), f_depth + self.seg_to_depth(f_seg)
-        out["logits"] = self.classifier(f_seg)
-        out["features"] = f_seg
-        out["depth_source"] = self.depth_source(f_depth)[:, 0]
-        out["depth_target"] = self.depth_target(f_depth)[:, 0]
+        out[O.LOGITS] = self.classifier(f_seg)
+        out[O.FEATURES] = f_seg
+        out[O.DEPTH_SOURCE] = self.depth_source(f_depth)[:, 0]
+        out[O.DEPTH_TARGET] = self.depth_target(f_depth)[:, 0]
         return out
 
     def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -139,43 +163,62 @@ def depth_weight(depth_source: Tensor, depth_target: Tensor, scale: float = 0.0,
 
 class CorDA(Method):
     name = "corda"
+    Settings = CorDASettings
+    batch_keys = ("depth",)
 
-    def __init__(self, cfg: MethodConfig, *, num_classes: int) -> None:
-        super().__init__()
-        self.cfg, self.num_classes = cfg, num_classes
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if not cfg.self_training.enabled:
+            raise ConfigError("methods = [..., 'corda'] adapts with the self-training loop: set "
+                              "self_training.enabled = true")
+        if cfg.self_training.class_balanced_crop:
+            raise ConfigError("methods = [..., 'corda'] reads depth crops made by the loader: "
+                              "set self_training.class_balanced_crop = false")
+        if cfg.hrda.enabled:
+            raise ConfigError("invalid value for hrda.enabled: True (expected false with "
+                              "methods = [..., 'corda']: CorDA wraps the model with its own "
+                              "heads)")
+
+    def __init__(self, settings: CorDASettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.num_classes = ctx.num_classes
         self._depth: dict[str, Tensor] = {}  # this step's depth maps: source, target, mixed
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if isinstance(model, CorDAModel):
             return model
-        return CorDAModel(model, self.num_classes, self.cfg.corda_channels)
+        return CorDAModel(model, self.num_classes, self.settings.channels)
 
-    def start_step(self, source: dict[str, Any], target: dict[str, Any], it: int) -> None:
-        self._depth = {
-            "source": source["depth"] if "depth" in source else load_depth_batch(source),
-            "target": target["depth"] if "depth" in target else load_depth_batch(target)}
+    def start_step(self, view: StepView) -> None:
+        for key, batch in (("source", view.source), ("target", view.target)):
+            if "depth" not in batch:
+                raise RuntimeError(f"CorDA: the {key} batch has no depth maps; the loaders add "
+                                   "them when built with depth=True (fastuda.train does for "
+                                   "methods whose batch_keys name 'depth')")
+        self._depth = {"source": view.source["depth"], "target": view.target["depth"]}
 
     def _map(self, key: str, like: Tensor) -> Tensor:
         """This step's ``key`` depth map on the device of ``like`` (moved there once)."""
         if key not in self._depth:
-            raise RuntimeError(f"CorDA: no {key} depth for this step (start_step reads it)")
+            raise RuntimeError(f"CorDA: no {key} depth for this step (start_step takes it from "
+                               "the batch)")
         if self._depth[key].device != like.device:
             self._depth[key] = self._depth[key].to(like.device, non_blocking=True)
         return self._depth[key]
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
-        if self.cfg.corda_source_depth_weight == 0:
+        if self.settings.source_depth_weight == 0:
             return {}
-        target = self._map("source", out["depth_source"])
-        loss = berhu_loss(out["depth_source"], target, self.cfg.corda_berhu_ratio)
-        return {"src.depth": self.cfg.corda_source_depth_weight * loss}
+        target = self._map("source", out[O.DEPTH_SOURCE])
+        loss = berhu_loss(out[O.DEPTH_SOURCE], target, self.settings.berhu_ratio)
+        return {"src.depth": self.settings.source_depth_weight * loss}
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
-        if not self.cfg.corda_depth_weighting:
+        if not self.settings.depth_weighting:
             return label, weight
-        w = depth_weight(teacher_target["depth_source"], teacher_target["depth_target"],
-                         self.cfg.corda_discrepancy_scale)
+        w = depth_weight(teacher_target[O.DEPTH_SOURCE], teacher_target[O.DEPTH_TARGET],
+                         self.settings.discrepancy_scale)
         w = F.interpolate(w[:, None], size=label.shape[-2:], mode="bilinear",
                           align_corners=False)[:, 0]
         return label, weight * w
@@ -186,11 +229,11 @@ class CorDA(Method):
 
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:
-        if self.cfg.corda_mix_depth_weight == 0:
+        if self.settings.mix_depth_weight == 0:
             return {}
-        target = self._map("mixed", out["depth_target"])
-        loss = berhu_loss(out["depth_target"], target, self.cfg.corda_berhu_ratio)
-        return {"mix.depth": self.cfg.corda_mix_depth_weight * loss}
+        target = self._map("mixed", out[O.DEPTH_TARGET])
+        loss = berhu_loss(out[O.DEPTH_TARGET], target, self.settings.berhu_ratio)
+        return {"mix.depth": self.settings.mix_depth_weight * loss}
 
 
 __all__ = ["CorDA", "CorDAModel", "DepthHead", "SelfAttention", "berhu_loss", "depth_weight"]

@@ -15,13 +15,37 @@ contrast's target labels; the loop's mixed cross-entropy keeps its pseudo-labels
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..config import MethodConfig
-from .base import Losses, Method, Outputs, labels_at
+from ..config import Config, ConfigError, _check
+from ..engine.context import MethodContext
+from ..models import outputs as O
+from .base import Losses, Method, Outputs
+
+
+@dataclass
+class SPCLSettings:
+    """``[spcl]``; defaults are the published settings (configs/spcl/deeplabv2_gta2cs.toml)."""
+
+    tau: float = 100.0
+    momentum: float = 0.1  # P <- m P + (1 - m) m_batch
+    threshold_cap: float = 0.9  # per-class median-confidence thresholds, capped here
+    source_weight: float = 1.0
+    target_weight: float = 1.0
+    start_iter: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.tau > 0, "spcl.tau", self.tau, "> 0")
+        _check(0 <= self.momentum < 1, "spcl.momentum", self.momentum, "in [0, 1)")
+        _check(0 < self.threshold_cap <= 1, "spcl.threshold_cap", self.threshold_cap,
+               "in (0, 1]")
+        for key in ("source_weight", "target_weight", "start_iter"):
+            _check(getattr(self, key) >= 0, f"spcl.{key}", getattr(self, key), ">= 0")
 
 
 @torch.no_grad()
@@ -46,17 +70,25 @@ def class_median_thresholds(conf: Tensor, label: Tensor, num_classes: int, cap: 
 
 class SPCL(Method):
     name = "spcl"
+    Settings = SPCLSettings
 
-    def __init__(self, cfg: MethodConfig, *, num_classes: int, embed_dim: int,
-                 backend: str = "auto", ignore_index: int = 255,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.cfg, self.num_classes, self.backend = cfg, num_classes, backend
-        self.ignore_index = ignore_index
-        self.prototypes = ops.ClassStatistics(num_classes, embed_dim, cov="diag",
-                                              momentum=cfg.spcl_momentum,
-                                              ignore_index=ignore_index, device=device,
-                                              backend=backend)
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if not cfg.model.projection:
+            raise ConfigError("methods = [..., 'spcl'] needs the projection head (embeddings): "
+                              "set model.projection = true")
+        if not cfg.self_training.enabled:
+            raise ConfigError("methods = [..., 'spcl'] adapts with the self-training loop: set "
+                              "self_training.enabled = true")
+
+    def __init__(self, settings: SPCLSettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.num_classes, self.backend = ctx.num_classes, ctx.backend
+        self.ignore_index = ctx.ignore_index
+        self.prototypes = ops.ClassStatistics(ctx.num_classes, ctx.embed_dim, cov="diag",
+                                              momentum=settings.momentum,
+                                              ignore_index=ctx.ignore_index, device=ctx.device,
+                                              backend=ctx.backend)
         self._target_label: Tensor | None = None  # this step's thresholded pseudo-labels
 
     # -- state: the prototypes are part of every checkpoint -----------------------------------
@@ -68,12 +100,10 @@ class SPCL(Method):
 
     # -- hooks --------------------------------------------------------------------------------
     def wants_student_target(self, it: int) -> bool:
-        return it >= self.cfg.spcl_start_iter
+        return it >= self.settings.start_iter
 
     def _labels_at(self, labels: Tensor, emb: Tensor) -> Tensor:
-        return labels_at(labels, emb, num_classes=self.num_classes,
-                         min_ratio=self.cfg.downscale_min_ratio, ignore_index=self.ignore_index,
-                         backend=self.backend)
+        return self.ctx.labels_at(labels, emb)
 
     def correct_source_labels(self, emb: Tensor, logits: Tensor, label: Tensor) -> Tensor:
         """Ground truth at the embedding grid where the student's prediction agrees, else
@@ -84,38 +114,38 @@ class SPCL(Method):
         return torch.where(pred == lbl, lbl, torch.full_like(lbl, self.ignore_index))
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
-        emb = out["embeddings"].float()
-        correct = self.correct_source_labels(emb, out["logits"], label)
+        emb = out[O.EMBEDDINGS].float()
+        correct = self.correct_source_labels(emb, out[O.LOGITS], label)
         self.prototypes.update(emb.detach(), correct)
-        if it < self.cfg.spcl_start_iter or self.cfg.spcl_source_weight == 0:
+        if it < self.settings.start_iter or self.settings.source_weight == 0:
             return {}
-        loss = ops.proto_contrast(emb, correct, self.prototypes.mean, tau=self.cfg.spcl_tau,
+        loss = ops.proto_contrast(emb, correct, self.prototypes.mean, tau=self.settings.tau,
                                   ignore_index=self.ignore_index, backend=self.backend)
-        return {"src.contrast": self.cfg.spcl_source_weight * loss}
+        return {"src.contrast": self.settings.source_weight * loss}
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
-        conf = torch.softmax(teacher_target["logits"].float(), dim=1).amax(1)
+        conf = torch.softmax(teacher_target[O.LOGITS].float(), dim=1).amax(1)
         valid = weight > 0  # the loop's ignored rows stay out of the thresholds and the loss
         thr = class_median_thresholds(conf, label, self.num_classes,
-                                      self.cfg.spcl_threshold_cap, valid)
+                                      self.settings.threshold_cap, valid)
         keep = valid & (conf >= thr[label.long().clamp(0, self.num_classes - 1)])
         self._target_label = torch.where(keep, label, torch.full_like(label, self.ignore_index))
         return label, weight
 
     def target_losses(self, out: Outputs, pseudo_label: Tensor, pseudo_weight: Tensor,
                       it: int) -> Losses:
-        if it < self.cfg.spcl_start_iter or self.cfg.spcl_target_weight == 0:
+        if it < self.settings.start_iter or self.settings.target_weight == 0:
             return {}
         if self._target_label is None or self._target_label.shape != pseudo_label.shape:
             raise RuntimeError("SPCL.target_losses needs refine_pseudo_labels of the same step "
                                "(the thresholded pseudo-labels)")
-        emb = out["embeddings"].float()
+        emb = out[O.EMBEDDINGS].float()
         lbl = self._labels_at(self._target_label, emb)
         self._target_label = None
-        loss = ops.proto_contrast(emb, lbl, self.prototypes.mean, tau=self.cfg.spcl_tau,
+        loss = ops.proto_contrast(emb, lbl, self.prototypes.mean, tau=self.settings.tau,
                                   ignore_index=self.ignore_index, backend=self.backend)
-        return {"tgt.contrast": self.cfg.spcl_target_weight * loss}
+        return {"tgt.contrast": self.settings.target_weight * loss}
 
 
 __all__ = ["SPCL", "class_median_thresholds"]

@@ -1,7 +1,8 @@
 """SegModel: what every segmentation network of fastuda offers the trainer and the methods.
 
 A model is a ``backbone`` plus heads. ``forward`` returns a dict of named outputs so a method reads
-what it needs (logits, embeddings, fused features) without touching model code:
+what it needs (logits, embeddings, fused features) without touching model code; the names are
+the constants of fastuda/models/outputs.py:
 
 - ``logits``      [B, num_classes, H/s, W/s]  (s = ``output_stride``; the trainer upsamples)
 - ``embeddings``  [B, embed_dim, h, w], unit L2 norm along channels (only with a projection head)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import outputs as O
 from .base import SegModel
 from .heads import DAFormerHead, MultiLevelProjectionHead
 from .mit import MixTransformer
@@ -38,7 +39,7 @@ class DAFormer(SegModel):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         stages = self.backbone(self._prepare(images))
         logits, fused = self.decode_head(stages)
-        out = {"logits": logits, "features": fused, "backbone": stages[-1]}
+        out = {O.LOGITS: logits, O.FEATURES: fused, O.BACKBONE: stages[-1]}
         if self.projection_head is not None:
-            out["embeddings"] = self.projection_head(stages)
+            out[O.EMBEDDINGS] = self.projection_head(stages)
         return out

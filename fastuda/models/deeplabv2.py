@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import outputs as O
 from .base import SegModel
 from .heads import ASPPClassifier, ProjectionHead
 from .resnet import ResNet
@@ -36,7 +37,7 @@ class DeepLabV2(SegModel):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         c4 = self.backbone(self._prepare(images))[-1]
-        out = {"logits": self.decode_head(c4), "features": c4, "backbone": c4}
+        out = {O.LOGITS: self.decode_head(c4), O.FEATURES: c4, O.BACKBONE: c4}
         if self.projection_head is not None:
-            out["embeddings"] = self.projection_head(c4)
+            out[O.EMBEDDINGS] = self.projection_head(c4)
         return out

@@ -46,13 +46,14 @@ class ConvBNReLU(nn.Sequential):
 
 
 class SigmoidMapHead(nn.Module):
-    """3x3 conv-BN-ReLU, then a 1x1 conv to one channel and a sigmoid: a per-pixel value in
-    [0, 1], [B, 1, h, w] (HRDA's scale attention, CLUDA's pair weights)."""
+    """3x3 conv-BN-ReLU, then a 1x1 conv to ``out_channels`` and a sigmoid: per-pixel values in
+    [0, 1], [B, out_channels, h, w] (HRDA's scale attention, one per class; CLUDA's pair
+    weights, one channel)."""
 
-    def __init__(self, in_channels: int, channels: int) -> None:
+    def __init__(self, in_channels: int, channels: int, out_channels: int = 1) -> None:
         super().__init__()
         self.conv = ConvBNReLU(in_channels, channels, 3)
-        self.out = nn.Conv2d(channels, 1, 1)
+        self.out = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, feats: Tensor) -> Tensor:
         return torch.sigmoid(self.out(self.conv(feats)))

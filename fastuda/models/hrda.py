@@ -1,5 +1,16 @@
 """HRDA (Hoyer et al., ECCV 2022): multi-resolution training and inference around any SegModel.
 
+Follows the release (github.com/lhoyer/HRDA, same files in github.com/lhoyer/MIC, seg/):
+mmseg/models/segmentors/hrda_encoder_decoder.py (scales [1, 0.5], the detail crop's corner on
+multiples of crop_coord_divisible = 8 with get_crop_bbox's draw, the overlapping slide inference
+of the detail view at stride crop / 2), mmseg/models/decode_heads/hrda_head.py (class-wise
+sigmoid scale attention on the context view, masked to the detail box on the context grid, the
+fusion att * detail + up((1 - att) * context), the fused CE weighted 1 - hr_loss_weight and the
+detail CE hr_loss_weight = 0.1 on the labels cropped to the box), experiments.py
+('hrda1-512-0.1': detail crop 512, hr_loss_weight 0.1, attention_classwise True). What differs:
+the attention head is a small conv head on the context view's fused features (the release uses a
+second decode head of the model's type on the backbone features); see docs/architecture.md.
+
 Sizes: an input of H x W full-resolution pixels, the model's output stride s, the context scale
 c (1/c an integer, published 0.5) and ``align`` = s / c, the stride of the context predictions in
 full-resolution pixels. Every output below named "full grid" is [.., H/s, W/s]: the detail
@@ -10,20 +21,23 @@ Training (``self.training`` or an explicit ``box``), on a full-resolution crop (
 - context view: the crop resized by c (bilinear), through the model: logits, features at
   [H c/s, W c/s];
 - detail view: a full-resolution sub-crop ``box`` = (y1, y2, x1, x2) of ``detail_crop`` pixels
-  whose corner is a multiple of ``align`` (so the box falls on whole context cells), drawn from the
-  generator the training loop binds with ``use_generator`` (its state is in the loop's checkpoint,
+  whose corner is a multiple of ``crop_divisible`` (8), drawn as the release's get_crop_bbox
+  (offset = randint((H - dh + 1) // divisible) * divisible) from the generator the training loop
+  binds with ``use_generator`` (its state is in the loop's checkpoint,
   so a resumed run draws the same boxes);
 - scale attention: a small conv head on the context features (3x3 conv-BN-ReLU, 1x1 conv,
-  sigmoid), a in [0, 1] on the context grid, upsampled (bilinear) to the full grid and set to 0
-  outside the box;
-- fusion on the full grid: logits = (1 - a) * up(logits_context) + a * logits_detail inside the
-  box, logits = up(logits_context) outside it (a = 0 there).
+  sigmoid), a in [0, 1] on the context grid, one channel per class (``attention_classwise``),
+  set to 0 outside the box's cells of the context grid (the cells int(y / align) .. int(y2 /
+  align));
+- fusion (the release's order): logits = up(a) * detail + up((1 - a) * logits_context) on the
+  full grid, ``detail`` the box's detail logits placed in zeros.
 
 Inference (eval mode: the teacher's pseudo-labels, ``fastuda.evaluate``), on any image size (padded
 with zeros at the bottom/right to a multiple of ``align``, the outputs cropped back to
 ceil(H/s) x ceil(W/s)): the context view of the whole image, detail logits from ``detail_crop``
 windows slid over the full-resolution image (stride ``slide_stride``, multiples of s; overlaps
-averaged), fused with the (unmasked) attention everywhere.
+averaged), fused with the (unmasked) attention everywhere: up(a) * detail + up((1 - a) *
+logits_context).
 
 Outputs (a dict, like every SegModel): the context view's own outputs ("features", "embeddings",
 "backbone") and
@@ -31,11 +45,11 @@ Outputs (a dict, like every SegModel): the context view's own outputs ("features
 - ``logits_context``    context view, context grid
 - ``logits_detail``     training: the box's detail logits [B, C, dh/s, dw/s]; eval: the stitched
                         detail logits on the full grid
-- ``attention``         the a used in the fusion, full grid [B, 1, H/s, W/s] (0 outside the box in
-                        training)
+- ``attention``         up(a) of the fusion, full grid [B, A, H/s, W/s] (A = num_classes or 1;
+                        training: masked to the box before the upsampling)
 - ``attention_context`` the head's output on the context grid (never masked)
-- training only: ``attention_detail`` (the upsampled attention inside the box, [B, 1, dh/s, dw/s],
-  unmasked), ``features_detail`` (the detail view's features), ``detail_box`` (int64 [4]: y1, y2,
+- training only: ``attention_detail`` (``attention`` inside the box, [B, A, dh/s, dw/s]),
+  ``features_detail`` (the detail view's features), ``detail_box`` (int64 [4]: y1, y2,
   x1, x2 in input pixels; labels are cropped alike).
 """
 
@@ -48,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import HRDAConfig
+from . import outputs as O
 from .base import SegModel
 from .heads import SigmoidMapHead, resize
 
@@ -60,7 +75,10 @@ class HRDAModel(nn.Module):
         if isinstance(model, HRDAModel):
             raise ValueError("HRDAModel: the model is already an HRDAModel")
         self.model = model
-        self.attention_head = SigmoidMapHead(model.feature_channels, cfg.attention_channels)
+        self.attention_head = SigmoidMapHead(
+            model.feature_channels, cfg.attention_channels,
+            model.num_classes if cfg.attention_classwise else 1)
+        self.crop_divisible = int(cfg.crop_divisible)
         self.context_scale = float(cfg.context_scale)
         self.output_stride = int(model.output_stride)
         self.align = round(self.output_stride / self.context_scale)
@@ -97,15 +115,17 @@ class HRDAModel(nn.Module):
 
     def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         out = dict(self.model(self.context_view(images)))
-        att = self.attention_head(out["features"])
-        if att.shape[-2:] != out["logits"].shape[-2:]:
-            att = resize(att, out["logits"].shape[-2:])
+        att = self.attention_head(out[O.FEATURES])
+        if att.shape[-2:] != out[O.LOGITS].shape[-2:]:
+            att = resize(att, out[O.LOGITS].shape[-2:])
         return out, att
 
     def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
                  ) -> tuple[int, int, int, int]:
         """A ``detail_crop`` box (y1, y2, x1, x2) inside height x width whose corner is a
-        multiple of ``align``, uniformly over those positions."""
+        multiple of ``crop_divisible``: offset = randint((margin + 1) // d) * d per side, as the
+        release's get_crop_bbox (the box at the far border is drawn only when the margin is a
+        multiple of d minus 1)."""
         g = generator if generator is not None else self.generator
         if g is None:
             raise RuntimeError("HRDAModel: training draws detail boxes from a generator; bind "
@@ -114,10 +134,12 @@ class HRDAModel(nn.Module):
         if dh > height or dw > width:
             raise ValueError(f"HRDAModel: detail crop {dh}x{dw} does not fit the input "
                              f"{height}x{width}")
-        ny = (height - dh) // self.align + 1
-        nx = (width - dw) // self.align + 1
-        y1 = int(torch.randint(ny, (1,), generator=g)) * self.align
-        x1 = int(torch.randint(nx, (1,), generator=g)) * self.align
+        d = self.crop_divisible
+        if (dh, dw) == (height, width):
+            return 0, height, 0, width
+        ny, nx = max((height - dh + 1) // d, 1), max((width - dw + 1) // d, 1)
+        y1 = int(torch.randint(ny, (1,), generator=g)) * d
+        x1 = int(torch.randint(nx, (1,), generator=g)) * d
         return y1, y1 + dh, x1, x1 + dw
 
     # -- forward --------------------------------------------------------------------------------
@@ -136,27 +158,30 @@ class HRDAModel(nn.Module):
             raise ValueError(f"HRDAModel: training crops must be multiples of output stride / "
                              f"context_scale = {al} pixels, got {H}x{W}")
         y1, y2, x1, x2 = (int(v) for v in box)
-        if y1 % al or x1 % al or (y2 - y1) % al or (x2 - x1) % al or y1 < 0 or x1 < 0 \
+        if y1 % s or x1 % s or (y2 - y1) % al or (x2 - x1) % al or y1 < 0 or x1 < 0 \
                 or y2 > H or x2 > W:
-            raise ValueError(f"HRDAModel: detail box {box} must lie inside {H}x{W} on multiples "
-                             f"of {al} pixels")
+            raise ValueError(f"HRDAModel: detail box {box} must lie inside {H}x{W} with its "
+                             f"corner on multiples of {s} and its sides of {al} pixels")
         out, att_c = self._context(images)
         detail = self.model(images[:, :, y1:y2, x1:x2])
         grid = (H // s, W // s)
         cy1, cy2, cx1, cx2 = y1 // s, y2 // s, x1 // s, x2 // s
-        logits_d = detail["logits"]
+        logits_d = detail[O.LOGITS]
         if tuple(logits_d.shape[-2:]) != (cy2 - cy1, cx2 - cx1):
             raise ValueError(f"HRDAModel: the detail logits {tuple(logits_d.shape[-2:])} are not "
                              f"the box {box} over the output stride {s}")
-        ctx_up = resize(out["logits"], grid)
-        att_box = resize(att_c, grid)[:, :, cy1:cy2, cx1:cx2]
+        # the attention keeps the box's cells of the context grid (truncated as the release)
+        mask = att_c.new_zeros((1, 1, *att_c.shape[-2:]))
+        mask[:, :, y1 // al:y2 // al, x1 // al:x2 // al] = 1
+        att_m = att_c * mask
+        att = resize(att_m, grid)
         pad = (cx1, grid[1] - cx2, cy1, grid[0] - cy2)
-        att = F.pad(att_box, pad)  # a = 0 outside the box
-        fused = (1 - att) * ctx_up + att * F.pad(logits_d, pad)
-        out.update(logits=fused, logits_context=out["logits"], logits_detail=logits_d,
-                   attention=att, attention_context=att_c, attention_detail=att_box,
-                   features_detail=detail["features"],
-                   detail_box=torch.tensor([y1, y2, x1, x2], dtype=torch.int64))
+        fused = att * F.pad(logits_d, pad) + resize((1 - att_m) * out[O.LOGITS], grid)
+        att_box = att[:, :, cy1:cy2, cx1:cx2]
+        out.update({O.LOGITS: fused, O.LOGITS_CONTEXT: out[O.LOGITS], O.LOGITS_DETAIL: logits_d,
+                    O.ATTENTION: att, O.ATTENTION_CONTEXT: att_c, O.ATTENTION_DETAIL: att_box,
+                    O.FEATURES_DETAIL: detail[O.FEATURES],
+                    O.DETAIL_BOX: torch.tensor([y1, y2, x1, x2], dtype=torch.int64)})
         return out
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -184,16 +209,16 @@ class HRDAModel(nn.Module):
         acc = images.new_zeros((B, self.num_classes, *grid), dtype=torch.float32)
         hits = images.new_zeros((1, 1, *grid), dtype=torch.float32)
         for y1, y2, x1, x2 in self.windows(Hp, Wp):
-            d = self.model(x[:, :, y1:y2, x1:x2])["logits"].float()
+            d = self.model(x[:, :, y1:y2, x1:x2])[O.LOGITS].float()
             acc[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += d
             hits[:, :, y1 // s:y2 // s, x1 // s:x2 // s] += 1
         detail = acc / hits
         att = resize(att_c.float(), grid)
-        fused = (1 - att) * resize(out["logits"].float(), grid) + att * detail
+        fused = att * detail + resize((1 - att_c.float()) * out[O.LOGITS].float(), grid)
         oh, ow = math.ceil(H / s), math.ceil(W / s)
-        out.update(logits=fused[..., :oh, :ow], logits_context=out["logits"],
-                   logits_detail=detail[..., :oh, :ow], attention=att[..., :oh, :ow],
-                   attention_context=att_c)
+        out.update({O.LOGITS: fused[..., :oh, :ow], O.LOGITS_CONTEXT: out[O.LOGITS],
+                    O.LOGITS_DETAIL: detail[..., :oh, :ow], O.ATTENTION: att[..., :oh, :ow],
+                    O.ATTENTION_CONTEXT: att_c})
         return out
 
 

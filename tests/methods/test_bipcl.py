@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import MethodConfig
-from fastuda.methods.bipcl import BiPCL, image_prototypes, pair_contrast
+from fastuda.engine.context import MethodContext
+from fastuda.methods.bipcl import BiPCL, BiPCLSettings, image_prototypes, pair_contrast
 
 C, D = 3, 2
 
 
 def make(**kw) -> BiPCL:
-    cfg = MethodConfig(name="bipcl", **kw)
-    return BiPCL(cfg, num_classes=C, embed_dim=D, backend="torch")
+    return BiPCL(BiPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
 def unit(*xy: float) -> torch.Tensor:
@@ -70,7 +69,7 @@ def step_inputs() -> tuple[dict, torch.Tensor, dict, torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("mode,expected", [("off", [0, 0]), ("agree", [0, 255]),
                                            ("replace", [0, 1])])
 def test_label_transfer_modes(mode: str, expected: list[int]) -> None:
-    m = make(bipcl_label_transfer=mode, bipcl_calibration=False)
+    m = make(label_transfer=mode, calibration=False)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     m.update_state(src, src_label, 0)
     label, w = m.refine_pseudo_labels(tgt, tgt_label, weight, 0)
@@ -79,8 +78,8 @@ def test_label_transfer_modes(mode: str, expected: list[int]) -> None:
 
 
 def test_calibration_offset_ema_and_matching() -> None:
-    m = make(bipcl_label_transfer="off", bipcl_calibration=True,
-             bipcl_calibration_momentum=0.5)
+    m = make(label_transfer="off", calibration=True,
+             calibration_momentum=0.5)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     m.update_state(src, src_label, 0)
     m.refine_pseudo_labels(tgt, tgt_label, weight, 0)
@@ -105,8 +104,8 @@ def test_calibration_offset_ema_and_matching() -> None:
 
 def test_losses_in_both_directions() -> None:
     # tau 1 here: at 0.1 these near-perfect matches give losses ~1e-4, below fp32 resolution
-    m = make(bipcl_label_transfer="off", bipcl_calibration=False, bipcl_tau=1.0,
-             bipcl_weight=0.1, bipcl_start_iter=0)
+    m = make(label_transfer="off", calibration=False, tau=1.0,
+             weight=0.1, start_iter=0)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     tgt_label = torch.tensor([[[0, 1]]])
     m.update_state(src, src_label, 0)
@@ -133,7 +132,8 @@ def test_losses_in_both_directions() -> None:
 
 def test_loop_makes_bipcl_pseudo_labels_before_the_source_pass() -> None:
     from fastuda.config import Config, ModelConfig
-    from fastuda.methods.self_training import SelfTraining
+    from fastuda.engine.self_training import SelfTraining
+    from fastuda.methods import MethodStack
     from fastuda.models import build_model
 
     calls: list[str] = []
@@ -159,13 +159,13 @@ def test_loop_makes_bipcl_pseudo_labels_before_the_source_pass() -> None:
 
     cfg = Config(model=ModelConfig(name="deeplabv2", backbone="resnet18", embed_dim=8))
     model = build_model(cfg.model)
-    method = Recording(MethodConfig(name="bipcl", bipcl_start_iter=0), num_classes=19,
-                       embed_dim=8, backend="torch")
-    trainer = SelfTraining(cfg, model, method, torch.device("cpu"))
+    method = Recording(BiPCLSettings(start_iter=0),
+                       MethodContext(num_classes=19, embed_dim=8, backend="torch"))
+    trainer = SelfTraining(cfg, model, MethodStack([method], method.ctx), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     source = {"image": torch.randn(2, 3, 32, 32, generator=g),
               "label": torch.randint(0, 3, (2, 32, 32), generator=g)}
     result = trainer.step(source, {"image": torch.randn(2, 3, 32, 32, generator=g)}, 0)
     assert result.finite
     assert calls == ["update_state", "refine", "source", "target"]
-    assert {"src.contrast", "tgt.contrast", "mix.ce"} <= set(result.losses)
+    assert {"bipcl.src.contrast", "bipcl.tgt.contrast", "mix.ce"} <= set(result.losses)

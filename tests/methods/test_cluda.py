@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import MethodConfig
-from fastuda.methods.cluda import CLUDA, to_grid
+from fastuda.engine.context import MethodContext
+from fastuda.methods.cluda import CLUDA, CLUDASettings, to_grid
 
 
 def make(grid: tuple[int, int], **kw) -> CLUDA:
-    cfg = MethodConfig(name="cluda", cluda_grid=list(grid), **kw)
-    return CLUDA(cfg, num_classes=4, backend="torch")
+    return CLUDA(CLUDASettings(grid=list(grid), **kw),
+                 MethodContext(num_classes=4, backend="torch"))
 
 
 def loop_reference(feats: torch.Tensor, labels: torch.Tensor, tau: float,
@@ -50,7 +50,7 @@ def test_hand_computed_case() -> None:
     # anchors 0 and 1 each: -(1 - log(e + 1)); pixel 2 has no positive and does not count
     feats = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]]).view(1, 2, 1, 3)
     labels = torch.tensor([[[0, 0, 1]]])
-    m = make((1, 3), cluda_tau=1.0, cluda_weight=1.0)
+    m = make((1, 3), tau=1.0, weight=1.0)
     expected = math.log(math.e + 1) - 1
     assert float(m.contrast(feats, labels)) == pytest.approx(expected, rel=1e-6)
     assert float(m.source_losses({"features": feats}, labels, 0)["src.contrast"]) == \
@@ -63,7 +63,7 @@ def test_source_and_mixed_losses_match_the_loop() -> None:
     labels = torch.randint(0, 3, (2, 6, 8), generator=g)
     labels[0, :2] = 255
     weight = torch.rand(2, 6, 8, generator=g)
-    m = make((3, 4), cluda_tau=0.7, cluda_weight=2.0)
+    m = make((3, 4), tau=0.7, weight=2.0)
     small = labels[:, ::2, ::2]  # nearest from 6x8 to 3x4
     src = m.source_losses({"features": feats}, labels, 0)["src.contrast"]
     assert float(src) == pytest.approx(1.0 * loop_reference(feats, small, 0.7), rel=1e-5)
@@ -76,7 +76,7 @@ def test_ignore_pixels_change_nothing_and_grid_resize() -> None:
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(2, 4, 2, 2, generator=g)
     labels = torch.tensor([[[0, 1], [0, 255]], [[1, 0], [255, 1]]])
-    m = make((2, 2), cluda_tau=0.5)
+    m = make((2, 2), tau=0.5)
     before = m.contrast(feats, labels)
     other = feats.clone()
     other[0, :, 1, 1] = torch.randn(4, generator=g) * 10  # an ignored pixel's feature

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fastuda import ops
-from fastuda.config import MethodConfig
-from fastuda.methods.cluda import CLUDA, multires_pair_contrast
+from fastuda.engine.context import MethodContext
+from fastuda.methods.cluda import CLUDA, CLUDASettings, multires_pair_contrast
 
 BACKENDS = ["torch"] + (["cpu"] if ops.extension_available() else [])
 
@@ -109,8 +109,9 @@ def test_cluda_reads_hrda_outputs() -> None:
     labels = torch.randint(0, 3, (B, 8, 8), generator=g)
     weight = torch.rand(B, 8, 8, generator=g)
     torch.manual_seed(0)
-    m = CLUDA(MethodConfig(name="cluda", cluda_grid=list(grid), cluda_tau=0.7, cluda_weight=2.0),
-              num_classes=3, backend="torch", feature_channels=4, head_channels=3)
+    m = CLUDA(CLUDASettings(grid=list(grid), tau=0.7, weight=2.0, head_channels=3),
+              MethodContext(num_classes=3, backend="torch", feature_channels=4,
+                            multi_resolution=True))
     feats = torch.cat([out["features"], out["features_detail"]])
     lbl = torch.cat([labels[:, ::4, ::4], labels[:, 0:4, 4:8][:, ::2, ::2]])  # nearest
     with torch.no_grad():  # the features are already on the 2x2 grid: bilinear is the identity
@@ -126,7 +127,7 @@ def test_cluda_reads_hrda_outputs() -> None:
 
 
 def test_single_resolution_cluda_has_no_head() -> None:
-    m = CLUDA(MethodConfig(name="cluda"), num_classes=3, backend="torch")
+    m = CLUDA(CLUDASettings(), MethodContext(num_classes=3, backend="torch"))
     assert m.weight_head is None and not list(m.parameters())
     out = {"features": torch.randn(1, 4, 2, 2), "features_detail": torch.randn(1, 4, 2, 2),
            "detail_box": torch.tensor([0, 4, 0, 4])}
@@ -144,8 +145,9 @@ def test_contrast_trains_the_weight_head_not_the_fusion_attention() -> None:
     net = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", num_classes=3,
                                   projection=False))
     model = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32], attention_channels=8))
-    m = CLUDA(MethodConfig(name="cluda", cluda_grid=[4, 4]), num_classes=3, backend="torch",
-              feature_channels=model.feature_channels, head_channels=8)
+    m = CLUDA(CLUDASettings(grid=[4, 4], head_channels=8),
+              MethodContext(num_classes=3, backend="torch",
+                            feature_channels=model.feature_channels, multi_resolution=True))
     out = model.train()(torch.randn(2, 3, 64, 64), box=(16, 48, 0, 32))
     labels = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(1))
     m.source_losses(out, labels, 0)["src.contrast"].backward()

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastuda.config import DataConfig, DatasetConfig, MethodConfig, ModelConfig
+from fastuda.config import DataConfig, DatasetConfig, ModelConfig
 from fastuda.data import ensure_synthetic
 from fastuda.data.depth import load_depth_batch, read_inverse_depth
 from fastuda.data.io import DataError
 from fastuda.data.loaders import build_train_iterator, dali_available
-from fastuda.methods.corda import CorDA, CorDAModel, berhu_loss, depth_weight
+from fastuda.engine.context import MethodContext, StepView
+from fastuda.methods.corda import CorDA, CorDAModel, CorDASettings, berhu_loss, depth_weight
 from fastuda.models import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_depth_weight_by_hand() -> None:
 def test_model_wrapper_outputs_and_param_groups() -> None:
     net = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", num_classes=5,
                                   projection=False))
-    method = CorDA(MethodConfig(name="corda", corda_channels=16), num_classes=5)
+    method = CorDA(CorDASettings(channels=16), MethodContext(num_classes=5))
     model = method.wrap_model(net)
     assert isinstance(model, CorDAModel) and method.wrap_model(model) is model
     out = model(torch.randn(2, 3, 32, 32))
@@ -64,11 +65,11 @@ def test_model_wrapper_outputs_and_param_groups() -> None:
 
 
 def test_hooks_mix_and_weight_pseudo_labels() -> None:
-    method = CorDA(MethodConfig(name="corda"), num_classes=3)
+    method = CorDA(CorDASettings(), MethodContext(num_classes=3))
     src = {"image": torch.zeros(1, 3, 2, 2), "depth": torch.tensor([[[0.1, 0.2], [0.3, 0.4]]])}
     tgt = {"image": torch.zeros(1, 3, 2, 2),
            "depth": torch.tensor([[[0.5, float("nan")], [0.7, 0.8]]])}
-    method.start_step(src, tgt, 0)
+    method.start_step(StepView(0, src, tgt, src["image"], torch.zeros(1, 2, 2)))
     out = {"depth_source": torch.zeros(1, 2, 2, requires_grad=True),
            "depth_target": torch.zeros(1, 2, 2, requires_grad=True)}
     s = method.source_losses(out, torch.zeros(1, 2, 2, dtype=torch.long), 0)["src.depth"]

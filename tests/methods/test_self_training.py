@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastuda.methods.self_training import (
+from fastuda.engine.self_training import (
     classmix_masks,
     ema_alpha,
     ema_update,
     lr_factor,
     pseudo_label,
+    pseudo_margin_mask,
     weighted_ce,
 )
 
@@ -87,3 +88,24 @@ def test_lr_schedule() -> None:
     assert lr_factor(10, 100, 10, 1.0) == pytest.approx(0.9)
     assert lr_factor(50, 100, 0, 2.0) == pytest.approx(0.25)
     assert math.isclose(lr_factor(99, 100, 10, 1.0), 0.01)
+
+
+def test_pseudo_margin_mask_by_hand() -> None:
+    """HRDA's margins (top 1, bottom 2, left 3, right 1) on a 10x12 image: the mask of a 6x8
+    crop at (2, 3), flipped, in a 6x9 batch (one padded column), and at twice the scale."""
+    image = [[0.0 if y < 1 or y >= 10 - 2 or x < 3 or x >= 12 - 1 else 1.0 for x in range(12)]
+             for y in range(10)]
+    window = [row[3:11] for row in image[2:8]]
+    metas = [{"scaled_size": (10, 12), "crop_box": (2, 3, 6, 8), "flip": False},
+             {"scaled_size": (10, 12), "crop_box": (2, 3, 6, 8), "flip": True}]
+    got = pseudo_margin_mask(metas, [1, 2, 3, 1], (6, 9))
+    expected = torch.ones(2, 6, 9)
+    expected[0, :, :8] = torch.tensor(window)
+    expected[1, :, :8] = torch.tensor([row[::-1] for row in window])
+    assert torch.equal(got, expected)
+    # an image scaled to 20x24 from the reference 10x12: margins of 2, 4, 6, 2 pixels
+    big = pseudo_margin_mask([{"scaled_size": (20, 24), "crop_box": (0, 0, 20, 24),
+                               "flip": False}], [1, 2, 3, 1], (20, 24), reference_hw=(10, 12))
+    rows, cols = big[0][:, 10], big[0][10]  # a column and a row inside
+    assert rows.tolist() == [0.0] * 2 + [1.0] * 14 + [0.0] * 4
+    assert cols.tolist() == [0.0] * 6 + [1.0] * 16 + [0.0] * 2

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import MethodConfig
-from fastuda.methods.sepico import SePiCo
+from fastuda.engine.context import MethodContext
+from fastuda.methods.sepico import SePiCo, SePiCoSettings
 from fastuda.ops import reference
 
 C, D = 4, 8
 
 
 def make(variant: str = "dist", **kw) -> SePiCo:
-    cfg = MethodConfig(name="sepico", variant=variant, start_iter=5, tau=0.5, bank_size=3, **kw)
-    return SePiCo(cfg, num_classes=C, embed_dim=D, backend="torch")
+    settings = SePiCoSettings(variant=variant, start_iter=5, tau=0.5, bank_size=3, **kw)
+    return SePiCo(settings, MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
 def batch(seed: int = 0) -> tuple[dict, torch.Tensor]:
@@ -98,17 +98,17 @@ def test_non_finite_teacher_source_skips_the_step_before_the_statistics() -> Non
     from pathlib import Path
 
     from fastuda.config import load_config
-    from fastuda.methods import build_method
-    from fastuda.methods.self_training import SelfTraining
+    from fastuda.engine.self_training import SelfTraining
+    from fastuda.methods import build_methods
     from fastuda.models import build_network
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "demo.toml", [
-        "data.crop_size=[64, 64]", "model.embed_dim=16", "method.start_iter=0",
+        "data.crop_size=[64, 64]", "model.embed_dim=16", "sepico.start_iter=0",
         "self_training.class_balanced_crop=false"])
     torch.manual_seed(0)
     model = build_network(cfg)
-    method = build_method(cfg, embed_dim=model.embed_dim, device=torch.device("cpu"))
+    method = build_methods(cfg, model, torch.device("cpu"))
     trainer = SelfTraining(cfg, model, method, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 5, (2, 4, 4), generator=g)  # 16x16 blocks: survive downscaling
@@ -116,10 +116,11 @@ def test_non_finite_teacher_source_skips_the_step_before_the_statistics() -> Non
               "label": blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)}
     target = {"image": torch.randn(2, 3, 64, 64, generator=g)}
     bad = {"image": torch.full_like(source["image"], float("nan")), "label": source["label"]}
-    stats = [t.clone() for t in trainer.method.stats.stats()]
+    stats = [t.clone() for t in trainer.methods["sepico"].stats.stats()]
     weights = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     assert not trainer.step(bad, target, 0).finite
-    assert all(torch.equal(a, b) for a, b in zip(stats, trainer.method.stats.stats(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(stats, trainer.methods["sepico"].stats.stats(), strict=True))
     assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in weights.items())
     assert trainer.step(source, target, 1).finite
-    assert float(trainer.method.stats.stats()[0].sum()) > 0
+    assert float(trainer.methods["sepico"].stats.stats()[0].sum()) > 0

@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import MethodConfig
-from fastuda.methods.spcl import SPCL, class_median_thresholds
+from fastuda.engine.context import MethodContext
+from fastuda.methods.spcl import SPCL, SPCLSettings, class_median_thresholds
 
 C, D = 3, 4
 
 
 def make(**kw) -> SPCL:
-    cfg = MethodConfig(name="spcl", **kw)
-    return SPCL(cfg, num_classes=C, embed_dim=D, backend="torch")
+    return SPCL(SPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
 def test_class_median_thresholds_by_hand() -> None:
@@ -38,7 +37,7 @@ def test_class_median_thresholds_by_hand() -> None:
 
 
 def test_prototypes_are_an_ema_of_correct_pixels() -> None:
-    m = make(spcl_momentum=0.1, spcl_start_iter=10)
+    m = make(momentum=0.1, start_iter=10)
     emb = F.normalize(torch.randn(1, D, 2, 2), dim=1)
     label = torch.tensor([[[0, 0], [1, 1]]])
     logits = torch.zeros(1, C, 2, 2)
@@ -59,14 +58,14 @@ def test_prototypes_are_an_ema_of_correct_pixels() -> None:
     assert torch.allclose(m.prototypes.mean[0], expected0, atol=1e-6)
     assert torch.allclose(m.prototypes.mean[1], first[1], atol=1e-6)  # absent: unchanged
     # checkpoint round trip
-    other = make(spcl_momentum=0.1)
+    other = make(momentum=0.1)
     other.load_state_dict(m.state_dict())
     assert torch.equal(other.prototypes.mean, m.prototypes.mean)
 
 
 def test_source_and_target_contrast_by_formula() -> None:
     tau = 0.5
-    m = make(spcl_tau=tau, spcl_start_iter=0, spcl_source_weight=2.0, spcl_threshold_cap=0.9)
+    m = make(tau=tau, start_iter=0, source_weight=2.0, threshold_cap=0.9)
     g = torch.Generator().manual_seed(3)
     emb = F.normalize(torch.randn(1, D, 1, 4, generator=g), dim=1)
     label = torch.tensor([[[0, 1, 2, 1]]])
@@ -100,15 +99,15 @@ def test_target_thresholds_median_and_cap() -> None:
                              [0.0, 2.0, 0.0]]).t().reshape(1, C, 1, 4)
     plabel = t_logits.argmax(1)
     weight = torch.ones(1, 1, 4)
-    m = make(spcl_threshold_cap=0.9)
+    m = make(threshold_cap=0.9)
     assert m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0) == (plabel, weight)
     assert m._target_label[0, 0].tolist() == [0, 0, 255, 1]
-    m = make(spcl_threshold_cap=0.5)
+    m = make(threshold_cap=0.5)
     m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
     assert m._target_label[0, 0].tolist() == [0, 0, 0, 1]
     # an ignored pixel leaves the labels and the thresholds: class 0 is then {0.787, 0.576},
     # lower median 0.576, so the third pixel is kept
     weight[0, 0, 0] = 0
-    m = make(spcl_threshold_cap=0.9)
+    m = make(threshold_cap=0.9)
     m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
     assert m._target_label[0, 0].tolist() == [255, 0, 0, 1]

@@ -26,10 +26,12 @@ class Stub(SegModel):
         return {"logits": self.proj(feats), "features": feats}
 
 
-def stub_hrda(detail: tuple[int, int], stride: list[int] | None = None) -> HRDAModel:
+def stub_hrda(detail: tuple[int, int], stride: list[int] | None = None, *,
+              classwise: bool = True, divisible: int = 8) -> HRDAModel:
     torch.manual_seed(0)
     cfg = HRDAConfig(enabled=True, context_scale=0.5, detail_crop=list(detail),
-                     attention_channels=4, slide_stride=stride or [])
+                     attention_channels=4, slide_stride=stride or [],
+                     attention_classwise=classwise, crop_divisible=divisible)
     return HRDAModel(Stub(), cfg).eval()
 
 
@@ -38,30 +40,32 @@ def up(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def test_fusion_matches_a_hand_computation() -> None:
+    """The released HRDAHead.forward: the class-wise attention masked to the box's cells of the
+    context grid, fused = up(att) * detail (placed in zeros) + up((1 - att) * context)."""
     m = stub_hrda((8, 4))  # align = 2 / 0.5 = 4 pixels
     x = torch.randn(2, 3, 16, 12)
     box = (4, 12, 8, 12)
     out = m(x, box=box)
-    ctx = m.model(up(x, (8, 6)))
+    ctx = m.model(up(x, (8, 6)))  # context grid 4 x 3
     att_c = m.attention_head(ctx["features"])
     det = m.model(x[:, :, 4:12, 8:12])
     grid = (8, 6)  # 16x12 / stride 2
-    ctx_up, att_up = up(ctx["logits"], grid), up(att_c, grid)
-    expected = ctx_up.clone()
-    a = att_up[:, :, 2:6, 4:6]
-    expected[:, :, 2:6, 4:6] = (1 - a) * ctx_up[:, :, 2:6, 4:6] + a * det["logits"]
+    mask = torch.zeros(1, 1, 4, 3)
+    mask[:, :, 1:3, 2:3] = 1  # context cells 4 // 4 .. 12 // 4, 8 // 4 .. 12 // 4
+    att = up(att_c * mask, grid)
+    placed = torch.zeros(2, 3, *grid)
+    placed[:, :, 2:6, 4:6] = det["logits"]
+    expected = att * placed + up((1 - att_c * mask) * ctx["logits"], grid)
     assert out["logits"].shape == (2, 3, 8, 6)
     assert torch.allclose(out["logits"], expected, atol=1e-6)
-    inside = torch.zeros(grid, dtype=torch.bool)
-    inside[2:6, 4:6] = True
-    assert torch.equal(out["logits"][..., ~inside], ctx_up[..., ~inside])  # context alone outside
-    assert torch.all(out["attention"][..., ~inside] == 0)
-    assert torch.allclose(out["attention"][..., inside], a.flatten(-2))
+    assert torch.allclose(out["attention"], att, atol=1e-6)
+    assert torch.all(out["attention"][..., 0, :] == 0)  # rows whose context cells are masked
+    assert torch.equal(out["logits"][..., 0, :], up(ctx["logits"], grid)[..., 0, :])
     assert torch.equal(out["detail_box"], torch.tensor(box))
     assert out["logits_detail"].shape == (2, 3, 4, 2)
     assert out["features_detail"].shape == (2, 3, 4, 2)
-    assert out["attention_context"].shape == (2, 1, 4, 3)
-    assert torch.allclose(out["attention_detail"], a)
+    assert out["attention_context"].shape == (2, 3, 4, 3)  # one channel per class
+    assert torch.allclose(out["attention_detail"], att[:, :, 2:6, 4:6])
     assert torch.allclose(out["features"], ctx["features"])
     # gradients reach the attention head through the fusion
     out["logits"].sum().backward()
@@ -69,7 +73,9 @@ def test_fusion_matches_a_hand_computation() -> None:
 
 
 def test_detail_box_is_aligned_deterministic_and_uniform() -> None:
-    m = stub_hrda((8, 4)).train()
+    """The corner on multiples of crop_divisible, drawn as the release's get_crop_bbox:
+    offset = randint(0, (margin + 1) // d) * d."""
+    m = stub_hrda((8, 4), divisible=4).train()
     boxes = [m.draw_box(24, 16, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert boxes[0] == boxes[1]
     g = torch.Generator().manual_seed(0)
@@ -79,7 +85,12 @@ def test_detail_box_is_aligned_deterministic_and_uniform() -> None:
         assert y1 % 4 == 0 and x1 % 4 == 0 and (y2 - y1, x2 - x1) == (8, 4)
         assert 0 <= y1 and y2 <= 24 and 0 <= x1 and x2 <= 16
         seen.add((y1, x1))
-    assert seen == {(y, x) for y in range(0, 17, 4) for x in range(0, 13, 4)}
+    # margins 16 and 12: (16 + 1) // 4 = 4 rows (0..12), (12 + 1) // 4 = 3 columns (0..8)
+    assert seen == {(y, x) for y in range(0, 13, 4) for x in range(0, 9, 4)}
+    m8 = stub_hrda((8, 4)).train()  # the released divisor 8
+    seen = {m8.draw_box(24, 16, g)[::2] for _ in range(100)}
+    assert seen == {(0, 0), (8, 0)}  # (16 + 1) // 8 = 2 rows, (12 + 1) // 8 = 1 column
+    assert m8.draw_box(8, 4, g) == (0, 8, 0, 4)  # the crop is the box: no draw
     # training forward draws from the bound generator, the same boxes after re-seeding
     x = torch.randn(1, 3, 24, 16)
     with pytest.raises(RuntimeError, match="use_generator"):
@@ -88,8 +99,8 @@ def test_detail_box_is_aligned_deterministic_and_uniform() -> None:
     first = [m(x)["detail_box"].tolist() for _ in range(3)]
     m.use_generator(torch.Generator().manual_seed(5))
     assert [m(x)["detail_box"].tolist() for _ in range(3)] == first
-    with pytest.raises(ValueError, match="multiples of 4"):
-        m(x, box=(2, 10, 0, 4))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        m(x, box=(1, 9, 0, 4))
 
 
 def test_inference_with_one_window_is_the_training_fusion_over_the_whole_image() -> None:
@@ -113,8 +124,8 @@ def test_sliding_detail_windows_are_averaged() -> None:
         hits[..., y1 // 2:y2 // 2, x1 // 2:x2 // 2] += 1
     detail = acc / hits
     ctx = m.model(up(x, (8, 6)))
-    a = up(m.attention_head(ctx["features"]), (8, 6))
-    expected = (1 - a) * up(ctx["logits"], (8, 6)) + a * detail
+    att_c = m.attention_head(ctx["features"])
+    expected = up(att_c, (8, 6)) * detail + up((1 - att_c) * ctx["logits"], (8, 6))
     assert torch.allclose(inf["logits_detail"], detail, atol=1e-6)
     assert torch.allclose(inf["logits"], expected, atol=1e-6)
     # the stub is local (pooling + 1x1 conv): windowed detail = the whole image at full res
@@ -130,13 +141,14 @@ def test_inference_pads_odd_sizes_and_crops_back() -> None:
     x = torch.randn(2, 3, 13, 10)
     out = m(x)
     assert out["logits"].shape == (2, 3, 7, 5)  # ceil(13/2), ceil(10/2)
-    assert out["logits_detail"].shape == (2, 3, 7, 5) and out["attention"].shape == (2, 1, 7, 5)
+    assert out["logits_detail"].shape == (2, 3, 7, 5) and out["attention"].shape == (2, 3, 7, 5)
     xp = torch.zeros(2, 3, 16, 12)
     xp[..., :13, :10] = x  # zeros at the bottom and the right
     ctx = m.model(up(xp, (8, 6)))
-    a = up(m.attention_head(ctx["features"]), (8, 6))
+    att_c = m.attention_head(ctx["features"])
+    a = up(att_c, (8, 6))
     det = m.model(xp)["logits"]
-    fused = (1 - a) * up(ctx["logits"], (8, 6)) + a * det
+    fused = a * det + up((1 - att_c) * ctx["logits"], (8, 6))
     torch.testing.assert_close(out["logits"], fused[..., :7, :5], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["logits_detail"], det[..., :7, :5], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["attention"], a[..., :7, :5], atol=1e-6, rtol=1e-5)
@@ -159,10 +171,14 @@ def test_real_model_shapes_and_param_groups() -> None:
     assert out["logits"].shape == (2, 4, 8, 8) and out["logits_detail"].shape == (2, 4, 4, 4)
     assert out["features_detail"].shape[-2:] == (4, 4)
     y1, y2, x1, x2 = out["detail_box"].tolist()
-    assert y1 % 16 == 0 and x1 % 16 == 0 and (y2 - y1, x2 - x1) == (32, 32)
+    assert y1 % 8 == 0 and x1 % 8 == 0 and (y2 - y1, x2 - x1) == (32, 32)
     with torch.no_grad():
         ev = m.eval()(x)
-    assert ev["logits"].shape == (2, 4, 8, 8) and ev["attention"].shape == (2, 1, 8, 8)
+    assert ev["logits"].shape == (2, 4, 8, 8) and ev["attention"].shape == (2, 4, 8, 8)
+    single = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32], attention_channels=8,
+                                       attention_classwise=False))
+    with torch.no_grad():
+        assert single.eval()(x)["attention"].shape == (2, 1, 8, 8)  # one for all classes
     groups = m.param_groups(1e-3, 10.0, 0.01)
     grouped = {id(p) for g in groups for p in g["params"]}
     assert grouped == {id(p) for p in m.parameters()}

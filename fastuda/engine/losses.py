@@ -1,0 +1,42 @@
+"""The segmentation loss of every pass: pixel-wise cross-entropy with a pixel weight, plus HRDA's
+detail term when the outputs carry a detail box (docs/architecture.md, "Losses")."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.classes import IGNORE_INDEX
+from ..models import outputs as O
+
+
+def weighted_ce(logits: Tensor, label: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Pixel-wise CE (ignore 255) times the pixel weight, averaged over all pixels (DACS)."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    if weight is None:
+        return F.cross_entropy(logits, label.long(), ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(logits, label.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * weight).mean()
+
+
+def segmentation_losses(prefix: str, out: dict[str, Tensor], label: Tensor,
+                        weight: Tensor | None = None, *, detail_weight: float = 0.0
+                        ) -> dict[str, Tensor]:
+    """``{prefix}.ce``: weighted CE of the logits; with HRDA outputs (a detail box) that counts
+    1 - detail_weight, and ``{prefix}.ce_detail`` is detail_weight x weighted CE of the detail
+    logits on the label (and weight) cropped to the box, averaged over the box's pixels (the
+    released HRDAHead.losses: loss_seg * (1 - hr_loss_weight), hr.loss_seg * hr_loss_weight)."""
+    ce = weighted_ce(out[O.LOGITS], label, weight)
+    if O.DETAIL_BOX in out:
+        ce = (1.0 - detail_weight) * ce
+    losses = {f"{prefix}.ce": ce}
+    if O.DETAIL_BOX in out and detail_weight > 0:
+        y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
+        w = None if weight is None else weight[:, y1:y2, x1:x2]
+        losses[f"{prefix}.ce_detail"] = detail_weight * weighted_ce(
+            out[O.LOGITS_DETAIL], label[:, y1:y2, x1:x2], w)
+    return losses
+
+
+__all__ = ["segmentation_losses", "weighted_ce"]

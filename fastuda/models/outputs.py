@@ -1,0 +1,30 @@
+"""The names of a network's outputs: every model's forward returns a dict keyed by these, and
+the loop and the methods read them by these names only (docs/architecture.md, "Model outputs").
+
+Shapes: s is the model's output stride; HRDA's outputs are described in fastuda/models/hrda.py.
+"""
+
+from __future__ import annotations
+
+# every SegModel
+LOGITS = "logits"  # [B, num_classes, H/s, W/s]; the trainer upsamples
+EMBEDDINGS = "embeddings"  # [B, embed_dim, h, w], unit L2 norm (only with a projection head)
+FEATURES = "features"  # the map the classifier reads (DAFormer: fused decoder, DeepLab-V2: layer 4)
+BACKBONE = "backbone"  # the last backbone stage
+
+# HRDA (fastuda/models/hrda.py)
+LOGITS_CONTEXT = "logits_context"  # context view, context grid
+LOGITS_DETAIL = "logits_detail"  # training: the detail box; eval: stitched on the full grid
+ATTENTION = "attention"  # the scale attention used in the fusion, full grid
+ATTENTION_CONTEXT = "attention_context"  # the attention head's output on the context grid
+ATTENTION_DETAIL = "attention_detail"  # training: the attention inside the detail box
+FEATURES_DETAIL = "features_detail"  # training: the detail view's features
+DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixels
+
+# CorDA (fastuda/methods/corda.py)
+DEPTH_SOURCE = "depth_source"  # [B, h, w] inverse depth, the source-domain head
+DEPTH_TARGET = "depth_target"  # [B, h, w] inverse depth, the target-domain head
+
+__all__ = ["ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE", "DEPTH_SOURCE",
+           "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL", "LOGITS",
+           "LOGITS_CONTEXT", "LOGITS_DETAIL"]
