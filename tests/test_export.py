@@ -43,7 +43,9 @@ def _reference(model: torch.nn.Module, cfg_sets: list[str], image: torch.Tensor)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "size"), [("deeplabv2", ["64", "96"]), ("daformer", None)])
+# DeepLab-V2 dynamic, DAFormer at a fixed size: the dynamo exporter takes minutes over MiT's
+# dynamic shapes on 2 CPU cores (about twice its fixed-size time)
+@pytest.mark.parametrize(("name", "size"), [("deeplabv2", None), ("daformer", ["64", "96"])])
 def test_onnx_agrees_with_pytorch(name: str, size: list[str] | None, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     ort = pytest.importorskip("onnxruntime")
