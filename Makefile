@@ -29,6 +29,8 @@ $(DEPS): pyproject.toml | $(PY)
 	$(PIP) install numpy pillow tqdm tensorboard pytest ruff cityscapesscripts
 	# timm (the `vit` extra): model.name = "vit" builds DINOv2 ViTs with it (brings safetensors)
 	$(PIP) install timm
+	# the `export` extra: fastuda.export writes ONNX (dynamo exporter) and checks it in onnxruntime
+	$(PIP) install onnx onnxscript onnxruntime
 	# DALI (the `dali` extra): data.loader = "auto" uses it, and the tests compare it with torch's
 	$(PIP) install nvidia-dali-cuda130
 	touch $@
