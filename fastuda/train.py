@@ -209,7 +209,9 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
 
     run = Run(cfg, work_dir, info, device)
     t = cfg.train
-    log = RunLogger(work_dir, total_iters=t.max_iters, enabled=info.is_main)
+    images_per_step = 2 * cfg.data.batch_size * info.world_size  # source + target
+    log = RunLogger(work_dir, total_iters=t.max_iters, images_per_step=images_per_step,
+                    enabled=info.is_main)
     if stale:
         log.info(f"removed {len(stale)} unfinished checkpoint write(s) of an earlier run: "
                  + ", ".join(p.name for p in stale))
@@ -221,14 +223,13 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
             # on the CPU: RNG states must stay CPU tensors; the loaders move the rest
             run.load_state_dict(ckpt.load_checkpoint(path, map_location="cpu"), log)
             log.info(f"resumed from {path} at iteration {run.iteration}")
-            log.step(run.iteration)
+            log.step(run.iteration, resumed=True)
     log.info(f"training {cfg.model.name}/{cfg.model.backbone}, method {cfg.method.name}, "
              f"{t.max_iters} iterations, {t.precision}, ops backend {cfg.ops.backend}, "
              f"device {device}, world size {info.world_size}; work dir {work_dir}")
 
     window: dict[str, float] = defaultdict(float)
     n_window, t_window = 0, time.perf_counter()
-    images_per_step = 2 * cfg.data.batch_size * info.world_size
     record = None
     try:
         while run.iteration < t.max_iters:
