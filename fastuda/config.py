@@ -93,6 +93,9 @@ class ModelConfig:
     drop_path: float = 0.1
     dropout: float = 0.1
     channels_last: bool = False
+    # 0: the published stride (8 deeplabv2, 4 daformer); deeplabv2 also takes 16 (only the
+    # last stage dilated: half the backbone's compute, for CPU demos)
+    output_stride: int = 0
 
     def __post_init__(self) -> None:
         allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
@@ -100,6 +103,9 @@ class ModelConfig:
         _check(self.backbone in allowed, "model.backbone", self.backbone,
                f"one of {allowed} for model.name = {self.name!r}")
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, ">= 1")
+        strides = {"deeplabv2": (0, 8, 16), "daformer": (0, 4)}[self.name]
+        _check(self.output_stride in strides, "model.output_stride", self.output_stride,
+               f"one of {strides} for model.name = {self.name!r}")
 
 
 @dataclass
