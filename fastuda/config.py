@@ -103,6 +103,9 @@ class ModelConfig:
     vit_resize_scale: float = 1.0
     grad_checkpointing: bool = False  # vit only: recompute each block in the backward
     layer_decay: float = 1.0  # vit only: block i of n at lr * layer_decay ** (n - 1 - i)
+    # 0: the published stride (8 deeplabv2, 4 daformer); deeplabv2 also takes 16 (only the
+    # last stage dilated: half the backbone's compute, for CPU demos)
+    output_stride: int = 0
 
     def __post_init__(self) -> None:
         allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
@@ -122,6 +125,9 @@ class ModelConfig:
             for key, default in (("grad_checkpointing", False), ("layer_decay", 1.0)):
                 _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
                        f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")
+        strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
+        _check(self.output_stride in strides, "model.output_stride", self.output_stride,
+               f"one of {strides} for model.name = {self.name!r}")
 
 
 @dataclass

@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from .engine.checkpoint import CheckpointLoadError
-    from .evaluate import load_model
     from .engine.runtime import pick_device
+    from .evaluate import load_model
 
     def report(line: str) -> None:
         from tqdm import tqdm

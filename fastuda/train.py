@@ -191,7 +191,9 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
 
     run = Run(cfg, work_dir, info, device)
     t = cfg.train
-    log = RunLogger(work_dir, total_iters=t.max_iters, enabled=info.is_main)
+    images_per_step = 2 * cfg.data.batch_size * info.world_size  # source + target
+    log = RunLogger(work_dir, total_iters=t.max_iters, images_per_step=images_per_step,
+                    enabled=info.is_main)
     if stale:
         log.info(f"removed {len(stale)} unfinished checkpoint write(s) of an earlier run: "
                  + ", ".join(p.name for p in stale))
@@ -203,7 +205,7 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
             # on the CPU: RNG states must stay CPU tensors; the loaders move the rest
             run.load_state_dict(ckpt.load_checkpoint(path, map_location="cpu"), log)
             log.info(f"resumed from {path} at iteration {run.iteration}")
-            log.step(run.iteration)
+            log.step(run.iteration, resumed=True)
     log.info(f"training {cfg.model.name}/{cfg.model.backbone}, methods "
              f"{'+'.join(cfg.methods) or 'none'}, "
              f"{t.max_iters} iterations, {t.precision}, ops backend {cfg.ops.backend}, "
@@ -211,7 +213,6 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
 
     window: dict[str, float] = defaultdict(float)
     n_window, t_window = 0, time.perf_counter()
-    images_per_step = 2 * cfg.data.batch_size * info.world_size
     record = None
     try:
         while run.iteration < t.max_iters:

@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -575,7 +576,7 @@ def generate_synthetic(root: str | Path, *, seed: int = 0,
 
 
 def _progress(it: Any, total: int, enabled: bool) -> Any:
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no bar redrawn into a log file or a pipe
         return it
     from tqdm import tqdm
 
@@ -630,6 +631,9 @@ def ensure_synthetic(root: str) -> None:
                 if marker.get("version") == GENERATOR_VERSION:
                     kwargs = {"seed": marker["seed"], "counts": marker["counts"],
                               "width": marker["size"][0], "height": marker["size"][1]}
+                if not sys.stderr.isatty():  # a log gets one line, a terminal the bar
+                    print(f"generating the synthetic domain pair under {path}", file=sys.stderr,
+                          flush=True)
                 generate_synthetic(path, progress=True, **kwargs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -35,7 +35,8 @@ def build_model(cfg: ModelConfig) -> SegModel:
             raise ValueError(f"model.backbone = {cfg.backbone!r} is not a ResNet; deeplabv2 takes "
                              f"one of {sorted(RESNET_SPECS)}")
         model = DeepLabV2(cfg.backbone, cfg.num_classes, projection=cfg.projection,
-                          embed_dim=cfg.embed_dim, channels_last=cfg.channels_last)
+                          embed_dim=cfg.embed_dim, channels_last=cfg.channels_last,
+                          output_stride=cfg.output_stride or 8)
     elif cfg.name == "daformer":
         if cfg.backbone not in MIT_SPECS:
             raise ValueError(f"model.backbone = {cfg.backbone!r} is not a MiT; daformer takes "

@@ -1,5 +1,8 @@
 """DeepLab-V2 (Chen et al., TPAMI 2017): dilated ResNet (output stride 8) + ASPP classifier.
 
+``output_stride = 16`` (only the last stage dilated) is not the published model: it halves the
+backbone's compute for small CPU runs (the demos).
+
 The classifier reads layer 4 directly (no dropout, as in DeepLab-V2 and DAFormer's DLV2 head, so
 ``model.dropout`` is not used here). The SePiCo projection head reads layer 4 too: 1x1 conv-BN-ReLU
 to the same width (2048 for ResNet-50/101), 1x1 conv-BN-ReLU to D = 512, L2-normalised.
@@ -20,12 +23,12 @@ PUBLISHED_EMBED_DIM = 512
 class DeepLabV2(SegModel):
     def __init__(self, backbone: str = "resnet101", num_classes: int = 19,
                  projection: bool = True, embed_dim: int = 0,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, output_stride: int = 8) -> None:
         super().__init__(channels_last)
-        self.backbone = ResNet(backbone, dilate_last_two=True)
+        self.backbone = ResNet(backbone, output_stride)
         width = self.backbone.out_channels[-1]
         self.decode_head = ASPPClassifier(width, num_classes)
-        self.output_stride = 8
+        self.output_stride = self.backbone.output_stride
         self.num_classes = num_classes
         self.feature_channels = width
         if projection:

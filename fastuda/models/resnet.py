@@ -70,16 +70,26 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+# which of the four stages trade their stride for dilation, per output stride
+OUTPUT_STRIDES = {8: (False, False, True, True), 16: (False, False, False, True),
+                  32: (False, False, False, False)}
+
+
 class ResNet(nn.Module):
     """ResNet feature extractor returning the outputs of the four stages (no pooling, no fc).
 
-    ``dilate_last_two=True`` gives the DeepLab layout: strides 4, 8, 8, 8 for the four stages.
+    ``output_stride`` 8 is the DeepLab-V2 layout (strides 4, 8, 8, 8 for the four stages: the
+    last two trade their stride for dilation), 16 dilates only the last stage (4, 8, 16, 16;
+    about half the compute at a given input), 32 is the plain classification layout.
     """
 
-    def __init__(self, depth: str = "resnet101", dilate_last_two: bool = True) -> None:
+    def __init__(self, depth: str = "resnet101", output_stride: int = 8) -> None:
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ValueError(f"unknown ResNet {depth!r}; expected one of {sorted(RESNET_SPECS)}")
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"ResNet output_stride must be one of {sorted(OUTPUT_STRIDES)}, "
+                             f"got {output_stride}")
         kind, blocks = RESNET_SPECS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth = depth
@@ -89,13 +99,13 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
         self._in_channels = 64
         self._dilation = 1
-        dilate = (False, False, dilate_last_two, dilate_last_two)
+        dilate = OUTPUT_STRIDES[output_stride]
         self.layer1 = self._make_stage(block, 64, blocks[0], 1, dilate[0])
         self.layer2 = self._make_stage(block, 128, blocks[1], 2, dilate[1])
         self.layer3 = self._make_stage(block, 256, blocks[2], 2, dilate[2])
         self.layer4 = self._make_stage(block, 512, blocks[3], 2, dilate[3])
         self.out_channels = [c * block.expansion for c in (64, 128, 256, 512)]
-        self.output_stride = 8 if dilate_last_two else 32
+        self.output_stride = output_stride
         self._init_weights()
 
     def _make_stage(self, block: type[nn.Module], channels: int, num_blocks: int, stride: int,
@@ -135,9 +145,9 @@ class ResNet(nn.Module):
         return [c1, c2, c3, c4]
 
 
-def resnet(depth: str, dilate_last_two: bool = True) -> ResNet:
+def resnet(depth: str, output_stride: int = 8) -> ResNet:
     """Build a ResNet backbone by name (``resnet18``, ``resnet50``, ``resnet101``)."""
-    return ResNet(depth, dilate_last_two)
+    return ResNet(depth, output_stride)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -242,3 +242,30 @@ def test_bad_input_is_named() -> None:
     model = small_model("deeplabv2", "resnet18")
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\].*\(2, 1, 8, 8\)"):
         model(torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_deeplabv2_output_stride(stride: int) -> None:
+    """Stride 16 dilates only layer 4: layer 3 then runs at 1/16, and the logits come out at
+    1/16 of a 64x64 input; stride 8 is the published layout."""
+    cfg = ModelConfig(name="deeplabv2", backbone="resnet18", projection=True, embed_dim=16,
+                      output_stride=stride)
+    model = build_model(cfg).eval()
+    assert model.output_stride == stride
+    stages = model.backbone(torch.randn(1, 3, 64, 64))
+    assert [tuple(x.shape[-2:]) for x in stages] == [(16, 16), (8, 8), (64 // stride,) * 2,
+                                                     (64 // stride,) * 2]
+    out = model(torch.randn(1, 3, 64, 64))
+    assert out["logits"].shape == (1, 19, 64 // stride, 64 // stride)
+    assert out["embeddings"].shape == (1, 16, 64 // stride, 64 // stride)
+    # layer 4's first block keeps layer 3's dilation, the rest are dilated by 2 at stride 16
+    assert model.backbone.layer4[1].conv1.dilation == ((2, 2) if stride == 16 else (4, 4))
+
+
+def test_output_stride_is_validated() -> None:
+    from fastuda.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.output_stride: 16 .*daformer"):
+        ModelConfig(name="daformer", backbone="mit_b0", output_stride=16)
+    with pytest.raises(ConfigError, match=r"model.output_stride: 32"):
+        ModelConfig(name="deeplabv2", backbone="resnet18", output_stride=32)
