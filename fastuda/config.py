@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -497,6 +498,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+def load_cli_config(path: str | Path, overrides: list[str] | None = None) -> Config | None:
+    """``load_config`` for the command lines: a ConfigError is printed as one ``error:`` line on
+    stderr and gives None (the caller exits with status 2)."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

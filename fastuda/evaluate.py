@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, EvalConfig, load_config
+from .config import Config, EvalConfig, load_cli_config
 from .engine.metrics import (
     ConfusionMatrix,
     class_table,
@@ -201,10 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the confusion matrix and per-class table (default: "
                              "WORK_DIR/eval/<checkpoint name>)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_cli_config(args.config, args.set)
+    if cfg is None:
         return 2
     from .data import DataError, build_val_loader
     from .engine.checkpoint import CheckpointLoadError

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_cli_config
 
 FORMATS = ("onnx", "torchscript")
 # ONNX protobufs are limited to 2 GB: larger weights go to a side file
@@ -154,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_cli_config(args.config, args.set)
+    if cfg is None:
         return 2
     from .engine.checkpoint import CheckpointLoadError
     from .evaluate import load_model

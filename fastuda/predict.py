@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_cli_config
 from .data.classes import CITYSCAPES_ID_TO_TRAIN, IGNORE_INDEX, PALETTE
 from .data.io import DataError, _load, _open
 from .engine.vis import colorize, overlay
@@ -352,10 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_cli_config(args.config, args.set)
+    if cfg is None:
         return 2
     from .engine.checkpoint import CheckpointLoadError
     from .engine.runtime import pick_device

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import Config, ConfigError, load_config, to_toml
+from .config import Config, ConfigError, load_cli_config, to_toml
 from .data.io import DataError
 from .engine import checkpoint as ckpt
 from .engine.distributed import (
@@ -257,10 +257,8 @@ def train(cfg: Config, work_dir: Path, resume: str | None = None) -> dict | None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = load_cli_config(args.config, args.set)
+    if cfg is None:
         return 2
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     try:

@@ -29,26 +29,17 @@ def build_model(cfg: ModelConfig) -> SegModel:
 
     The pretrained-loading report is kept as ``model.pretrained_report`` (None without weights).
     """
-    model: SegModel
+    model: SegModel  # ModelConfig has checked that the backbone is one of the model's
     if cfg.name == "deeplabv2":
-        if cfg.backbone not in RESNET_SPECS:
-            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a ResNet; deeplabv2 takes "
-                             f"one of {sorted(RESNET_SPECS)}")
         model = DeepLabV2(cfg.backbone, cfg.num_classes, projection=cfg.projection,
                           embed_dim=cfg.embed_dim, channels_last=cfg.channels_last,
                           output_stride=cfg.output_stride or 8)
     elif cfg.name == "daformer":
-        if cfg.backbone not in MIT_SPECS:
-            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a MiT; daformer takes "
-                             f"one of {sorted(MIT_SPECS)}")
         model = DAFormer(cfg.backbone, cfg.num_classes, decoder_channels=cfg.decoder_channels,
                          projection=cfg.projection, embed_dim=cfg.embed_dim,
                          drop_path=cfg.drop_path, dropout=cfg.dropout,
                          channels_last=cfg.channels_last)
     elif cfg.name == "vit":
-        if cfg.backbone not in VIT_SPECS:
-            raise ValueError(f"model.backbone = {cfg.backbone!r} is not a DINOv2 ViT; vit takes "
-                             f"one of {sorted(VIT_SPECS)}")
         model = ViTSegModel(cfg.backbone, cfg.num_classes, head=cfg.vit_head,
                             decoder_channels=cfg.decoder_channels, projection=cfg.projection,
                             embed_dim=cfg.embed_dim, drop_path=cfg.drop_path,
