@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data import class_balanced_crop, strong_augment
 from ..engine.distributed import all_ranks_true, average_grads
+from ..engine.guard import guarded_step
 from ..engine.profiling import StageTimer
 from .base import Method
 
@@ -373,13 +374,13 @@ class SelfTraining:
             return StepResult(log, finite=False)
         if self.method_params and self.forward_student is not self.student:
             average_grads(self.method_params)  # DDP averaged the student's
-        if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([*self.student.parameters(), *self.method_params],
-                                           cfg.optim.grad_clip)
         with self.timer("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            # skipped on non-finite gradients; raises if the step made a parameter non-finite
+            if not guarded_step(self.optimizer, self.scaler,
+                                [*self.student.parameters(), *self.method_params],
+                                cfg.optim.grad_clip):
+                log["grad_norm"] = math.nan
+                return StepResult(log, finite=False)
         if st.enabled:
             with self.timer("ema"):
                 ema_update(self.teacher, self.student, ema_alpha(it, st.ema_alpha))

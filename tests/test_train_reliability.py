@@ -1,0 +1,247 @@
+"""Issue 18: nothing a careful user does silently breaks a run. Each test reproduces a probe of the
+issue (data loss, silent wrong results, tracebacks where one line is due, signals) on the tiny CPU
+demo (tests/test_train.py's overrides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import REPO, synthetic_root, tiny_overrides  # noqa: F401  (fixture)
+
+from fastuda.config import ConfigError, load_config
+from fastuda.engine.checkpoint import load_checkpoint
+from fastuda.engine.workdir import WorkDirError, WorkDirLock
+from fastuda.train import main, train
+
+DEMO = REPO / "configs" / "demo_source_only.toml"
+
+
+def _sets(root: str, *extra: str) -> list[str]:
+    return [*tiny_overrides(root, DEMO), "train.eval_interval=100", "eval.max_images=1",
+            "train.log_interval=1", *extra]
+
+
+def _cli(root: str, work_dir: Path, *extra: str, resume: str | None = None,
+         flags: tuple[str, ...] = ()) -> list[str]:
+    args = [str(DEMO), *(x for s in _sets(root, *extra) for x in ("--set", s)),
+            "--work-dir", str(work_dir), *flags]
+    return [*args, "--resume", resume] if resume else args
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# data loss
+# ----------------------------------------------------------------------------------------------
+def test_snapshots_without_latest_are_resumed_or_refused_and_never_pruned(
+        synthetic_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """Issue point 1: a work dir with iter_*.pt but no latest.pt was started over; the new run
+    overwrote iter_N and keep_checkpoints pruned the new snapshots."""
+    run = tmp_path / "run"
+    train(load_config(DEMO, _sets(synthetic_root, "train.max_iters=2",
+                                  "train.checkpoint_interval=1")), run)
+    ckpts = run / "checkpoints"
+    old_iter_1 = (ckpts / "iter_1.pt").read_bytes()
+    (ckpts / "latest.pt").unlink()
+    assert main(_cli(synthetic_root, run, "train.max_iters=2",
+                     "train.checkpoint_interval=1")) == 1
+    err = _err(capsys)
+    assert "already holds checkpoints" in err and "iter_2.pt" in err and "--resume auto" in err
+    assert (ckpts / "iter_1.pt").read_bytes() == old_iter_1
+
+    # resumed from the newest snapshot; the resumed run keeps 1 snapshot of ITS OWN
+    assert main(_cli(synthetic_root, run, "train.max_iters=3", "train.checkpoint_interval=1",
+                     "train.keep_checkpoints=1", resume="auto",
+                     flags=("--allow-config-change",))) == 0
+    assert _names(ckpts) == ["iter_1.pt", "iter_2.pt", "iter_3.pt", "latest.pt"]
+    assert (ckpts / "iter_1.pt").read_bytes() == old_iter_1
+    assert load_checkpoint(ckpts / "latest.pt")["iteration"] == 3
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["type"] == "train"] == [1, 2, 3]
+
+
+def test_one_trainer_per_work_dir(synthetic_root: str, tmp_path: Path,  # noqa: F811
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue point 2: a second trainer deleted the first one's checkpoint temporary as stale."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").mkdir()
+    in_flight = run / "checkpoints" / ".iter_4.pt.abc.tmp"  # the holder's write under way
+    in_flight.write_bytes(b"partial")
+    with WorkDirLock(run):
+        assert main(_cli(synthetic_root, run, "train.max_iters=1")) == 1
+        err = _err(capsys)
+    assert f"is in use by another trainer (pid {os.getpid()})" in err
+    assert in_flight.exists()  # only removed under the lock
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
+
+
+def test_the_kernel_releases_the_lock_of_a_killed_trainer(tmp_path: Path) -> None:
+    code = ("import sys, time; from pathlib import Path; from fastuda.engine.workdir import "
+            "WorkDirLock; WorkDirLock(Path(sys.argv[1])).acquire(); print('locked', flush=True);"
+            " time.sleep(60)")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkDirError, match=f"pid {holder.pid}"):
+        WorkDirLock(tmp_path).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = WorkDirLock(tmp_path)
+    lock.acquire()  # no stale lock: the kernel dropped it with the process
+    lock.release()
+
+
+def test_val_config_is_checked_at_start_and_the_checkpoint_precedes_evaluation(
+        synthetic_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue point 3: a val problem surfaced at the first evaluation, before its checkpoint."""
+    run = tmp_path / "run"
+    assert main(_cli(synthetic_root, run, "data.val.num_classes=7")) == 2
+    assert "data.val.num_classes: 7" in _err(capsys)
+    assert not (run / "checkpoints" / "latest.pt").exists()
+    assert main(_cli(synthetic_root, run, "eval.stride=[0, 0]")) == 2
+    assert "eval.stride" in _err(capsys)
+
+    import fastuda.evaluate as evaluate_module
+    from fastuda.data.io import DataError
+
+    calls = []
+    real = evaluate_module.evaluate
+
+    def failing_once(*args, **kw):  # a truncated val image met at the first evaluation
+        calls.append(1)
+        if len(calls) == 1:
+            raise DataError("val/img_3.png", "unreadable or truncated image")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", failing_once)
+    record = train(load_config(DEMO, _sets(synthetic_root, "train.max_iters=2",
+                                           "train.eval_interval=1",
+                                           "train.checkpoint_interval=1")), run)
+    out = capsys.readouterr()
+    assert "error: evaluation at iteration 1 failed: val/img_3.png: unreadable" in out.out + out.err
+    assert record is not None and len(calls) == 2
+    assert (run / "checkpoints" / "iter_1.pt").is_file()  # written before the failing eval
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == 2
+
+
+def test_a_refused_resume_leaves_the_record_alone(synthetic_root: str, tmp_path: Path,  # noqa: F811
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue point 4: a failed resume rewrote config.toml (seed 7 for a seed-0 run)."""
+    run = tmp_path / "run"
+    assert main(_cli(synthetic_root, run, "train.max_iters=1")) == 0
+    before = (run / "config.toml").read_text()
+    assert "seed = 0" in before
+    capsys.readouterr()
+    assert main(_cli(synthetic_root, run, "train.max_iters=1", "train.seed=7",
+                     "model.backbone='resnet50'", resume="auto",
+                     flags=("--allow-config-change",))) == 2
+    err = _err(capsys)
+    assert "model.backbone ('resnet18' -> 'resnet50')" in err and "train.seed (0 -> 7)" in err
+    assert main(_cli(synthetic_root, run, "train.max_iters=1", "method.name='sepico'",
+                     resume="auto")) == 2
+    assert "method.name ('none' -> 'sepico')" in _err(capsys)
+    assert main(_cli(synthetic_root, run, "train.max_iters=2", resume="auto")) == 2
+    err = _err(capsys)
+    assert "train.max_iters (1 -> 2)" in err and "--allow-config-change" in err
+    assert (run / "config.toml").read_text() == before
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_an_intact_one(
+        synthetic_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """Issue point 5a: a corrupt iter_2.pt (latest.pt is its hard link) ended in a traceback."""
+    run = tmp_path / "run"
+    assert main(_cli(synthetic_root, run, "train.max_iters=2",
+                     "train.checkpoint_interval=1")) == 0
+    ckpts = run / "checkpoints"
+    with open(ckpts / "iter_2.pt", "r+b") as fh:  # a disk error: the file is cut short
+        fh.truncate(1000)
+    capsys.readouterr()
+    assert main(_cli(synthetic_root, run, "train.max_iters=2", "train.checkpoint_interval=1",
+                     resume="auto")) == 0
+    out = capsys.readouterr()
+    assert "skipped a checkpoint that does not load: cannot load checkpoint" in out.err + out.out
+    assert "resumed from" in out.err + out.out and "iter_1.pt at iteration 1" in out.err + out.out
+    assert load_checkpoint(ckpts / "latest.pt")["iteration"] == 2
+
+    for path in ckpts.glob("*.pt"):
+        path.write_bytes(b"garbage")
+    assert main(_cli(synthetic_root, run, "train.max_iters=2", resume="auto")) == 1
+    err = _err(capsys)
+    assert err.startswith(f"error: no checkpoint in {ckpts} loads")
+
+
+# ----------------------------------------------------------------------------------------------
+# silent wrong results
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value", [
+    ("optim.lr", "inf"), ("optim.lr", "-1e-3"), ("optim.lr", "nan"), ("optim.weight_decay", "-1"),
+    ("optim.betas", "[0.9, 1.0]"), ("optim.betas", "[0.9]"), ("optim.warmup_iters", "-1"),
+    ("optim.poly_power", "0"), ("eval.batch_size", "0"), ("train.max_bad_steps", "0")])
+def test_optimiser_and_eval_values_are_validated(key: str, value: str) -> None:
+    """Issue point 6: optim.lr=inf trained NaN weights and reported an mIoU with exit 0."""
+    with pytest.raises(ConfigError, match=f"invalid value for {key}"):
+        load_config(DEMO, [f"{key}={value}"])
+
+
+def test_a_non_finite_update_is_skipped_or_stops_the_run() -> None:
+    from fastuda.engine.guard import NonFiniteParameters, guarded_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.randn(2, 4)).sum().backward()
+    net.weight.grad[0, 0] = float("inf")  # finite loss, overflowing gradient
+    assert guarded_step(opt, scaler, list(net.parameters()), grad_clip=0.0) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert all(p.grad is None for p in net.parameters())
+
+    net(torch.randn(2, 4)).sum().backward()
+    for group in opt.param_groups:  # what optim.lr=inf did before it was validated
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteParameters):
+        guarded_step(opt, scaler, list(net.parameters()), grad_clip=1.0)
+
+
+def test_zero_val_images_is_an_error_and_metrics_are_strict_json(
+        synthetic_root: str, tmp_path: Path) -> None:  # noqa: F811
+    """Issue point 9: an evaluation over zero images printed `target mIoU: nan`, and NaN went
+    into metrics.jsonl."""
+    from fastuda.data.io import DataError
+    from fastuda.engine.logger import RunLogger
+    from fastuda.evaluate import evaluate
+
+    cfg = load_config(DEMO, _sets(synthetic_root))
+    with pytest.raises(DataError, match="saw no labelled pixels"):
+        evaluate(torch.nn.Identity(), [], cfg, torch.device("cpu"))
+    log = RunLogger(tmp_path, total_iters=1, tensorboard=False)
+    log.log_eval(1, {"mIoU": 12.5, "IoU": {"road": float("nan"), "car": 25.0}})
+    log.log_train(1, {"loss": float("inf")})
+    log.close()
+
+    def reject(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    rows = [json.loads(x, parse_constant=reject)
+            for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["IoU"] == {"road": None, "car": 25.0} and rows[1]["loss"] is None
