@@ -284,6 +284,18 @@ def check_before_start(cfg: Config) -> None:
                               "(width, height) in each side)")
 
 
+def relative_root_warnings(cfg: Config) -> list[str]:
+    """Data roots are relative to the working directory (README): a relative root that does not
+    exist there is most likely meant relative to somewhere else (the config file, the repo)."""
+    out = []
+    for dom in ("source", "target", "val"):
+        root = Path(getattr(cfg.data, dom).root).expanduser()
+        if not root.is_absolute() and not root.exists():
+            out.append(f"warning: data.{dom}.root = {str(root)!r} is relative to the working "
+                       f"directory {Path.cwd()}, where it does not exist")
+    return out
+
+
 def _warn_slow_autocast(cfg: Config, device: torch.device, log: RunLogger) -> None:
     """bf16/fp16 autocast on a CPU without native support runs emulated (tens of times slower)."""
     if device.type != "cpu" or cfg.train.precision == "fp32":
@@ -346,6 +358,9 @@ def _train(cfg: Config, work_dir: Path, resume: str | None, allow_config_change:
     if info.is_main:  # under the lock: no other trainer is writing here
         stale = ckpt.remove_stale_temporaries(work_dir / "checkpoints")
 
+    if info.is_main:
+        for line in relative_root_warnings(cfg):
+            print(line, file=sys.stderr)
     run = Run(cfg, work_dir, info, device)
     run.check_val_data()
     if state is not None:

@@ -245,3 +245,57 @@ def test_zero_val_images_is_an_error_and_metrics_are_strict_json(
     rows = [json.loads(x, parse_constant=reject)
             for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["IoU"] == {"road": None, "car": 25.0} and rows[1]["loss"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# signals, and no step logged twice after a resume
+# ----------------------------------------------------------------------------------------------
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_a_resume_logs_no_step_twice(synthetic_root: str, tmp_path: Path) -> None:  # noqa: F811
+    """A run killed after logging iteration 2 but before its checkpoint resumes from iteration 1:
+    iteration 2's metrics row and TensorBoard scalars must not appear twice."""
+    run = tmp_path / "run"
+    sets = _sets(synthetic_root, "train.max_iters=2", "train.checkpoint_interval=1",
+                 "train.keep_checkpoints=0")
+    train(load_config(DEMO, sets), run)
+    for name in ("iter_2.pt", "latest.pt"):  # the kill came before checkpoint 2 was written
+        (run / "checkpoints" / name).unlink()
+    time.sleep(1.0)  # a new TensorBoard event file name (it holds the time in seconds)
+    train(load_config(DEMO, sets), run, resume="auto")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["type"] == "train"] == [1, 2]
+    assert [r["iter"] for r in rows if r["type"] == "eval"] == [2]
+    assert _tensorboard_steps(run / "tensorboard", "train/loss") == [1, 2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_writes_a_checkpoint_and_says_how_to_resume(
+        synthetic_root: str, tmp_path: Path, sig: signal.Signals) -> None:  # noqa: F811
+    run = tmp_path / "run"
+    args = _cli(synthetic_root, run, "train.max_iters=30", "train.checkpoint_interval=100")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastuda.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            metrics.is_file() and '"train"' in metrics.read_text()):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"stopped by {sig.name} at iteration "), line
+    assert "--resume auto" in line and f"--work-dir {run}" in line
+    stopped = int(line.split("at iteration ")[1].split(";")[0])
+    assert 1 <= stopped < 30
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == stopped

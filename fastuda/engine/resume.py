@@ -9,8 +9,9 @@ none happens by mistake.
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any
+
+import tomllib
 
 from ..config import Config, ConfigError, to_toml
 
