@@ -299,3 +299,70 @@ def test_a_signal_writes_a_checkpoint_and_says_how_to_resume(
     stopped = int(line.split("at iteration ")[1].split(";")[0])
     assert 1 <= stopped < 30
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["iteration"] == stopped
+
+
+# ----------------------------------------------------------------------------------------------
+# tracebacks where one line is due
+# ----------------------------------------------------------------------------------------------
+def _folder_dataset(root: Path, corrupt: bool) -> None:
+    """A 'folder' dataset of two 64x64 images; the images cut in half when ``corrupt``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        for sub, arr in (("images", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+                         ("labels", rng.integers(0, 19, (64, 64), dtype=np.uint8))):
+            path = root / sub / "train" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+            if corrupt and sub == "images":
+                path.write_bytes(path.read_bytes()[:200])
+
+
+def test_user_errors_are_one_line(synthetic_root: str, tmp_path: Path,  # noqa: F811
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Each probe of the issue's list ends in one `error:` line naming the file, key or value
+    (exit 1: files and data, 2: config), not a traceback."""
+    def check(code: int, needle: str, *extra: str, work_dir: Path | None = None,
+              resume: str | None = None, config: Path | None = None) -> None:
+        args = _cli(synthetic_root, work_dir or tmp_path / "w", *extra, resume=resume)
+        if config is not None:
+            args[0] = str(config)
+        assert main(args) == code, needle
+        err = _err(capsys)
+        assert err.startswith("error: ") and needle in err, err
+
+    check(1, f"checkpoint not found: {tmp_path / 'nope.pt'}", resume=str(tmp_path / "nope.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    check(1, f"{tmp_path / 'foreign.pt'} is not a fastuda.train checkpoint",
+          resume=str(tmp_path / "foreign.pt"))
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04torn")
+    check(1, f"cannot load checkpoint {tmp_path / 'torn.pt'}", resume=str(tmp_path / "torn.pt"))
+    if not torch.cuda.is_available():
+        check(2, "train.device = 'cuda' but no CUDA device is visible", "train.device='cuda'")
+    check(2, "self_training.class_balanced_crop needs data.target.resize",
+          "self_training.enabled=true", "self_training.class_balanced_crop=true",
+          "data.target.resize=[]")
+    check(2, "data.crop_size: [60, 64]", "data.crop_size=[60, 64]")
+    check(2, "at most the class-balanced target", "self_training.enabled=true",
+          "self_training.class_balanced_crop=true", "data.crop_size=[128, 128]")
+    check(2, "invalid value for optim.lr: -0.001", "optim.lr=-1e-3")
+    (tmp_path / "file").write_text("x")
+    check(1, f"{tmp_path / 'file'} is a file, not a folder", work_dir=tmp_path / "file")
+    for sub in ("checkpoints", "vis", "tensorboard"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / sub).write_text("x")
+        check(1, f"{tmp_path / sub / sub} is a file, not a folder", work_dir=tmp_path / sub)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(DEMO.read_bytes().replace(b"\n", b"\n# caf\xe9\n", 1))
+    check(2, f"{latin1}: not UTF-8 text", config=latin1)
+    foreign = tmp_path / "my_photos"
+    (foreign / "2024").mkdir(parents=True)
+    check(1, f"{foreign}: is a non-empty folder that holds no synthetic dataset",
+          f"data.source.root={str(foreign)!r}")
+    assert not list(tmp_path.glob(".my_photos.lock"))
+    broken = tmp_path / "broken"
+    _folder_dataset(broken, corrupt=True)
+    check(1, f"{broken / 'images' / 'train'}", "data.source.name='folder'",
+          f"data.source.root={str(broken)!r}", "data.rcs=false", "data.num_workers=1")
