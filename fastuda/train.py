@@ -300,12 +300,19 @@ def _warn_slow_autocast(cfg: Config, device: torch.device, log: RunLogger) -> No
     """bf16/fp16 autocast on a CPU without native support runs emulated (tens of times slower)."""
     if device.type != "cpu" or cfg.train.precision == "fp32":
         return
-    native = torch.backends.cpu.get_cpu_capability()
-    fast = {"bf16": ("AVX512_BF16", "AMX"), "fp16": ("AMX", "AVX512_FP16")}[cfg.train.precision]
-    if not any(f in native for f in fast):
-        log.info(f"warning: train.precision = {cfg.train.precision!r} on this CPU ({native}) has "
-                 "no native support and runs many times slower than fp32; set "
-                 "train.precision='fp32' for CPU runs")
+    if cpu_has_native(cfg.train.precision):
+        return
+    log.info(f"warning: train.precision = {cfg.train.precision!r} on this CPU "
+             f"({torch.backends.cpu.get_cpu_capability()}) has no native support and runs many "
+             "times slower than fp32; set train.precision='fp32' for CPU runs")
+
+
+def cpu_has_native(precision: str) -> bool:
+    """bf16: AVX512-BF16 or AMX tiles; fp16: AMX-FP16 (torch.cpu's private probes, read
+    defensively: a torch without them is taken as having no native support)."""
+    probes = {"bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+              "fp16": ("_is_amx_fp16_supported",)}[precision]
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def _load_resume_state(work_dir: Path, resume: str) -> tuple[dict | None, Path | None,

@@ -366,3 +366,53 @@ def test_user_errors_are_one_line(synthetic_root: str, tmp_path: Path,  # noqa: 
     _folder_dataset(broken, corrupt=True)
     check(1, f"{broken / 'images' / 'train'}", "data.source.name='folder'",
           f"data.source.root={str(broken)!r}", "data.rcs=false", "data.num_workers=1")
+
+
+# ----------------------------------------------------------------------------------------------
+# small things
+# ----------------------------------------------------------------------------------------------
+def test_the_rcs_hint_names_a_command_that_exists() -> None:
+    from fastuda.data.stats import prepare_hint
+    from fastuda.prepare import DEFAULT_SPLITS
+
+    for name in ("gta", "synthia", "cityscapes", "synthetic_source", "synthetic_night"):
+        hint = prepare_hint(name, "data/x")
+        command = hint.split("`")[1].split()
+        assert command[:3] == ["python", "-m", "fastuda.prepare"]
+        assert command[3] in [*DEFAULT_SPLITS, "synthetic"] and command[4] == "data/x"
+    assert "data.rcs = false" in prepare_hint("folder", "data/x")
+
+
+def test_a_relative_root_that_does_not_exist_warns(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastuda.train import relative_root_warnings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    cfg = load_config(DEMO, ["data.source.root='here'", "data.target.root='not/here'",
+                             f"data.val.root={str(tmp_path / 'absolute')!r}"])
+    assert relative_root_warnings(cfg) == [
+        f"warning: data.target.root = 'not/here' is relative to the working directory "
+        f"{tmp_path}, where it does not exist"]
+
+
+def test_emulated_low_precision_on_cpu_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastuda.train import _warn_slow_autocast
+
+    lines: list[str] = []
+
+    class Log:
+        def info(self, msg: str) -> None:
+            lines.append(msg)
+
+    import fastuda.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native", lambda precision: False)  # e.g. AVX2
+    for precision in ("fp32", "bf16", "fp16"):
+        cfg = load_config(DEMO, [f"train.precision={precision!r}"])
+        _warn_slow_autocast(cfg, torch.device("cpu"), Log())  # type: ignore[arg-type]
+    assert len(lines) == 2 and "'bf16' on this CPU" in lines[0] and "'fp16'" in lines[1]
+    monkeypatch.setattr(train_module, "cpu_has_native", lambda precision: True)
+    _warn_slow_autocast(load_config(DEMO, ["train.precision='bf16'"]), torch.device("cpu"),
+                        Log())  # type: ignore[arg-type]
+    assert len(lines) == 2
