@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import sys
 import types
 import typing
@@ -142,6 +143,21 @@ class OptimConfig:
     fused: bool = True  # fused AdamW where the device supports it
     grad_clip: float = 0.0  # 0 disables
 
+    def __post_init__(self) -> None:
+        # an infinite or negative value trains NaN weights (or fails deep inside torch)
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a finite number > 0")
+        _check(math.isfinite(self.head_lr_mult) and self.head_lr_mult > 0, "optim.head_lr_mult",
+               self.head_lr_mult, "a finite number > 0")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               "optim.weight_decay", self.weight_decay, "a finite number >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               self.betas, "two numbers in [0, 1)")
+        _check(self.warmup_iters >= 0, "optim.warmup_iters", self.warmup_iters, ">= 0")
+        _check(math.isfinite(self.poly_power) and self.poly_power > 0, "optim.poly_power",
+               self.poly_power, "a finite number > 0")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+               self.grad_clip, "a finite number >= 0 (0 disables)")
+
 
 @dataclass
 class SelfTrainingConfig:
@@ -266,6 +282,15 @@ class EvalConfig:
     num_vis: int = 4  # images in the vis/ PNG grid at each evaluation
     max_images: int = 0  # evaluate only the first N images of the split (0: all of them)
 
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _check(len(self.crop_size) == 2 and min(self.crop_size) > 0, "eval.crop_size",
+               self.crop_size, "two positive integers (height, width)")
+        _check(len(self.stride) == 2 and min(self.stride) > 0, "eval.stride", self.stride,
+               "two positive integers (height, width)")
+        _check(self.num_vis >= 0, "eval.num_vis", self.num_vis, ">= 0")
+        _check(self.max_images >= 0, "eval.max_images", self.max_images, ">= 0 (0: all)")
+
 
 @dataclass
 class TrainConfig:
@@ -286,6 +311,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), ">= 1")
         _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints,
                ">= 0 (0 keeps every snapshot)")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, ">= 1")
 
 
 def method_registry() -> dict[str, Any]:
@@ -475,7 +501,10 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular 'extends'")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte "
+                          f"{err.object[err.start]:#04x} at offset {err.start}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
     bases = raw.pop("extends", [])

@@ -159,9 +159,14 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
                 vis_rows.append([denormalize(images[i], cfg.data.mean, cfg.data.std),
                                  colorize(labels[i], PALETTE), colorize(pseudo[i], PALETTE),
                                  colorize(pred[i], PALETTE)])
-    conf.all_reduce()
+    conf.all_reduce()  # summed over the ranks: every rank sees the same total below
     if was_training:
         model.train()
+    if int(conf.matrix.sum()) == 0:  # an mIoU over nothing is not a number to report
+        from .data.io import DataError
+        raise DataError(cfg.data.val.root, f"the evaluation saw no labelled pixels "
+                                           f"({seen} image(s) of {cfg.data.val.name}/"
+                                           f"{cfg.data.val.split} on this rank)")
     if vis_path is not None and vis_rows:
         save_grid(vis_path, vis_rows)
     return conf.summary(class_names(num_classes), evaluation_subsets(cfg)), conf

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from fastuda.config import DatasetConfig
 from fastuda.data.classes import CITYSCAPES_CLASSES
 from fastuda.data.datasets import SegDataset, build_dataset
-from fastuda.data.io import DataError, LabelEncoding, image_size, read_label
+from fastuda.data.io import DataError, LabelEncoding, read_image, read_label
 from fastuda.data.stats import class_counts, read_class_stats, write_class_stats
 
 DEFAULT_SPLITS = {"gta": ["train"], "synthia": ["train"], "cityscapes": ["train", "val"],
@@ -42,7 +42,8 @@ def _prepare_one(job: tuple[str, str, str | None, str | None, LabelEncoding, int
     """(relpath, stats entry, error, converted) for one image: convert its label if needed."""
     relpath, image, label_path, prepared, encoding, num_classes = job
     try:
-        h, w = image_size(image)
+        # decoded in full: a truncated image must not count as prepared (its header is intact)
+        h, w = read_image(image).shape[:2]
         assert label_path is not None
         label = read_label(label_path, encoding)
         if label.shape != (h, w):

@@ -165,12 +165,17 @@ void chunk_logits(const acc_t* xt, const Problem::Chunk& ch, const Problem& pb,
   at::mm_out(nv, x, bbar.t());
 }
 
-// nu = logsumexp over the classes k != y with a live entry of neg[k] / tau; -inf if none.
+// nu = logsumexp over the classes k != y with a live entry of neg[k] / tau; -inf if none, NaN
+// if a logit is NaN (a non-finite feature: std::max would drop it and the pixel would count 0).
 template <typename acc_t>
 acc_t negative_lse(const acc_t* neg, int64_t y, const Problem& pb, acc_t inv_tau) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = 0; k < pb.C; ++k)
-    if (k != y && pb.lens[k] > 0) m = std::max(m, neg[k] * inv_tau);
+  for (int64_t k = 0; k < pb.C; ++k) {
+    if (k == y || pb.lens[k] == 0) continue;
+    const acc_t v = neg[k] * inv_tau;
+    if (std::isnan(v)) return v;
+    m = std::max(m, v);
+  }
   if (m == -std::numeric_limits<acc_t>::infinity()) return m;
   acc_t s = 0;
   for (int64_t k = 0; k < pb.C; ++k)

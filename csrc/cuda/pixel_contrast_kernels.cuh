@@ -171,7 +171,7 @@ pixel_forward_kernel(FeatView<T> x, LabelView y, WeightView w, WeightView pw, ac
 
   // pass 1: online logsumexp over the negatives, positive count
   A m = A(-INFINITY), s = A(0);
-  int npos = 0;
+  int npos = 0, nan_neg = 0;  // NaN similarities are skipped by the max: counted apart
   for (int64_t j0 = 0; j0 < N; j0 += kCols) {
     __syncthreads();  // the previous tile's reads of the shared arrays are done
     if (tid < kCols) {
@@ -196,6 +196,7 @@ FASTUDA_UNROLL
     for (int k = 0; k < kPerLane; ++k) {
       dot[k] *= inv_tau;
       if ((neg >> k & 1u) && dot[k] > tmax) tmax = dot[k];
+      nan_neg += (neg >> k & 1u) && dot[k] != dot[k];
     }
     tmax = row_max(tmax);
     const A mnew = tmax > m ? tmax : m;
@@ -212,7 +213,10 @@ FASTUDA_UNROLL
     }
   }
   npos = row_sum(npos);
-  const A nu = s > A(0) ? m + contrast_detail::log_acc(s) : A(-INFINITY);
+  nan_neg = row_sum(nan_neg);
+  // a non-finite feature (NaN similarity, or inf - inf in the sum) makes the loss NaN, never 0
+  const A nu = nan_neg > 0 || s != s ? A(NAN)
+               : s > A(0) ? m + contrast_detail::log_acc(s) : A(-INFINITY);
   const bool has_neg = nu != A(-INFINITY);
 
   // pass 2: the positive terms (nothing to do for anchors without a negative: softplus(-inf) = 0)

@@ -151,8 +151,13 @@ def _decode_16bit_low_byte(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_label(path: str | Path, encoding: LabelEncoding) -> np.ndarray:
-    """Decode a label PNG to uint8 HxW train ids, validating its values against ``encoding``."""
+    """Decode a label PNG to uint8 HxW train ids, validating its values against ``encoding``.
+    Only PNG files are labels (whatever their name says)."""
     with _open(path) as im:
+        if im.format != "PNG":
+            # a lossy JPEG saved as .png changes label values and invents classes at edges
+            raise DataError(path, f"label is a {im.format or 'unknown-format'} file, not a PNG "
+                                  "(labels must be lossless PNGs)")
         mode = im.mode
         rawmode = im.tile[0].args if im.tile else None
         if encoding.red_channel:

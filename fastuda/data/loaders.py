@@ -99,7 +99,10 @@ class _TrainSamples(Dataset):
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         plan = self.planner.plan(position)
-        image, label, meta = self.dataset.load_or_skip(plan.index)
+        try:
+            image, label, meta = self.dataset.load_or_skip(plan.index)
+        except DataError as err:  # raised in the main process (see _raise_data_error)
+            return {"data_error": (err.path, err.problem)}
         if meta["skipped"] and plan.rcs_class is not None:
             plan = SamplePlan(plan.position, meta["index"], plan.attempts, plan.rcs_class)
         g, label_crop = realise_label(label, plan, self.settings)
@@ -121,7 +124,17 @@ class _Positions(torch.utils.data.Sampler):
             position += 1
 
 
+def _raise_data_error(item: dict[str, Any]) -> None:
+    """A DataError of a loader worker travels as a value and is raised here, in the main process:
+    re-raised by the DataLoader it would be a RuntimeError with the worker's whole traceback."""
+    if "data_error" in item:
+        raise DataError(*item["data_error"])
+
+
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    for it in items:
+        if "data_error" in it:
+            return it
     batch = {"image": torch.stack([it["image"] for it in items]),
              "label": torch.stack([it["label"] for it in items]),
              "meta": [it["meta"] for it in items]}
@@ -167,6 +180,7 @@ class TorchTrainBatches:
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=2 if cfg.num_workers > 0 else None)
         for batch in loader:
+            _raise_data_error(batch)
             yield finish_batch(batch, cfg.mean, cfg.std)
 
 
@@ -307,7 +321,7 @@ class _ValSamples(Dataset):
             image, label, meta = self.dataset.load(i)
         except DataError as err:
             if self.dataset.on_error == "raise":
-                raise
+                return {"data_error": (err.path, err.problem)}
             return {"skipped": (err.path, err.problem)}
         image, label = resize_pair(image, label, self.resize_wh)
         meta["size"] = tuple(image.shape[:2])
@@ -338,6 +352,7 @@ class ValLoader:
                             worker_init_fn=partial(torch_worker_init, os.getpid()),
                             pin_memory=torch.cuda.is_available())
         for item in loader:
+            _raise_data_error(item)
             if "skipped" in item:
                 path, problem = item["skipped"]
                 log.warning("%s: skipped %s: %s", self.dataset.name, path, problem)

@@ -56,12 +56,23 @@ def write_class_stats(path: str | Path, images: dict[str, dict[str, Any]],
     os.replace(tmp, path)
 
 
+def prepare_hint(name: str, root: str | Path) -> str:
+    """The command that writes the class statistics of dataset ``name`` (a command that exists:
+    the synthetic domains share `prepare synthetic`; "folder" datasets have no prepare step)."""
+    if name.startswith("synthetic_"):
+        return f"run `python -m fastuda.prepare synthetic {root}` first"
+    if name == "folder":
+        return ("`python -m fastuda.prepare` does not handle 'folder' datasets: set "
+                "data.rcs = false")
+    return f"run `python -m fastuda.prepare {name} {root}` first"
+
+
 def count_matrix(dataset: SegDataset) -> tuple[np.ndarray, np.ndarray]:
     """(counts int64 [N, C], areas int64 [N]) aligned with ``dataset.files``, from its stats file.
 
     Raises DataError telling the user to run prepare when the file is missing or incomplete.
     """
-    hint = f"run `python -m fastuda.prepare {dataset.name} {dataset.root}` first"
+    hint = prepare_hint(dataset.name, dataset.root)
     path = dataset.stats_path
     if not path.is_file():
         raise DataError(path, f"per-image class pixel counts (needed by rare class sampling) not "

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fastuda.data.classes import IGNORE_INDEX
+from fastuda.data.io import DataError
 from fastuda.data.stats import class_counts, write_class_stats
 
 GENERATOR_VERSION = 3
@@ -619,6 +620,12 @@ def ensure_synthetic(root: str) -> None:
     path = Path(root).expanduser()
     if synthetic_complete(path):
         return
+    if path.exists() and not path.is_dir():
+        raise DataError(path, "is a file; the synthetic dataset root must be a folder")
+    if path.is_dir() and not (path / MARKER).is_file() and any(path.iterdir()):
+        # generating into someone else's folder would mix trees (and fail half-way)
+        raise DataError(path, f"is a non-empty folder that holds no synthetic dataset (no "
+                              f"{MARKER}); choose an empty or new folder as its root")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
     with open(lock_path, "w") as lock:

@@ -82,18 +82,26 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
-def prune_snapshots(folder: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` ``iter_N.pt`` snapshots in ``folder`` (``keep`` 0: none
-    deleted) and return what was deleted. ``latest.pt`` is a name of its own and is never touched.
-    """
-    if keep <= 0:
-        return []
-    snapshots = []
+def snapshots(folder: str | Path) -> list[tuple[int, Path]]:
+    """The ``iter_N.pt`` snapshots in ``folder`` as (N, path), oldest first."""
+    found = []
     for path in Path(folder).glob("iter_*.pt"):
         number = path.stem.removeprefix("iter_")
         if number.isdigit():
-            snapshots.append((int(number), path))
-    doomed = [path for _, path in sorted(snapshots)[:-keep]]
+            found.append((int(number), path))
+    return sorted(found)
+
+
+def prune_snapshots(folder: str | Path, keep: int, written: set[Path] | None = None
+                    ) -> list[Path]:
+    """Delete all but the newest ``keep`` ``iter_N.pt`` snapshots in ``folder`` (``keep`` 0: none
+    deleted) and return what was deleted. Only the files in ``written`` (those this run wrote,
+    when given) are ever deleted: another run's snapshots are not this run's to prune.
+    ``latest.pt`` is a name of its own and is never touched."""
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in snapshots(folder)[:-keep]
+              if written is None or path in written]
     for path in doomed:
         path.unlink()
     return doomed
@@ -120,6 +128,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def find_latest(work_dir: str | Path) -> Path | None:
     latest = Path(work_dir) / "checkpoints" / "latest.pt"
     return latest if latest.is_file() else None
+
+
+def any_checkpoint(work_dir: str | Path) -> Path | None:
+    """``latest.pt``, else the newest ``iter_N.pt`` of the work dir; None when it has none."""
+    found = snapshots(Path(work_dir) / "checkpoints")
+    return find_latest(work_dir) or (found[-1][1] if found else None)
+
+
+def load_newest(work_dir: str | Path, map_location: str | torch.device = "cpu"
+                ) -> tuple[dict[str, Any], Path, list[str]] | None:
+    """The newest checkpoint of the work dir that loads: ``latest.pt``, then the snapshots newest
+    first. Returns (state, path, one line per file skipped and why), or None when there is no
+    checkpoint; raises CheckpointLoadError naming every file when none loads."""
+    folder = Path(work_dir) / "checkpoints"
+    candidates = [p for p in [folder / "latest.pt"] if p.is_file()]
+    candidates += [p for _, p in reversed(snapshots(folder))]
+    if not candidates:
+        return None
+    skipped: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for path in candidates:
+        st = path.stat()
+        if (st.st_dev, st.st_ino) in seen:  # latest.pt is a hard link of the newest snapshot
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            return load_checkpoint(path, map_location), path, skipped
+        except CheckpointLoadError as err:
+            skipped.append(str(err).splitlines()[0])
+    raise CheckpointLoadError(f"no checkpoint in {folder} loads: " + "; ".join(skipped))
 
 
 def rng_state() -> dict[str, Any]:

@@ -24,8 +24,11 @@ from tqdm import tqdm
 
 class RunLogger:
     def __init__(self, work_dir: str | Path, *, total_iters: int, start_iter: int = 0,
-                 images_per_step: int = 0, enabled: bool = True, tensorboard: bool = True
-                 ) -> None:
+                 images_per_step: int = 0, enabled: bool = True, tensorboard: bool = True,
+                 resumed: bool = False) -> None:
+        """``start_iter``: the iteration the run continues from. What an earlier run of the work
+        dir logged after it (it was killed after its last checkpoint) is dropped, from
+        metrics.jsonl and from TensorBoard (``purge_step``), so no step appears twice."""
         self.enabled = enabled
         self.total_iters = total_iters
         self.images_per_step = images_per_step
@@ -39,11 +42,14 @@ class RunLogger:
         if not enabled:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.work_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = self.work_dir / "metrics.jsonl"
+        _drop_records_after(path, start_iter)
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.work_dir / "tensorboard"))
+                purge = start_iter + 1 if resumed else 0
+                self._tb = SummaryWriter(str(self.work_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but keep training without it
                 self.info("tensorboard is not installed: no TensorBoard scalars")
         # a terminal that reports no size (an unsized pty) gets no bar at all from tqdm's own
@@ -61,7 +67,8 @@ class RunLogger:
             tqdm.write(msg)
 
     def _record(self, record: dict[str, Any]) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
+        # strict JSON: an undefined value (NaN IoU, a non-finite loss) is null, never NaN
+        self._jsonl.write(json.dumps(_strict(record), allow_nan=False) + "\n")
 
     def step(self, n: int = 1, postfix: dict[str, float] | None = None, *,
              resumed: bool = False) -> None:
@@ -150,6 +157,34 @@ def _terminal_columns() -> int:
         return os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
         return 0
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Keep the metrics.jsonl records up to ``iteration`` (atomically rewritten when any go)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if isinstance(record, dict) and record.get("iter", 0) <= iteration:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _force_bar() -> bool:

@@ -40,6 +40,7 @@ from ..methods.base import MethodStack
 from ..models import outputs as O
 from .context import Losses, MethodContext, Outputs, Pass, StepView
 from .distributed import all_ranks_true, average_grads
+from .guard import guarded_step
 from .losses import segmentation_losses, weighted_ce
 from .profiling import StageTimer
 
@@ -403,13 +404,13 @@ class SelfTraining:
             return StepResult(log, finite=False)
         if self.method_params and self.forward_student is not self.student:
             average_grads(self.method_params)  # DDP averaged the student's
-        if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([*self.student.parameters(), *self.method_params],
-                                           cfg.optim.grad_clip)
         with self.timer("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            # skipped on non-finite gradients; raises if the step made a parameter non-finite
+            if not guarded_step(self.optimizer, self.scaler,
+                                [*self.student.parameters(), *self.method_params],
+                                cfg.optim.grad_clip):
+                log["grad_norm"] = math.nan
+                return StepResult(log, finite=False)
         if cfg.self_training.enabled:
             with self.timer("ema"):
                 ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha))

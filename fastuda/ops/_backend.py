@@ -130,6 +130,15 @@ def check_feats(op: str, feats: Tensor) -> None:
                         f"got {feats.dtype}")
 
 
+def check_devices(op: str, feats: Tensor, **others: Tensor | None) -> None:
+    """Every tensor argument on the device of feats (a meta or other-device tensor would be read
+    as garbage by a CPU kernel or crash a CUDA one); a ValueError naming both otherwise."""
+    for name, t in others.items():
+        if t is not None and t.device != feats.device:
+            raise ValueError(f"fastuda.ops.{op}: {name} is on {t.device}, feats on "
+                             f"{feats.device}; move them to one device")
+
+
 def check_labels(op: str, labels: Tensor) -> None:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"fastuda.ops.{op}: labels must be an integer tensor, got {labels.dtype}")

@@ -60,6 +60,7 @@ def bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
     pixels that count), "sum" or "none" (per-pixel, shaped like labels)."""
     _backend.check_feats("bank_contrast", feats)
     _backend.check_labels("bank_contrast", labels)
+    _backend.check_devices("bank_contrast", feats, bank=bank)
     labels_bp = _backend.as_bp(labels, feats)
     if bank.dim() != 3 or bank.shape[2] != feats.shape[1] or bank_len.shape != bank.shape[:1]:
         raise ValueError(f"fastuda.ops.bank_contrast: bank {tuple(bank.shape)} / bank_len "

@@ -29,6 +29,7 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
     through the statistics (they are computed as under ``torch.no_grad()``)."""
     _backend.check_feats("class_stats", feats)
     _backend.check_labels("class_stats", labels)
+    _backend.check_devices("class_stats", feats, weights=weights)
     if cov not in ("diag", "full"):
         raise ValueError(f"fastuda.ops.class_stats: cov must be 'diag' or 'full', got {cov!r}")
     if num_classes < 1:
@@ -43,9 +44,6 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
             return ClassStats(*reference.class_stats(feats, labels, num_classes,
                                                      ignore_index=ignore_index, weights=weights,
                                                      cov=cov))
-    if weights_bp is not None and weights_bp.device != feats.device:
-        raise ValueError(f"fastuda.ops.class_stats: weights are on {weights_bp.device}, feats on "
-                         f"{feats.device}")
     count, mean, m2 = torch.ops.fastuda.class_stats(
         _backend.as_bdp(feats), labels_bp, num_classes, ignore_index,
         None if weights_bp is None else weights_bp.float(), cov == "full")

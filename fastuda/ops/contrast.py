@@ -99,6 +99,7 @@ def dist_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: 
     if not covariance.dtype.is_floating_point:
         raise TypeError(f"fastuda.ops.{op}: covariance must be floating point, "
                         f"got {covariance.dtype}")
+    _backend.check_devices(op, feats, covariance=covariance)
     which = _resolve(op, backend, feats)
     if which == "torch":
         _check_label_range(labels_bp, C, ignore_index)
@@ -124,6 +125,7 @@ def _check_common(op: str, feats: Tensor, labels: Tensor, centroids: Tensor,
     """Shared checks; returns labels (and detached weights) as [B, P] views matching feats."""
     _backend.check_feats(op, feats)
     _backend.check_labels(op, labels)
+    _backend.check_devices(op, feats, centroids=centroids, weights=weights)
     labels_bp = _backend.as_bp(labels, feats)
     D = feats.shape[1]
     if centroids.dim() != 2 or centroids.shape[1] != D:

@@ -85,6 +85,7 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
     anchor's loss. Anchors without a positive do not count; "mean" averages over those that do."""
     _backend.check_feats("pixel_contrast", feats)
     _backend.check_labels("pixel_contrast", labels)
+    _backend.check_devices("pixel_contrast", feats, weights=weights, pair_weights=pair_weights)
     labels_bp = _backend.as_bp(labels, feats)
     weights_bp = None if weights is None else _backend.as_bp(weights, feats, "weights")
     pair_bp = None if pair_weights is None else _backend.as_bp(pair_weights, feats, "pair_weights")

@@ -70,22 +70,24 @@ def _reduce(per_pixel: Tensor, count: Tensor | int, reduction: str, shape: torch
 # ----------------------------------------------------------------------------------------------
 def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index: int = 255,
                 weights: Tensor | None = None, cov: str = "diag") -> ClassStats:
-    """Per-class count, mean and m2, two-pass (mean first, then centred squares), one-hot matmul."""
+    """Per-class count, mean and m2, two-pass (mean first, then centred squares). Sums are
+    scattered per class (``index_add_``), so a NaN/Inf feature makes its own class's statistics
+    non-finite and no other (a one-hot matmul would spread it: 0 * NaN = NaN), as the kernels do."""
     f, y, w = flatten_pixels(feats, labels, weights)
     acc = _acc_dtype(f)
-    f = f.to(acc)
     valid = y != ignore_index
-    onehot = F.one_hot(torch.where(valid, y, 0), num_classes).to(acc) * valid[:, None].to(acc)
-    if w is not None:
-        onehot = onehot * w.to(acc)[:, None]
-    count = onehot.sum(0)
-    mean = (onehot.t() @ f) / count.clamp_min(1e-30)[:, None]
+    yv, fv = y[valid], f[valid].to(acc)
+    wv = fv.new_ones(yv.shape) if w is None else w[valid].to(acc)
+    count = fv.new_zeros(num_classes).index_add_(0, yv, wv)
+    total = fv.new_zeros(num_classes, f.shape[1]).index_add_(0, yv, fv * wv[:, None])
+    mean = total / count.clamp_min(1e-30)[:, None]
     mean = torch.where(count[:, None] > 0, mean, torch.zeros_like(mean))
-    centred = f - mean[torch.where(valid, y, 0)]
+    centred = fv - mean[yv]
     if cov == "diag":
-        m2 = onehot.t() @ (centred * centred)
+        m2 = fv.new_zeros(num_classes, f.shape[1]).index_add_(0, yv, centred * centred
+                                                                * wv[:, None])
     elif cov == "full":
-        m2 = torch.stack([(centred * onehot[:, c:c + 1]).t() @ centred
+        m2 = torch.stack([(centred[yv == c] * wv[yv == c, None]).t() @ centred[yv == c]
                           for c in range(num_classes)]) if num_classes else f.new_zeros(0, 0, 0)
     else:
         raise ValueError(f"cov must be 'diag' or 'full', got {cov!r}")

@@ -82,3 +82,28 @@ def test_prepare_synthetic_existing_tree(synthetic_root: Path,
     out = capsys.readouterr().out
     assert "synthetic_source [train]" in out and "synthetic_target [val]" in out
     assert "already prepared: 24" in out
+
+
+def test_prepare_refuses_lossy_labels_and_truncated_images(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Issue 18 point 7: a JPEG saved as .png was accepted as a label (lossy values, invented
+    classes), and prepare read only image headers, so a truncated image counted as prepared."""
+    root = tmp_path / "gta"
+    raws = make_gta(root, n=3)
+    Image.fromarray(raws[0], mode="L").save(root / "labels" / "00001.png", format="JPEG")
+    image = root / "images" / "00003.png"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # the header is intact, the pixels are not
+    assert main(["gta", str(root), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "bad files: 2" in out
+    assert "00001.png: label is a JPEG file, not a PNG (labels must be lossless PNGs)" in out
+    assert "00003.png: unreadable or truncated image" in out
+    stats = json.loads((root / "class_stats_train.json").read_text())["images"]
+    assert sorted(stats) == ["images/00002.png"]
+
+    # and in training: the dataset refuses the JPEG label the same way
+    from fastuda.data.io import DataError
+    ds = build_dataset(DatasetConfig(name="gta", root=str(root)))
+    with pytest.raises(DataError, match="not a PNG"):
+        ds.load(0)
