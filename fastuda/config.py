@@ -155,7 +155,6 @@ class SelfTrainingConfig:
     color_jitter_prob: float = 0.8
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
-    imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])
@@ -175,9 +174,6 @@ class SelfTrainingConfig:
                "[] or four pixel counts >= 0 (top, bottom, left, right)")
         _check(0 < self.downscale_min_ratio <= 1, "self_training.downscale_min_ratio",
                self.downscale_min_ratio, "in (0, 1]")
-        _check(self.imnet_feature_dist == 0.0, "self_training.imnet_feature_dist",
-               self.imnet_feature_dist, "0 (DAFormer's ImageNet feature distance is not "
-               "implemented in fastuda yet)")
 
 
 # output stride of each model's logits and features (fastuda/models): HRDA aligns its detail box
@@ -447,6 +443,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if "method_settings" in raw:
         raise ConfigError("unknown config key(s) 'method_settings' in the top level (method "
                           "settings are sections named after the method, e.g. [sepico])")
+    st = raw.get("self_training")
+    if isinstance(st, dict) and "imnet_feature_dist" in st:
+        raise ConfigError("self_training.imnet_feature_dist is gone: DAFormer's ImageNet feature "
+                          "distance is the method 'fdist' (methods = [..., \"fdist\"], its "
+                          "lambda is [fdist] weight); remove the key")
     registry = method_registry()
     sections = {name: _coerce(raw.pop(name), registry[name].Settings, name)
                 for name in list(raw) if name in registry}

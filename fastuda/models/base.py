@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import outputs as O
+
 
 class SegModel(nn.Module):
     """Base class; subclasses set ``backbone``, heads and the three size attributes."""
@@ -36,6 +38,11 @@ class SegModel(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+    def backbone_output(self, images: Tensor) -> Tensor:
+        """The ``backbone`` output of ``images`` (the last backbone stage); models whose heads
+        do not feed it skip them (fdist runs a frozen copy for this output only)."""
+        return self(images)[O.BACKBONE]
 
     def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.startswith("backbone.")]
