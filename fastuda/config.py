@@ -85,7 +85,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["deeplabv2", "daformer", "vit"] = "daformer"
-    # deeplabv2: resnet18 | resnet50 | resnet101; daformer: mit_b0 ... mit_b5;
+    # deeplabv2: resnet18 | resnet50 | resnet101 (torchvision's 7x7 stem) | resnet50_v1c |
+    # resnet101_v1c (mmseg's ResNetV1c, deep 3x3 stem: the SePiCo/DAFormer releases) |
+    # resnet101_deeplab (the DeepLab-V2 release's Caffe layout, CorDA's COCO-pretrained file);
+    # daformer: mit_b0 ... mit_b5;
     # vit: dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | dinov2_vitg14 (fastuda/models/vit.py)
     backbone: str = "mit_b5"
     num_classes: int = 19
@@ -104,12 +107,16 @@ class ModelConfig:
     vit_resize_scale: float = 1.0
     grad_checkpointing: bool = False  # vit only: recompute each block in the backward
     layer_decay: float = 1.0  # vit only: block i of n at lr * layer_decay ** (n - 1 - i)
+    # deeplabv2 only: the backbone's BatchNorm weights and biases are not trained (the
+    # normalisation still uses the batch statistics in training), as CorDA's release
+    freeze_bn_affine: bool = False
     # 0: the published stride (8 deeplabv2, 4 daformer); deeplabv2 also takes 16 (only the
     # last stage dilated: half the backbone's compute, for CPU demos)
     output_stride: int = 0
 
     def __post_init__(self) -> None:
-        allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
+        allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101", "resnet50_v1c",
+                                 "resnet101_v1c", "resnet101_deeplab"),
                    "daformer": tuple(f"mit_b{i}" for i in range(6)),
                    "vit": tuple(f"dinov2_vit{s}14" for s in "sblg")}[self.name]
         _check(self.backbone in allowed, "model.backbone", self.backbone,
@@ -126,6 +133,9 @@ class ModelConfig:
             for key, default in (("grad_checkpointing", False), ("layer_decay", 1.0)):
                 _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
                        f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")
+        if self.name != "deeplabv2":
+            _check(not self.freeze_bn_affine, "model.freeze_bn_affine", self.freeze_bn_affine,
+                   f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
         strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
         _check(self.output_stride in strides, "model.output_stride", self.output_stride,
                f"one of {strides} for model.name = {self.name!r}")
