@@ -149,6 +149,10 @@ class OptimConfig:
     warmup_iters: int = 1500
     poly_power: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # parameters without weight decay: "mmseg" as the released DAFormer/SePiCo configs (names
+    # containing norm/pos_block outside the heads: MiT's LayerNorms), "1d" every 1-D parameter
+    # (fastuda's rule before issue 13); the ViT models keep their own (1-D) rule
+    no_decay: Literal["mmseg", "1d"] = "mmseg"
     fused: bool = True  # fused AdamW where the device supports it
     grad_clip: float = 0.0  # 0 disables
 

@@ -64,6 +64,7 @@ def build_model(cfg: ModelConfig) -> SegModel:
 def build_network(cfg: Config) -> nn.Module:
     """``build_model(cfg.model)``, inside an :class:`HRDAModel` when ``cfg.hrda.enabled``."""
     model = build_model(cfg.model)
+    model.no_decay = cfg.optim.no_decay  # its param_groups' weight-decay rule
     if cfg.hrda.enabled:
         hrda = HRDAModel(model, cfg.hrda)
         if cfg.model.channels_last:
