@@ -86,7 +86,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["deeplabv2", "daformer", "vit"] = "daformer"
-    # deeplabv2: resnet18 | resnet50 | resnet101; daformer: mit_b0 ... mit_b5;
+    # deeplabv2: resnet18 | resnet50 | resnet101 (torchvision's 7x7 stem) | resnet50_v1c |
+    # resnet101_v1c (mmseg's ResNetV1c, deep 3x3 stem: the SePiCo/DAFormer releases) |
+    # resnet101_deeplab (the DeepLab-V2 release's Caffe layout, CorDA's COCO-pretrained file);
+    # daformer: mit_b0 ... mit_b5;
     # vit: dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | dinov2_vitg14 (fastuda/models/vit.py)
     backbone: str = "mit_b5"
     num_classes: int = 19
@@ -105,12 +108,16 @@ class ModelConfig:
     vit_resize_scale: float = 1.0
     grad_checkpointing: bool = False  # vit only: recompute each block in the backward
     layer_decay: float = 1.0  # vit only: block i of n at lr * layer_decay ** (n - 1 - i)
+    # deeplabv2 only: the backbone's BatchNorm weights and biases are not trained (the
+    # normalisation still uses the batch statistics in training), as CorDA's release
+    freeze_bn_affine: bool = False
     # 0: the published stride (8 deeplabv2, 4 daformer); deeplabv2 also takes 16 (only the
     # last stage dilated: half the backbone's compute, for CPU demos)
     output_stride: int = 0
 
     def __post_init__(self) -> None:
-        allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101"),
+        allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101", "resnet50_v1c",
+                                 "resnet101_v1c", "resnet101_deeplab"),
                    "daformer": tuple(f"mit_b{i}" for i in range(6)),
                    "vit": tuple(f"dinov2_vit{s}14" for s in "sblg")}[self.name]
         _check(self.backbone in allowed, "model.backbone", self.backbone,
@@ -127,6 +134,9 @@ class ModelConfig:
             for key, default in (("grad_checkpointing", False), ("layer_decay", 1.0)):
                 _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
                        f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")
+        if self.name != "deeplabv2":
+            _check(not self.freeze_bn_affine, "model.freeze_bn_affine", self.freeze_bn_affine,
+                   f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
         strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
         _check(self.output_stride in strides, "model.output_stride", self.output_stride,
                f"one of {strides} for model.name = {self.name!r}")
@@ -140,6 +150,10 @@ class OptimConfig:
     warmup_iters: int = 1500
     poly_power: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # parameters without weight decay: "mmseg" as the released DAFormer/SePiCo configs (names
+    # containing norm/pos_block outside the heads: MiT's LayerNorms), "1d" every 1-D parameter
+    # (fastuda's rule before issue 13); the ViT models keep their own (1-D) rule
+    no_decay: Literal["mmseg", "1d"] = "mmseg"
     fused: bool = True  # fused AdamW where the device supports it
     grad_clip: float = 0.0  # 0 disables
 
@@ -171,7 +185,6 @@ class SelfTrainingConfig:
     color_jitter_prob: float = 0.8
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
-    imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])
@@ -191,9 +204,6 @@ class SelfTrainingConfig:
                "[] or four pixel counts >= 0 (top, bottom, left, right)")
         _check(0 < self.downscale_min_ratio <= 1, "self_training.downscale_min_ratio",
                self.downscale_min_ratio, "in (0, 1]")
-        _check(self.imnet_feature_dist == 0.0, "self_training.imnet_feature_dist",
-               self.imnet_feature_dist, "0 (DAFormer's ImageNet feature distance is not "
-               "implemented in fastuda yet)")
 
 
 # output stride of each model's logits and features (fastuda/models): HRDA aligns its detail box
@@ -473,6 +483,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if "method_settings" in raw:
         raise ConfigError("unknown config key(s) 'method_settings' in the top level (method "
                           "settings are sections named after the method, e.g. [sepico])")
+    st = raw.get("self_training")
+    if isinstance(st, dict) and "imnet_feature_dist" in st:
+        raise ConfigError("self_training.imnet_feature_dist is gone: DAFormer's ImageNet feature "
+                          "distance is the method 'fdist' (methods = [..., \"fdist\"], its "
+                          "lambda is [fdist] weight); remove the key")
     registry = method_registry()
     sections = {name: _coerce(raw.pop(name), registry[name].Settings, name)
                 for name in list(raw) if name in registry}

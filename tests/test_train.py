@@ -10,13 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastuda.config import load_config
+from fastuda.config import ModelConfig, load_config
 from fastuda.data import ensure_synthetic
 from fastuda.engine.checkpoint import load_checkpoint
 from fastuda.train import train
@@ -32,6 +33,23 @@ def synthetic_root() -> str:
     return str(root)
 
 
+def tiny_pretrained(name: str, backbone: str) -> Path:
+    """A local ImageNet-layout file of the small backbone (random weights, written once): the
+    presets with the ImageNet feature distance ("fdist") need model.pretrained."""
+    from fastuda.models import build_model
+
+    path = Path(tempfile.gettempdir()) / f"fastuda_tests_{backbone}_{os.getuid()}.pth"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=name, backbone=backbone, projection=False))
+        state = {k.removeprefix("backbone."): v for k, v in model.state_dict().items()
+                 if k.startswith("backbone.")}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    return path
+
+
 def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     cfg = load_config(cfg_path)
     small = {"deeplabv2": "resnet18", "daformer": "mit_b0", "vit": "dinov2_vits14"}[cfg.model.name]
@@ -43,6 +61,8 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
             "train.precision='fp32'"]
     sets += [f"{name}.start_iter=0" for name in cfg.methods
              if hasattr(cfg.settings(name), "start_iter")]
+    if "fdist" in cfg.methods:  # the frozen ImageNet model comes from model.pretrained
+        sets.append(f"model.pretrained={str(tiny_pretrained(cfg.model.name, small))!r}")
     if cfg.hrda.enabled:  # a detail crop inside the 64x64 crop
         sets += ["hrda.detail_crop=[32, 32]", "hrda.attention_channels=8"]
     if "cluda" in cfg.methods:  # a small contrast grid and pair-weight head
@@ -74,6 +94,8 @@ def test_every_config_trains_one_iteration(path: Path, synthetic_root: str, tmp_
         assert {"cluda.src.contrast", "cluda.mix.contrast"} <= set(train_logs[0])
     if "mic" in cfg.methods:
         assert "mic.masked.ce" in train_logs[0]
+    if "fdist" in cfg.methods:
+        assert "fdist.src.feat_dist" in train_logs[0]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["iteration"] == 1
     # the final snapshot and latest.pt are one file on disk (checkpoints of large models add up)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import Config, DataConfig, SelfTrainingConfig
+from ..config import Config, DataConfig, ModelConfig, SelfTrainingConfig
 from ..data.augment import strong_augment
 from ..data.classes import IGNORE_INDEX
 from .losses import segmentation_losses
@@ -46,6 +46,7 @@ class MethodContext:
     embed_dim: int = 0  # channels of the network's "embeddings" (0: no projection head)
     feature_channels: int = 0  # channels of the network's "features"
     multi_resolution: bool = False  # HRDA's network (outputs carry a detail box in training)
+    context_scale: float = 1.0  # HRDA's context view scale (hrda.context_scale); 1 without HRDA
     downscale_min_ratio: float = 0.75  # label downscaling (self_training.downscale_min_ratio)
     detail_loss_weight: float = 0.0  # HRDA's detail CE weight (hrda.detail_loss_weight)
     # augmentation strengths and image normalisation (self_training.*, data.mean/std)
@@ -53,6 +54,9 @@ class MethodContext:
     mean: list[float] = field(default_factory=lambda: list(DataConfig().mean))
     std: list[float] = field(default_factory=lambda: list(DataConfig().std))
     ignore_index: int = IGNORE_INDEX
+    # the run's model section: a method that needs another network of the same kind builds it
+    # from this (fdist's frozen ImageNet model, from the same model.pretrained file)
+    model: ModelConfig | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, network: Any, device: torch.device) -> MethodContext:
@@ -62,10 +66,11 @@ class MethodContext:
                    embed_dim=int(getattr(network, "embed_dim", 0) or 0),
                    feature_channels=int(getattr(network, "feature_channels", 0) or 0),
                    multi_resolution=cfg.hrda.enabled,
+                   context_scale=cfg.hrda.context_scale if cfg.hrda.enabled else 1.0,
                    downscale_min_ratio=cfg.self_training.downscale_min_ratio,
                    detail_loss_weight=cfg.hrda.detail_loss_weight,
                    self_training=cfg.self_training, mean=list(cfg.data.mean),
-                   std=list(cfg.data.std))
+                   std=list(cfg.data.std), model=cfg.model)
 
     def augment(self, images: Tensor) -> Tensor:
         """The strong augmentation (colour jitter, blur) of normalised images, drawn from the

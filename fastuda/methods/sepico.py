@@ -123,13 +123,8 @@ class SePiCo(Method):
         if n == 0:
             return emb.sum() * 0.0
         fbar = (emb * valid).sum(dim=(0, 2, 3)) / n
-        centroids = self.stats.mean if self.settings.variant != "bank" else self._bank_means()
-        logp = torch.log_softmax(fbar @ centroids.t() / self.settings.tau, dim=0)
+        # every variant, BankCL included, uses the running class means (the release passes
+        # ProtoEstimator.Ave to bank_contrastive's proto_reg: contrastive_loss.py#L286-L288)
+        logp = torch.log_softmax(fbar @ self.stats.mean.t() / self.settings.tau, dim=0)
         C = self.num_classes
         return logp.sum() / (C * math.log(C)) if C > 1 else logp.sum() * 0.0
-
-    def _bank_means(self) -> Tensor:
-        live = (torch.arange(self.stats.bank.shape[1], device=self.stats.bank.device)[None, :]
-                < self.stats.bank_len[:, None])
-        total = (self.stats.bank * live[..., None]).sum(1)
-        return total / self.stats.bank_len.clamp_min(1)[:, None].to(total.dtype)

@@ -51,6 +51,11 @@ def build_model(cfg: ModelConfig) -> SegModel:
         raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2', 'daformer' or "
                          f"'vit'")
     model.pretrained_report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+    if cfg.freeze_bn_affine:  # CorDA's release: backbone BN weights/biases fixed, stats not
+        for m in model.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -59,6 +64,7 @@ def build_model(cfg: ModelConfig) -> SegModel:
 def build_network(cfg: Config) -> nn.Module:
     """``build_model(cfg.model)``, inside an :class:`HRDAModel` when ``cfg.hrda.enabled``."""
     model = build_model(cfg.model)
+    model.no_decay = cfg.optim.no_decay  # its param_groups' weight-decay rule
     if cfg.hrda.enabled:
         hrda = HRDAModel(model, cfg.hrda)
         if cfg.model.channels_last:

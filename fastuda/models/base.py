@@ -16,9 +16,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import outputs as O
+
+# mmseg's paramwise custom_keys of the DAFormer lineage ({'head': lr_mult 10, 'pos_block':
+# decay_mult 0, 'norm': decay_mult 0}; BIT-DA/SePiCo experiments.py#L157-L161, lhoyer/DAFormer
+# configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py#L39-L45) in the
+# order mmcv tries them: longest first, then alphabetical; the first key the parameter's name
+# contains decides (mmcv DefaultOptimizerConstructor.add_params), so "head" wins over "norm"
+_MMSEG_CUSTOM_KEYS = ("pos_block", "head", "norm")
+
+
+def mmseg_no_decay(name: str) -> bool:
+    """The released rule: no weight decay for a parameter whose name contains ``pos_block`` or
+    ``norm`` unless ``head`` decides first; biases and BatchNorm ``bn*`` parameters are decayed.
+    For fastuda's models that is MiT's LayerNorms only (ResNet's BNs are ``bn*``, heads' names
+    contain ``head``)."""
+    for key in _MMSEG_CUSTOM_KEYS:
+        if key in name:
+            return key != "head"
+    return False
+
 
 class SegModel(nn.Module):
     """Base class; subclasses set ``backbone``, heads and the three size attributes."""
+
+    # which parameters get no weight decay (optim.no_decay; build_network sets it): "mmseg" the
+    # released name rule (``mmseg_no_decay``), "1d" every one-dimensional parameter
+    no_decay: str = "mmseg"
 
     output_stride: int
     embed_dim: int  # channels of "embeddings"; 0 when the model has no projection head
@@ -37,23 +61,32 @@ class SegModel(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def backbone_output(self, images: Tensor) -> Tensor:
+        """The ``backbone`` output of ``images`` (the last backbone stage); models whose heads
+        do not feed it skip them (fdist runs a frozen copy for this output only)."""
+        return self(images)[O.BACKBONE]
+
     def backbone_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.startswith("backbone.")]
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         """Optimiser groups: backbone at ``lr``, everything else (heads) at ``lr * head_lr_mult``.
 
-        One-dimensional parameters (biases and the weights of BatchNorm/LayerNorm) get no weight
-        decay; all others get ``weight_decay``. Each group carries ``name`` and ``lr_mult`` (its lr
-        relative to ``lr``) so schedulers can rescale it. Frozen parameters and empty groups are
-        left out.
+        ``no_decay = "mmseg"``: the parameters ``mmseg_no_decay`` names (MiT's norms) get no weight
+        decay, ``"1d"``: every one-dimensional parameter (biases and the weights of
+        BatchNorm/LayerNorm); all others get ``weight_decay``. Each group carries ``name`` and
+        ``lr_mult`` (its lr relative to ``lr``) so schedulers can rescale it. Frozen parameters
+        and empty groups are left out.
         """
+        if self.no_decay not in ("mmseg", "1d"):
+            raise ValueError(f"no_decay must be 'mmseg' or '1d', got {self.no_decay!r}")
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             part = "backbone" if name.startswith("backbone.") else "head"
-            buckets.setdefault((part, p.ndim <= 1), []).append(p)
+            exempt = mmseg_no_decay(name) if self.no_decay == "mmseg" else p.ndim <= 1
+            buckets.setdefault((part, exempt), []).append(p)
         groups = []
         for part in ("backbone", "head"):
             mult = 1.0 if part == "backbone" else head_lr_mult

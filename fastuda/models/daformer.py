@@ -36,6 +36,9 @@ class DAFormer(SegModel):
             self.embed_dim = 0
             self.projection_head = None
 
+    def backbone_output(self, images: Tensor) -> Tensor:
+        return self.backbone(self._prepare(images))[-1]
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         stages = self.backbone(self._prepare(images))
         logits, fused = self.decode_head(stages)

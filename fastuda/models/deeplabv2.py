@@ -38,6 +38,9 @@ class DeepLabV2(SegModel):
             self.embed_dim = 0
             self.projection_head = None
 
+    def backbone_output(self, images: Tensor) -> Tensor:
+        return self.backbone(self._prepare(images))[-1]
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         c4 = self.backbone(self._prepare(images))[-1]
         out = {O.LOGITS: self.decode_head(c4), O.FEATURES: c4, O.BACKBONE: c4}

@@ -4,6 +4,14 @@ Accepted formats, recognised from their keys:
 
 - ``torchvision_resnet``: torchvision's ImageNet ResNet state dicts (``conv1.weight``, ``bn1.*``,
   ``layer3.4.conv2.weight``, ``layer1.0.downsample.1.running_var`` ...); ``fc.*`` is dropped.
+  The DeepLab release's COCO-pretrained ResNet-101 (``resnet101COCO-41f33a49.pth``, CorDA's
+  initialisation, for ``resnet101_deeplab``) has the same names; its ``layer5.conv2d_list.*``
+  (the COCO classifier) is dropped.
+- ``mmcv_resnet_v1c``: the open-mmlab ``resnet50_v1c`` / ``resnet101_v1c`` ImageNet files
+  (``open-mmlab://resnet101_v1c``, mmcv's layout of mmseg's ResNetV1c: ``stem.0.weight``,
+  ``stem.1.running_var``, ``stem.3.*``, ``stem.4.*``, ``stem.6.*``, ``stem.7.*``, then the stages
+  as torchvision names them); strict like the ViT formats, for a ``*_v1c`` backbone only;
+  ``fc.*`` is dropped.
 - ``mit``: the released ImageNet MiT checkpoints (``mit_b5.pth``: ``patch_embed1.proj.weight``,
   ``block1.0.attn.q.weight``, ``block1.0.attn.kv.weight``, ``block1.0.attn.sr.weight``,
   ``block1.0.mlp.dwconv.dwconv.weight``, ``norm4.bias`` ...); ``head.*`` is dropped.
@@ -47,7 +55,14 @@ _RESNET_KEY = re.compile(
     rf"^(conv1\.weight|bn1\.{_BN}"
     rf"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.{_BN}"
     rf"|downsample\.0\.weight|downsample\.1\.{_BN}))$")
-_RESNET_DROPPED = re.compile(r"^fc\.(weight|bias)$")
+# the ImageNet classifier; the DeepLab release's COCO file (resnet101_deeplab) carries its
+# COCO ASPP classifier as layer5
+_RESNET_DROPPED = re.compile(r"^(fc\.(weight|bias)|layer5\.conv2d_list\.\d+\.(weight|bias))$")
+# mmcv's ResNetV1c: the deep stem (convs 0, 3, 6; BNs 1, 4, 7), then the same stages
+_RESNET_V1C_KEY = re.compile(
+    rf"^(stem\.[036]\.weight|stem\.[147]\.{_BN}"
+    rf"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.{_BN}"
+    rf"|downsample\.0\.weight|downsample\.1\.{_BN}))$")
 # released MiT (SegFormer) ImageNet checkpoints
 _MIT_KEY = re.compile(
     rf"^(patch_embed[1-4]\.(proj\.(weight|bias)|norm\.{_LN})"
@@ -74,6 +89,7 @@ def _dinov2_to_timm(key: str) -> str:
 # keys live in the model, key renaming, strict: every backbone key must come from the file)
 _BACKBONE_FORMATS = {
     "torchvision_resnet": (_RESNET_KEY, _RESNET_DROPPED, DeepLabV2, "backbone.", None, False),
+    "mmcv_resnet_v1c": (_RESNET_V1C_KEY, _RESNET_DROPPED, DeepLabV2, "backbone.", None, True),
     "mit": (_MIT_KEY, _MIT_DROPPED, DAFormer, "backbone.", None, False),
     # a tie between the two ViT layouts (no mask_token, no w12) is timm's: listed first
     "timm_vit": (_TIMM_VIT_KEY, _TIMM_VIT_DROPPED, ViTSegModel, "backbone.vit.", None, True),
@@ -161,6 +177,13 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
     if fmt in _BACKBONE_FORMATS and not isinstance(model, _BACKBONE_FORMATS[fmt][2]):
         raise ValueError(f"pretrained checkpoint {path} is a {fmt} checkpoint, which does not fit "
                          f"a {type(model).__name__} model")
+    deep_stem = bool(getattr(getattr(model, "backbone", None), "deep_stem", False))
+    if fmt == "torchvision_resnet" and deep_stem:
+        raise ValueError(f"pretrained checkpoint {path} is a torchvision ResNet checkpoint (7x7 "
+                         f"stem conv1), which does not fit the deep stem of "
+                         f"{model.backbone.depth!r}: use the open-mmlab "
+                         f"{model.backbone.depth} file, or model.backbone = "
+                         f"{model.backbone.depth.removesuffix('_v1c')!r}")
     mapping, dropped, unexpected = map_keys(state, fmt)
     own = model.state_dict()
     strict = fmt in _BACKBONE_FORMATS and _BACKBONE_FORMATS[fmt][5]
@@ -196,17 +219,19 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
 
 def _check_strict(path: str | Path, fmt: str, mapping: dict[str, str], unexpected: list[str],
                   own: dict[str, Tensor], scope: str) -> None:
-    """The ViT formats: every file key has a place and every transformer key comes from the file
-    (a ViT loaded half-pretrained is worse than an error)."""
+    """The strict formats (ViTs, mmcv's ResNetV1c): every file key has a place and every backbone
+    key comes from the file (a backbone loaded half-pretrained is worse than an error; BatchNorm's
+    step counter, absent from older files, changes nothing)."""
     extra = unexpected + [k for k, m in mapping.items() if m not in own]
     if extra:
         raise ValueError(f"pretrained checkpoint {path} ({fmt}): unexpected key {extra[0]!r} "
                          f"(no place in the {scope.rstrip('.')} of this model; "
                          f"{len(extra)} such key(s): {extra[:5]})")
     given = set(mapping.values())
-    missing = [k for k in own if k.startswith(scope) and k not in given]
+    missing = [k for k in own if k.startswith(scope) and k not in given
+               and not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(f"pretrained checkpoint {path} ({fmt}): missing key "
                          f"{missing[0][len(scope):]!r} (model key {missing[0]!r}; {len(missing)} "
                          f"missing: {[k[len(scope):] for k in missing[:5]]}); is it the "
-                         f"checkpoint of another ViT size?")
+                         f"checkpoint of another model size?")

@@ -5,6 +5,21 @@ Module names match torchvision's ``resnet*`` state dicts (``conv1``, ``bn1``, ``
 The stride sits on the 3x3 conv of a bottleneck (torchvision's "v1.5"). For DeepLab-V2 the last
 two stages trade their stride for dilation (output stride 8); as in torchvision and mmseg
 (``contract_dilation``) the first block of a dilated stage keeps the previous stage's dilation.
+
+``resnet50_v1c`` / ``resnet101_v1c`` are mmseg's ``ResNetV1c`` (``deep_stem=True``,
+``avg_down=False``; BIT-DA/SePiCo mmseg/models/backbones/resnet.py#L589-L622, #L687-L699), the
+DeepLab-V2 backbone of the SePiCo and DAFormer releases: the 7x7 stem is replaced by three 3x3
+convs 3 -> 32 (stride 2) -> 32 -> 64, each with BN and ReLU, named as mmcv names them (``stem.0``
+conv, ``stem.1`` BN, ``stem.3``/``stem.4``, ``stem.6``/``stem.7``; 2, 5, 8 are the ReLUs), then the
+same max-pool and stages as above, so the open-mmlab ``resnet101_v1c`` ImageNet file maps onto
+the backbone key for key.
+
+``resnet101_deeplab`` is the ResNet-101 of the DeepLab-V2 release as CorDA trains it
+(qinenergy/corda model/deeplabv2_gta.py#L64-L108, #L187-L240, the "Caffe" layout of the
+COCO-pretrained DeepLab file): the stride of a bottleneck on its first 1x1 conv, a ceil-mode
+max-pool, and every block of the dilated stages at the full dilation (2 and 4, no contraction);
+the parameter names and shapes are torchvision's, so its ``resnet101COCO`` file loads key for key
+(its COCO classifier ``layer5.*`` is dropped).
 """
 
 from __future__ import annotations
@@ -16,7 +31,14 @@ RESNET_SPECS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet50_v1c": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101_v1c": ("bottleneck", (3, 4, 23, 3)),
+    "resnet101_deeplab": ("bottleneck", (3, 4, 23, 3)),
 }
+# the variants with mmseg's deep stem (ResNetV1c)
+DEEP_STEM = frozenset({"resnet50_v1c", "resnet101_v1c"})
+# the DeepLab-V2 release's Caffe layout (stride on the 1x1 conv, ceil-mode pool, full dilations)
+CAFFE_LAYOUT = frozenset({"resnet101_deeplab"})
 
 
 class BasicBlock(nn.Module):
@@ -44,17 +66,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (stride, dilation), 1x1 expand x4, with a residual."""
+    """1x1 reduce, 3x3 (stride, dilation), 1x1 expand x4, with a residual; ``stride_in_1x1``
+    puts the stride on the first 1x1 conv instead (the Caffe layout of the DeepLab release)."""
 
     expansion = 4
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+                 downsample: nn.Module | None = None, stride_in_1x1: bool = False) -> None:
         super().__init__()
         out_channels = channels * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, s1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride, padding=dilation, dilation=dilation,
+        self.conv2 = nn.Conv2d(channels, channels, 3, s3, padding=dilation, dilation=dilation,
                                bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
@@ -93,10 +117,21 @@ class ResNet(nn.Module):
         kind, blocks = RESNET_SPECS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        self.deep_stem = depth in DEEP_STEM
+        if self.deep_stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 32, 3, 2, padding=1, bias=False), nn.BatchNorm2d(32),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(32, 32, 3, 1, padding=1, bias=False), nn.BatchNorm2d(32),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(32, 64, 3, 1, padding=1, bias=False), nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True))
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
+        self.caffe = depth in CAFFE_LAYOUT
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1, ceil_mode=self.caffe)
         self._in_channels = 64
         self._dilation = 1
         dilate = OUTPUT_STRIDES[output_stride]
@@ -120,12 +155,15 @@ class ResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self._in_channels, out_channels, 1, stride, bias=False),
                 nn.BatchNorm2d(out_channels))
-        # the first block keeps the previous dilation so the sampling grid grows gradually
-        layers = [block(self._in_channels, channels, stride, dilation=previous_dilation,
-                        downsample=downsample)]
+        # the first block keeps the previous dilation so the sampling grid grows gradually (the
+        # Caffe layout dilates it fully, as released)
+        kw = {"stride_in_1x1": True} if self.caffe else {}
+        first = self._dilation if self.caffe else previous_dilation
+        layers = [block(self._in_channels, channels, stride, dilation=first,
+                        downsample=downsample, **kw)]
         self._in_channels = out_channels
         for _ in range(1, num_blocks):
-            layers.append(block(out_channels, channels, 1, dilation=self._dilation))
+            layers.append(block(out_channels, channels, 1, dilation=self._dilation, **kw))
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
@@ -137,7 +175,8 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
         c3 = self.layer3(c2)
@@ -146,7 +185,8 @@ class ResNet(nn.Module):
 
 
 def resnet(depth: str, output_stride: int = 8) -> ResNet:
-    """Build a ResNet backbone by name (``resnet18``, ``resnet50``, ``resnet101``)."""
+    """Build a ResNet backbone by name (``resnet18``, ``resnet50``, ``resnet101``,
+    ``resnet50_v1c``, ``resnet101_v1c``, ``resnet101_deeplab``)."""
     return ResNet(depth, output_stride)
 
 
@@ -154,4 +194,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["RESNET_SPECS", "BasicBlock", "Bottleneck", "ResNet", "resnet", "count_parameters"]
+__all__ = ["CAFFE_LAYOUT", "DEEP_STEM", "RESNET_SPECS", "BasicBlock", "Bottleneck", "ResNet",
+           "count_parameters", "resnet"]

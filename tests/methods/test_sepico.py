@@ -63,6 +63,36 @@ def test_regulariser_by_hand() -> None:
     assert float(m._regulariser(emb, small)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_bank_regulariser_uses_the_running_means_by_hand() -> None:
+    # BIT-DA/SePiCo mmseg/models/losses/contrastive_loss.py#L286-L288: bank_contrastive's
+    # regulariser is proto_reg(feat, mean) with mean = ProtoEstimator.Ave (sepico.py#L316-L320),
+    # the running class means over every update, not the means of the bank's last centroids
+    m = SePiCo(SePiCoSettings(variant="bank", start_iter=5, tau=0.05, bank_size=3),
+               MethodContext(num_classes=C, embed_dim=D, backend="torch"))
+    feats, labels = [], []
+    for s in range(5):  # 5 updates, a bank of 3: the bank forgets the first two batches
+        out, label = batch(s)
+        if s < 2:  # batches the bank has forgotten, far from the later ones
+            out = {"embeddings": -out["embeddings"]}
+        m.update_state(out, label, it=s)
+        feats.append(out["embeddings"].permute(0, 2, 3, 1).reshape(-1, D))
+        labels.append(label[:, ::2, ::2].reshape(-1))
+    f, y = torch.cat(feats).double(), torch.cat(labels)
+    running = torch.stack([f[y == c].mean(0) for c in range(C)])  # pooled over all 5 batches
+    out, label = batch(7)
+    emb, small = out["embeddings"], label[:, ::2, ::2]
+    fbar = emb.permute(0, 2, 3, 1).reshape(-1, D).double().mean(0)
+    logp = torch.log_softmax(running @ fbar / 0.05, dim=0)
+    expected = float(logp.sum()) / (C * math.log(C))
+    assert float(m._regulariser(emb, small)) == pytest.approx(expected, rel=1e-5)
+    # the bank's own means (what fastuda used before) give another value
+    live = m.stats.bank[:, :3].double().mean(1)
+    other = float(torch.log_softmax(live @ fbar / 0.05, dim=0).sum()) / (C * math.log(C))
+    assert abs(other - expected) > 1e-3  # 100x the tolerance above
+    # and it is the loss's reg term (weight 1)
+    assert float(m.source_losses(out, label, 6)["src.reg"]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_target_ignores_zero_weight_rows() -> None:
     m = make("proto")
     out, label = batch(2)

@@ -4,13 +4,15 @@ determinism, memory formats, autocast, and the building blocks against hand-writ
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import ModelConfig
-from fastuda.models import build_model, convert_sync_batchnorm
+from fastuda.config import ModelConfig, load_config
+from fastuda.models import build_model, build_network, convert_sync_batchnorm
+from fastuda.models.base import mmseg_no_decay
 from fastuda.models.heads import ASPPClassifier, MultiLevelProjectionHead, l2_normalize
 from fastuda.models.mit import EfficientSelfAttention, MixTransformer, drop_path
 from fastuda.models.resnet import ResNet
@@ -202,6 +204,7 @@ def test_autocast(name: str, backbone: str, dtype: torch.dtype, backward: bool) 
 
 def test_param_groups_cover_every_parameter_once() -> None:
     model = small_model("daformer", "mit_b0")
+    model.no_decay = "1d"  # optim.no_decay = "1d": every 1-D parameter undecayed
     groups = model.param_groups(lr=1e-4, head_lr_mult=10.0, weight_decay=0.01)
     seen = [id(p) for g in groups for p in g["params"]]
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
@@ -222,10 +225,73 @@ def test_param_groups_cover_every_parameter_once() -> None:
     torch.optim.AdamW(groups)  # accepted as is
 
 
+# MiT-B0 (SegFormer, Table 6): depths (2, 2, 2, 2), spatial reduction (8, 4, 2, 1); its norms by
+# the released names (patch_embed{i}.norm, block{i}.{j}.norm1/norm2, attn.norm where sr > 1,
+# norm{i})
+def mit_b0_norm_names() -> set[str]:
+    names = set()
+    for i, sr in zip(range(1, 5), (8, 4, 2, 1), strict=True):
+        mods = [f"patch_embed{i}.norm", f"norm{i}"]
+        for j in range(2):
+            mods += [f"block{i}.{j}.norm1", f"block{i}.{j}.norm2"]
+            if sr > 1:
+                mods.append(f"block{i}.{j}.attn.norm")
+        names |= {f"backbone.{m}.{w}" for m in mods for w in ("weight", "bias")}
+    return names
+
+
+def test_param_groups_released_decay_rule_on_mit() -> None:
+    # the DAFormer/SePiCo releases' custom_keys: decay 0 for names containing norm/pos_block
+    # (MiT only); biases, BN and every head parameter decayed
+    model = small_model("daformer", "mit_b0", projection=True)
+    assert model.no_decay == "mmseg"
+    groups = model.param_groups(lr=1e-4, head_lr_mult=10.0, weight_decay=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(names)
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert undecayed == mit_b0_norm_names() and len(undecayed) == 60
+    assert {g["name"] for g in groups} == {"backbone", "backbone_no_decay", "head"}
+    decayed = set(names.values()) - undecayed
+    assert "backbone.block1.0.attn.q.bias" in decayed
+    assert "decode_head.fusion.0.1.weight" in decayed  # a BatchNorm of the head
+    assert any(n.startswith("projection_head.") and n.endswith("bias") for n in decayed)
+
+
+def test_param_groups_released_decay_rule_on_resnet() -> None:
+    # no norm/pos_block name in a ResNet DeepLab-V2: everything decayed, BN and biases included
+    for backbone in ("resnet18", "resnet50_v1c"):
+        model = small_model("deeplabv2", backbone)
+        groups = model.param_groups(lr=1.0, head_lr_mult=10.0, weight_decay=0.01)
+        assert {g["name"] for g in groups} == {"backbone", "head"}
+        assert all(g["weight_decay"] == 0.01 for g in groups)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_mmseg_no_decay_follows_mmcv_key_order() -> None:
+    # keys tried longest first, then alphabetically ("head" before "norm"); the first decides
+    assert mmseg_no_decay("backbone.block2.1.norm2.weight")
+    assert mmseg_no_decay("backbone.pos_block.0.proj.bias")
+    assert not mmseg_no_decay("decode_head.norm.weight")  # "head": lr x10, decay kept
+    assert not mmseg_no_decay("backbone.layer1.0.bn1.weight")
+    assert not mmseg_no_decay("backbone.block1.0.attn.q.bias")
+
+
+def test_optim_no_decay_reaches_the_network() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_daformer.toml",
+                      ['optim.no_decay="1d"'])
+    assert build_network(cfg).no_decay == "1d"
+    assert load_config(Path(__file__).resolve().parents[2] / "configs"
+                       / "demo_daformer.toml").optim.no_decay == "mmseg"
+
+
 def test_param_groups_skip_frozen_parameters() -> None:
     model = small_model("deeplabv2", "resnet18", projection=False)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
+    groups = model.param_groups(lr=1.0, head_lr_mult=10.0, weight_decay=0.0)
+    assert {g["name"] for g in groups} == {"head"}  # the released rule: no undecayed head param
+    model.no_decay = "1d"
     groups = model.param_groups(lr=1.0, head_lr_mult=10.0, weight_decay=0.0)
     assert {g["name"] for g in groups} == {"head", "head_no_decay"}
 

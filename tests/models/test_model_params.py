@@ -5,10 +5,12 @@ Big variants are built on the meta device: construction only, no memory, no forw
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from fastuda.config import ModelConfig
+from fastuda.config import ConfigError, ModelConfig, load_config
 from fastuda.models import build_model
 from fastuda.models.mit import MixTransformer
 from fastuda.models.resnet import ResNet
@@ -33,6 +35,40 @@ TORCHVISION_FC = {"resnet18": 512 * 1000 + 1000, "resnet50": 2048 * 1000 + 1000,
 def test_resnet_matches_torchvision_backbone(depth: str) -> None:
     model = on_meta(lambda: ResNet(depth))
     assert n_params(model) == TORCHVISION_TOTAL[depth] - TORCHVISION_FC[depth]
+
+
+@pytest.mark.parametrize("depth", ["resnet50", "resnet101"])
+def test_resnet_v1c_is_the_torchvision_count_with_the_deep_stem(depth: str) -> None:
+    # mmseg's ResNetV1c: the 7x7 conv (64 x 3 x 49) and its BN (2 x 64) become three 3x3 convs
+    # 3 -> 32 -> 32 -> 64 with BNs (BIT-DA/SePiCo mmseg/models/backbones/resnet.py#L589-L622)
+    seven = 64 * 3 * 49 + 2 * 64
+    deep = 32 * 3 * 9 + 2 * 32 + 32 * 32 * 9 + 2 * 32 + 64 * 32 * 9 + 2 * 64
+    model = on_meta(lambda: ResNet(f"{depth}_v1c"))
+    assert n_params(model) == TORCHVISION_TOTAL[depth] - TORCHVISION_FC[depth] - seven + deep
+
+
+def test_resnet_v1c_stem_strides_and_stages() -> None:
+    net = ResNet("resnet50_v1c").eval()
+    convs = [m for m in net.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    assert [type(m).__name__ for m in net.stem] == ["Conv2d", "BatchNorm2d", "ReLU"] * 3
+    assert not hasattr(net, "conv1")
+    # same DeepLab-V2 stages as the torchvision layout: output stride 8, contracted dilations
+    assert net.layer3[0].conv2.dilation == (1, 1) and net.layer4[0].conv2.dilation == (2, 2)
+    assert net.layer4[1].conv2.dilation == (4, 4)
+    with torch.no_grad():
+        stages = net(torch.randn(1, 3, 64, 64))
+    assert [tuple(x.shape[1:]) for x in stages] == [(256, 16, 16), (512, 8, 8), (1024, 8, 8),
+                                                    (2048, 8, 8)]
+    # the stem is the three conv-BN-ReLU in order, then the 3x3/2 max-pool
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = x
+        for i in (0, 3, 6):
+            y = torch.relu(net.stem[i + 1](net.stem[i](y)))
+        y = torch.nn.functional.max_pool2d(y, 3, 2, 1)
+        assert torch.allclose(net.layer1(y), net(x)[0])
 
 
 def test_resnet101_is_42_5m_and_deeplabv2_adds_the_aspp() -> None:
@@ -121,3 +157,65 @@ def test_daformer_head_size_for_mit_b5() -> None:
     assert n_params(model.decode_head) == embed + aspp + bottleneck + classifier
     # SePiCo projection: 1024 -> 256 -> 256, conv-BN-ReLU twice
     assert n_params(model.projection_head) == 1024 * 256 + 2 * 256 + 256 * 256 + 2 * 256
+
+
+def test_resnet_deeplab_is_the_caffe_layout_of_the_release() -> None:
+    # qinenergy/corda model/deeplabv2_gta.py: Bottleneck conv1 carries the stride (#L69), conv2
+    # none (#L75); max-pool ceil_mode (#L197); layer3/layer4 with dilation 2/4 in every block
+    # (#L200-L201, #L236-L239); the parameters are torchvision's ResNet-101's
+    net = on_meta(lambda: ResNet("resnet101_deeplab"))
+    assert n_params(net) == TORCHVISION_TOTAL["resnet101"] - TORCHVISION_FC["resnet101"]
+    assert net.layer2[0].conv1.stride == (2, 2) and net.layer2[0].conv2.stride == (1, 1)
+    assert net.maxpool.ceil_mode
+    assert all(b.conv2.dilation == (2, 2) and b.conv2.padding == (2, 2) for b in net.layer3)
+    assert all(b.conv2.dilation == (4, 4) and b.conv2.padding == (4, 4) for b in net.layer4)
+    assert all(b.conv1.stride == (1, 1) for b in (*net.layer3, *net.layer4))
+    # DeepLab's grid: 65 -> 7x7/2 conv 33 -> ceil pool 17 -> 1x1/2 conv 9 (then stride 1)
+    real = ResNet("resnet101_deeplab").eval()
+    with torch.no_grad():
+        stages = real(torch.randn(1, 3, 65, 65))
+    assert [tuple(x.shape[1:]) for x in stages] == [(256, 17, 17), (512, 9, 9), (1024, 9, 9),
+                                                    (2048, 9, 9)]
+
+
+def test_freeze_bn_affine_fixes_the_backbone_bn_only() -> None:
+    model = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", freeze_bn_affine=True))
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.weight.requires_grad and not m.bias.requires_grad for m in bns)
+    frozen = {id(p) for m in bns for p in m.parameters()}
+    assert all(p.requires_grad for p in model.parameters() if id(p) not in frozen)
+    heads = [m for m in model.projection_head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert heads and all(m.weight.requires_grad for m in heads)
+    grouped = {id(p) for g in model.param_groups(1e-3, 10, 0.01) for p in g["params"]}
+    assert not grouped & {id(p) for m in bns for p in m.parameters()}
+    # the statistics still come from the batch in training
+    model.train()
+    before = bns[0].running_mean.clone()
+    model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(before, bns[0].running_mean)
+    with pytest.raises(ConfigError, match="model.freeze_bn_affine"):
+        ModelConfig(name="daformer", backbone="mit_b0", freeze_bn_affine=True)
+
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("sepico/deeplabv2_*.toml")),
+                         ids=lambda p: p.stem)
+def test_sepico_deeplabv2_presets_use_resnet101_v1c(path: Path) -> None:
+    # BIT-DA/SePiCo experiments.py#L266 ('dlv2_proj', 'r101v1c'), #L29-L30
+    # (open-mmlab://resnet101_v1c)
+    model = load_config(path).model
+    assert model.backbone == "resnet101_v1c" and not model.freeze_bn_affine
+
+
+@pytest.mark.parametrize("name", ["corda/deeplabv2_gta2cs", "corda/deeplabv2_synthia2cs"])
+def test_corda_presets_use_the_released_deeplab_resnet(name: str) -> None:
+    # qinenergy/corda model/deeplabv2_gta.py#L187-L240 (Caffe-layout ResNet-101, BN affine fixed)
+    model = load_config(PRESETS / f"{name}.toml").model
+    assert model.backbone == "resnet101_deeplab" and model.freeze_bn_affine
+
+
+@pytest.mark.parametrize("name", ["spcl/deeplabv2_gta2cs", "bipcl/deeplabv2_gta2cs"])
+def test_other_deeplabv2_presets_keep_torchvision_resnet101(name: str) -> None:
+    assert load_config(PRESETS / f"{name}.toml").model.backbone == "resnet101"

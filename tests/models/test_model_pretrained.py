@@ -25,9 +25,11 @@ def bn(prefix: str, c: int, with_counter: bool = True) -> dict[str, tuple[int, .
 
 
 def torchvision_resnet_shapes(depth: str, with_counter: bool = True) -> dict[str, tuple]:
-    """torchvision ``resnet18`` / ``resnet50`` state-dict keys and shapes, fc included."""
+    """torchvision ``resnet18`` / ``resnet50`` / ``resnet101`` state-dict keys and shapes, fc
+    included."""
     blocks, bottleneck = {"resnet18": ((2, 2, 2, 2), False),
-                          "resnet50": ((3, 4, 6, 3), True)}[depth]
+                          "resnet50": ((3, 4, 6, 3), True),
+                          "resnet101": ((3, 4, 23, 3), True)}[depth]
     shapes: dict[str, tuple] = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64, with_counter)}
     c_in = 64
     for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True), start=1):
@@ -224,3 +226,79 @@ def test_build_model_loads_config_path(tmp_path: Path) -> None:
     assert model.pretrained_report["format"] == "mit"
     assert torch.equal(model.backbone.block3[1].attn.q.weight, state["block3.1.attn.q.weight"])
     assert build_model(ModelConfig(name="daformer", backbone="mit_b0")).pretrained_report is None
+
+
+def mmcv_resnet_v1c_shapes(depth: str) -> dict[str, tuple]:
+    """The open-mmlab ``resnet50_v1c`` / ``resnet101_v1c`` files: mmcv's ResNetV1c layout, a deep
+    stem nn.Sequential (conv 3x3 3 -> 32 stride 2, BN, ReLU, conv 32 -> 32, BN, ReLU, conv
+    32 -> 64, BN, ReLU: parameters at indices 0/1, 3/4, 6/7; BIT-DA/SePiCo
+    mmseg/models/backbones/resnet.py#L589-L622) in place of conv1/bn1, the stages as torchvision
+    names them."""
+    shapes = {k: v for k, v in torchvision_resnet_shapes(depth).items()
+              if not k.startswith(("conv1.", "bn1."))}
+    stem = {"stem.0.weight": (32, 3, 3, 3), **bn("stem.1", 32),
+            "stem.3.weight": (32, 32, 3, 3), **bn("stem.4", 32),
+            "stem.6.weight": (64, 32, 3, 3), **bn("stem.7", 64)}
+    return {**stem, **shapes}
+
+
+def test_mmcv_resnet_v1c_layout_round_trips(tmp_path: Path) -> None:
+    # every key of the model's backbone is one of the mmcv file's, with its shape
+    with torch.device("meta"):
+        big = small("deeplabv2", "resnet101_v1c", projection=False)
+    expect = {k: v for k, v in mmcv_resnet_v1c_shapes("resnet101").items()
+              if not k.startswith("fc.")}
+    assert {k: tuple(v.shape) for k, v in big.backbone.state_dict().items()} == expect
+    # an mmcv-layout file (wrapped as mmcv saves it) loads every backbone tensor; fc is dropped
+    state = random_state(mmcv_resnet_v1c_shapes("resnet50"))
+    path = save(tmp_path, {"state_dict": state, "meta": {"mmcv_version": "1.3.7"}})
+    model = small("deeplabv2", "resnet50_v1c", projection=False)
+    report = load_pretrained(model, path)
+    assert report["format"] == "mmcv_resnet_v1c"
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert sorted(report["dropped"]) == ["fc.bias", "fc.weight"]
+    own = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("fc."):
+            assert torch.equal(own["backbone." + key], value), key
+    # and a fastuda model's backbone saved back in that layout is the same file
+    back = {k.removeprefix("backbone."): v for k, v in own.items() if k.startswith("backbone.")}
+    assert set(back) == set(state) - {"fc.weight", "fc.bias"}
+
+
+def test_mmcv_resnet_v1c_bad_keys_are_errors_naming_them(tmp_path: Path) -> None:
+    base = random_state(mmcv_resnet_v1c_shapes("resnet50"))
+    model = lambda: small("deeplabv2", "resnet50_v1c", projection=False)  # noqa: E731
+    missing = OrderedDict((k, v) for k, v in base.items() if k != "stem.4.running_mean")
+    with pytest.raises(ValueError, match=r"missing key 'stem\.4\.running_mean'"):
+        load_pretrained(model(), save(tmp_path, missing, "missing.pth"))
+    extra = OrderedDict(base, **{"stem.9.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"unexpected key 'stem\.9\.weight'"):
+        load_pretrained(model(), save(tmp_path, extra, "extra.pth"))
+    deep = OrderedDict(base, **{"layer3.6.conv1.weight": torch.zeros(256, 1024, 1, 1)})
+    with pytest.raises(ValueError, match=r"unexpected key 'layer3\.6\.conv1\.weight'"):
+        load_pretrained(model(), save(tmp_path, deep, "deep.pth"))  # a ResNet-101 block
+    wrong = OrderedDict(base, **{"stem.3.weight": torch.zeros(32, 32, 5, 5)})
+    with pytest.raises(ValueError, match=r"'stem\.3\.weight'.*\(32, 32, 5, 5\).*\(32, 32, 3, 3\)"):
+        load_pretrained(model(), save(tmp_path, wrong, "wrong.pth"))
+    # the two ResNet layouts do not cross: a 7x7-stem file for the deep stem and back
+    tv = save(tmp_path, random_state(torchvision_resnet_shapes("resnet50")), "tv.pth")
+    with pytest.raises(ValueError, match="torchvision ResNet checkpoint.*resnet50_v1c"):
+        load_pretrained(model(), tv)
+    with pytest.raises(ValueError, match=r"unexpected key 'stem\.0\.weight'"):
+        load_pretrained(small("deeplabv2", "resnet50", projection=False),
+                        save(tmp_path, base, "v1c.pth"))
+
+
+def test_deeplab_coco_file_drops_its_classifier(tmp_path: Path) -> None:
+    # the DeepLab release's COCO-pretrained file (CorDA's initialisation) has torchvision's names
+    # plus its COCO ASPP classifier, layer5.conv2d_list.{0..3} (qinenergy/corda
+    # trainUDA_gta.py#L255-L263 copies the keys by name)
+    state = random_state(torchvision_resnet_shapes("resnet18"))
+    del state["fc.weight"], state["fc.bias"]
+    for i in range(4):
+        state[f"layer5.conv2d_list.{i}.weight"] = torch.zeros(21, 512, 3, 3)
+        state[f"layer5.conv2d_list.{i}.bias"] = torch.zeros(21)
+    report = load_pretrained(small("deeplabv2", "resnet18"), save(tmp_path, state))
+    assert report["format"] == "torchvision_resnet" and report["unexpected"] == []
+    assert sorted(report["dropped"]) == sorted(k for k in state if k.startswith("layer5."))
