@@ -156,6 +156,12 @@ class SelfTrainingConfig:
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     imnet_feature_dist: float = 0.0  # DAFormer FD lambda (0 disables)
+    # how the teacher's normalisation layers normalise: "batch" (released DAFormer/SePiCo/HRDA/
+    # MIC: the teacher stays in train mode with only dropout and drop-path off, so BatchNorm uses
+    # the statistics of the batch it sees; the EMA averages parameters only, sepico.py#L135-L144,
+    # #L244-L248; DAFormer dacs.py#L264-L268) or "running" (eval mode: EMA-averaged running
+    # statistics, fastuda before issue 13)
+    teacher_norm: Literal["batch", "running"] = "batch"
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])

@@ -15,7 +15,9 @@ One step is an ordered list of passes; each is a student forward, its losses and
 HRDA (``hrda.enabled``) changes no line of the step: the network is the multi-resolution wrapper
 (fastuda/models/hrda.py), whose training forward draws the detail box from the step's generator
 and whose eval-mode forward (the teacher) is the multi-resolution inference; the segmentation
-loss adds the detail CE when the outputs carry a detail box.
+loss adds the detail CE when the outputs carry a detail box. The teacher module stays in eval mode
+(HRDA's inference, dropout and drop-path off); with ``self_training.teacher_norm = "batch"`` (the
+release) only its BatchNorm layers run in train mode (``set_teacher_mode``).
 
 Under DDP the gradients are all-reduced once per step: every pass but the last of the list runs
 under ``no_sync()``, and the last one's all-reduce carries the gradients all of them accumulated.
@@ -53,17 +55,42 @@ def ema_alpha(it: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """teacher <- a * teacher + (1 - a) * student, for parameters and floating buffers."""
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, *,
+               buffers: bool = True) -> None:
+    """teacher <- a * teacher + (1 - a) * student, for the parameters and, with ``buffers``,
+    the floating buffers (integer ones are copied).
+
+    ``buffers=False`` is the release's update (parameters only, SePiCo sepico.py#L135-L144):
+    a teacher whose BatchNorm normalises with batch statistics keeps the running statistics its
+    own forwards accumulate."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, alpha)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+    if not buffers:
+        return
     for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
         if tb.dtype.is_floating_point:
             tb.mul_(alpha).add_(sb, alpha=1.0 - alpha)
         else:
             tb.copy_(sb)
+
+
+def set_teacher_mode(teacher: nn.Module, norm: str) -> nn.Module:
+    """The teacher's modes: eval (dropout and drop-path off; HRDA's eval-mode forward is its
+    multi-resolution inference), and with ``norm == "batch"`` its BatchNorm layers (SyncBatchNorm
+    too) in train mode, so they normalise with the statistics of the batch they see.
+
+    That is the released teacher (SePiCo sepico.py#L244-L248, DAFormer dacs.py#L264-L268: the EMA
+    model stays in train mode and only ``_DropoutNd`` and ``DropPath`` are switched off): BatchNorm
+    is the only other layer kind whose train and eval modes differ. ``"running"``: all of it in
+    eval mode (the EMA-averaged running statistics)."""
+    teacher.eval()
+    if norm == "batch":
+        for m in teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return teacher
 
 
 @torch.no_grad()
@@ -165,7 +192,7 @@ class SelfTraining:
         self.student = model  # the bare module (EMA, checkpoints)
         self.forward_student = ddp_model or model  # what computes gradients (DDP wrapper or not)
         self.distributed = ddp_model is not None
-        self.teacher = copy.deepcopy(model).eval()
+        self.teacher = set_teacher_mode(copy.deepcopy(model), cfg.self_training.teacher_norm)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         o = cfg.optim
@@ -372,6 +399,8 @@ class SelfTraining:
         cfg, dev = self.cfg, self.device
         log: dict[str, float] = {"lr": self.set_lr(it)}
         self.student.train()
+        # every step: an evaluation may have put the teacher's modules in another mode
+        set_teacher_mode(self.teacher, cfg.self_training.teacher_norm)
         self.optimizer.zero_grad(set_to_none=True)
         view = StepView(it, source, target,
                         source_image=source["image"].to(dev, non_blocking=True),
@@ -412,7 +441,8 @@ class SelfTraining:
             self.scaler.update()
         if cfg.self_training.enabled:
             with self.timer("ema"):
-                ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha))
+                ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha),
+                           buffers=cfg.self_training.teacher_norm == "running")
         return StepResult(log, finite=True)
 
     # -- checkpoint state ---------------------------------------------------------------------
@@ -431,4 +461,4 @@ class SelfTraining:
 
 
 __all__ = ["SelfTraining", "StepResult", "classmix_masks", "ema_alpha", "ema_update", "lr_factor",
-           "pseudo_label", "segmentation_losses", "weighted_ce"]
+           "pseudo_label", "segmentation_losses", "set_teacher_mode", "weighted_ce"]
