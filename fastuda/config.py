@@ -162,6 +162,11 @@ class SelfTrainingConfig:
     # #L244-L248; DAFormer dacs.py#L264-L268) or "running" (eval mode: EMA-averaged running
     # statistics, fastuda before issue 13)
     teacher_norm: Literal["batch", "running"] = "batch"
+    # the pseudo-labels' quality weight q: "batch" (released: one scalar per batch, confident
+    # pixels of all rows over all pixels, the ignored rows zeroed afterwards; SePiCo
+    # sepico.py#L254-L256, DAFormer dacs.py#L274-L286) or "image" (one per image, counted
+    # outside the ignored rows; fastuda before issue 13)
+    quality_weight: Literal["batch", "image"] = "batch"
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])

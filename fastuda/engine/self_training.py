@@ -94,20 +94,27 @@ def set_teacher_mode(teacher: nn.Module, norm: str) -> nn.Module:
 
 
 @torch.no_grad()
-def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0
-                 ) -> tuple[Tensor, Tensor]:
+def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0,
+                 quality: str = "batch") -> tuple[Tensor, Tensor]:
     """Teacher logits [B, C, H, W] -> (label [B, H, W], weight [B, H, W]).
 
-    The weight is one scalar per image, the fraction of pixels whose max probability reaches the
-    threshold, zeroed in the ignored top/bottom rows."""
+    ``quality == "batch"`` (the release): the weight is one scalar for the whole batch, the
+    fraction of all its pixels (every row of every image) whose max probability reaches the
+    threshold; the ignored top/bottom rows are zeroed afterwards (SePiCo sepico.py#L254-L256,
+    #L283-L292; DAFormer dacs.py#L274-L286; HRDA dacs.py#L345-L362). ``"image"`` (fastuda before
+    issue 13): one scalar per image, counting only the confident pixels outside the ignored
+    rows."""
     prob = torch.softmax(logits.float(), dim=1)
     conf, label = prob.max(dim=1)
     confident = (conf >= threshold).float()
-    if ignore_top:
-        confident[:, :ignore_top] = 0
-    if ignore_bottom:
-        confident[:, -ignore_bottom:] = 0
-    q = confident.flatten(1).mean(1)  # [B]
+    if quality == "batch":
+        q = confident.mean().expand(conf.shape[0])  # [B], the same value for every image
+    else:
+        if ignore_top:
+            confident[:, :ignore_top] = 0
+        if ignore_bottom:
+            confident[:, -ignore_bottom:] = 0
+        q = confident.flatten(1).mean(1)  # [B]
     weight = q[:, None, None].expand_as(conf).clone()
     if ignore_top:
         weight[:, :ignore_top] = 0
@@ -268,7 +275,7 @@ class SelfTraining:
         out[O.LOGITS] = F.interpolate(out[O.LOGITS].float(), size=images.shape[-2:],
                                       mode="bilinear", align_corners=False)
         label, weight = pseudo_label(out[O.LOGITS], st.pseudo_threshold, st.ignore_top,
-                                     st.ignore_bottom)
+                                     st.ignore_bottom, st.quality_weight)
         return label, weight, out
 
     def _make_pseudo_labels(self, view: StepView, log: dict[str, float]) -> None:

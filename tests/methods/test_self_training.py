@@ -144,10 +144,28 @@ def test_pseudo_label_weight_is_the_confident_fraction() -> None:
     assert label[0, :2].eq(1).all() and label[0, 2:, 0].eq(0).all()
     expected_q = (8 + 2) / 16
     assert weight.unique().tolist() == pytest.approx([expected_q])
-    _, w2 = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1)
+    _, w2 = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1, quality="image")
     assert w2[0, 0].eq(0).all() and w2[0, -1].eq(0).all()
-    # q counts only the kept rows' confident pixels, over all pixels
+    # "image": q counts only the kept rows' confident pixels, over all pixels
     assert float(w2[0, 1, 0]) == pytest.approx((4 + 1) / 16)
+
+
+def test_pseudo_label_quality_is_one_scalar_per_batch_before_the_rows() -> None:
+    """The release (SePiCo sepico.py#L254-L256 then #L283-L292; DAFormer dacs.py#L274-L286):
+    q = confident pixels of the whole batch, every row / all pixels of the batch; the ignored
+    rows are zeroed in the weight map afterwards."""
+    logits = torch.zeros(2, 2, 4, 4)
+    logits[0, 1, :2] = 10.0  # image 0: its two top rows confident (8 pixels, 4 in row 0)
+    logits[1, 0, 3, :1] = 10.0  # image 1: one confident pixel, in the bottom row
+    _, weight = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1)
+    q = (8 + 1) / 32  # rows 0 and 3 counted, both images together
+    expected = torch.full((2, 4, 4), q)
+    expected[:, 0] = 0
+    expected[:, -1] = 0
+    assert torch.allclose(weight, expected)
+    # fastuda before issue 13: per image, after the rows: 4/16 and 0/16
+    _, old = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1, quality="image")
+    assert old[:, 1:3].flatten(1).max(1).values.tolist() == pytest.approx([4 / 16, 0.0])
 
 
 def test_classmix_takes_half_the_classes_rounded_up() -> None:
