@@ -37,6 +37,10 @@ class DatasetConfig:
     split: str = "train"
     # resize every image (and label, nearest) to (width, height) before cropping; [] keeps the size
     resize: list[int] = field(default_factory=list)
+    # keep the aspect ratio as mmcv's Resize(img_scale=resize, keep_ratio=True) does, the mmseg
+    # releases' default (SePiCo mmseg/datasets/pipelines/transforms.py#L50): the largest size
+    # whose long side fits max(resize) and short side min(resize) (GTA 1914x1052 -> 1280x704)
+    keep_ratio: bool = False
     # "folder" datasets: Cityscapes-style pair described by suffixes and a label map
     image_dir: str = "images"
     label_dir: str = "labels"
