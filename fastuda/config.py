@@ -64,8 +64,12 @@ class DataConfig:
     num_workers: int = 2
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
+    cat_max_ratio: float = 0.75  # the source crop; the target stream never reads its labels
     flip_prob: float = 0.5
+    # where validation predictions are scored: "resized" (labels resized, nearest, with the image
+    # to data.val.resize) or "original" (the label files' size, the prediction resized to it as
+    # mmseg's rescale does; SePiCo mmseg/models/segmentors/encoder_decoder_projector.py#L247-L264)
+    val_labels: Literal["resized", "original"] = "resized"
     # rare class sampling on the source (DAFormer): P(c) = softmax((1 - f_c) / T)
     rcs: bool = True
     rcs_temperature: float = 0.01

@@ -36,22 +36,33 @@ from .engine.metrics import (
 from .engine.vis import colorize, denormalize, save_confusion_png, save_grid
 
 
-def _logits(model: nn.Module, images: Tensor, flip: bool) -> Tensor:
+def _scores(model: nn.Module, images: Tensor, size: tuple[int, int] | None) -> Tensor:
+    """Logits upsampled to the image, then (``size``) resized to the label's size: mmseg's
+    whole inference with ``rescale`` (SePiCo encoder_decoder_projector.py#L247-L264), two bilinear
+    resizes, softmax after."""
     out = model(images)["logits"].float()
     out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    prob = out.softmax(1)
+    if size is not None and tuple(size) != tuple(out.shape[-2:]):
+        out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
+    return out
+
+
+def _logits(model: nn.Module, images: Tensor, flip: bool,
+            size: tuple[int, int] | None = None) -> Tensor:
+    prob = _scores(model, images, size).softmax(1)
     if flip:
-        out_f = model(images.flip(-1))["logits"].float()
-        out_f = F.interpolate(out_f, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        prob = 0.5 * (prob + out_f.softmax(1).flip(-1))
+        prob = 0.5 * (prob + _scores(model, images.flip(-1), size).softmax(1).flip(-1))
     return prob
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int) -> Tensor:
-    """Class probabilities [B, C, H, W] at image resolution."""
+def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
+            out_size: tuple[int, int] | None = None) -> Tensor:
+    """Class probabilities [B, C, H, W] at image resolution, or at ``out_size`` (the label's
+    size when ``data.val_labels = "original"``): whole mode resizes the logits (as mmseg), slide
+    mode the averaged probabilities."""
     if cfg.mode == "whole":
-        return _logits(model, images, cfg.flip)
+        return _logits(model, images, cfg.flip, out_size)
     B, _, H, W = images.shape
     ch, cw = cfg.crop_size
     sh, sw = cfg.stride
@@ -65,7 +76,10 @@ def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int)
             y2, x2 = min(y1 + ch, H), min(x1 + cw, W)
             prob[:, :, y1:y2, x1:x2] += _logits(model, images[:, :, y1:y2, x1:x2], cfg.flip)
             hits[:, :, y1:y2, x1:x2] += 1
-    return prob / hits
+    prob = prob / hits
+    if out_size is not None and tuple(out_size) != (H, W):
+        prob = F.interpolate(prob, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return prob
 
 
 def evaluation_subsets(cfg: Config) -> dict[str, list[int]]:
@@ -148,13 +162,19 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
         images = batch["image"].to(device)
         labels = batch["label"].to(device)
         with autocast or nullcontext():
-            prob = predict(model, images, cfg.eval, num_classes)
+            # scored at the labels' size: the original files' with data.val_labels = "original"
+            prob = predict(model, images, cfg.eval, num_classes, tuple(labels.shape[-2:]))
         pred = prob.argmax(1)
         conf.update(pred, labels)
         if vis_path is not None and len(vis_rows) < cfg.eval.num_vis:
             with autocast or nullcontext():
                 pseudo = (predict(teacher, images, cfg.eval, num_classes).argmax(1)
-                          if teacher is not None else pred)
+                          if teacher is not None else None)
+            if labels.shape[-2:] != images.shape[-2:]:  # panels at the image's size
+                labels, pred = (F.interpolate(x[:, None].float(), size=images.shape[-2:],
+                                              mode="nearest")[:, 0].long()
+                                for x in (labels, pred))
+            pseudo = pred if pseudo is None else pseudo
             for i in range(min(images.shape[0], cfg.eval.num_vis - len(vis_rows))):
                 vis_rows.append([denormalize(images[i], cfg.data.mean, cfg.data.std),
                                  colorize(labels[i], PALETTE), colorize(pseudo[i], PALETTE),

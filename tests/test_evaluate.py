@@ -64,3 +64,58 @@ def test_evaluate_writes_confusion_and_class_table(tmp_path: Path,
                                                    abs=1e-3)
     assert Image.open(folder / "confusion.png").size[0] > 19 * 20
     assert (folder / "per_class.md").read_text().startswith("| class |")
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in network: the same stride-2 logits for any input (bilinear upsampling and the
+    rescale to the label are then computed by hand)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits.expand(images.shape[0], -1, -1, -1)}
+
+
+def test_whole_inference_rescales_the_logits_to_the_label_size() -> None:
+    """mmseg whole inference with rescale (SePiCo encoder_decoder_projector.py#L247-L264, then
+    softmax #L289): logits to the image size, bilinearly to the original label size, softmax."""
+    import torch.nn.functional as F
+
+    from fastuda.config import EvalConfig
+    from fastuda.evaluate import predict
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 2, 4, generator=g)
+    images = torch.zeros(1, 3, 4, 8)
+    at_image = F.interpolate(logits, size=(4, 8), mode="bilinear", align_corners=False)
+    expected = F.interpolate(at_image, size=(8, 16), mode="bilinear", align_corners=False)
+    got = predict(_FixedLogits(logits), images, EvalConfig(mode="whole"), 3, (8, 16))
+    assert torch.allclose(got, expected.softmax(1), atol=1e-6)
+    # without a label size: the image's (the probabilities of the upsampled logits)
+    assert torch.allclose(predict(_FixedLogits(logits), images, EvalConfig(mode="whole"), 3),
+                          at_image.softmax(1), atol=1e-6)
+    # slide: the window-averaged probabilities, then resized to the label
+    slide = predict(_FixedLogits(logits), images,
+                    EvalConfig(mode="slide", crop_size=[4, 8], stride=[4, 8]), 3, (8, 16))
+    assert torch.allclose(slide, F.interpolate(at_image.softmax(1), size=(8, 16),
+                                               mode="bilinear", align_corners=False), atol=1e-6)
+
+
+def test_val_labels_original_keeps_the_label_files_size(tmp_path: Path) -> None:
+    """data.val_labels = "original": the image resized to data.val.resize, the label as the file
+    holds it (mmseg scores against the original annotation)."""
+    from fastuda.config import DataConfig, DatasetConfig
+    from fastuda.data import build_val_loader
+
+    root = REPO / "data" / "synthetic"
+    ensure_synthetic(str(root))
+    val = DatasetConfig(name="synthetic_target", root=str(root), split="val", resize=[64, 32])
+    batch = next(iter(build_val_loader(DataConfig(val=val, num_workers=0,
+                                                  val_labels="original"))))
+    file_label = np.array(Image.open(batch["meta"][0]["label_path"]))
+    assert batch["image"].shape[-2:] == (32, 64)
+    assert np.array_equal(batch["label"][0].numpy(), file_label)
+    resized = next(iter(build_val_loader(DataConfig(val=val, num_workers=0))))
+    assert resized["label"].shape[-2:] == (32, 64)

@@ -304,9 +304,9 @@ def build_train_iterators(cfg: DataConfig, *, seed: int, rank: int = 0, world_si
 # ----------------------------------------------------------------------------------------------
 class _ValSamples(Dataset):
     def __init__(self, dataset: SegDataset, indices: list[int], resize_wh: tuple[int, int] | None,
-                 keep_ratio: bool = False) -> None:
+                 keep_ratio: bool = False, original_labels: bool = False) -> None:
         self.dataset, self.indices, self.resize_wh = dataset, indices, resize_wh
-        self.keep_ratio = keep_ratio
+        self.keep_ratio, self.original_labels = keep_ratio, original_labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -319,14 +319,16 @@ class _ValSamples(Dataset):
             if self.dataset.on_error == "raise":
                 raise
             return {"skipped": (err.path, err.problem)}
-        image, label = resize_pair(image, label, self.resize_wh, self.keep_ratio)
+        image, resized = resize_pair(image, label, self.resize_wh, self.keep_ratio)
+        label = label if self.original_labels else resized
         meta["size"] = tuple(image.shape[:2])
         return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
                 "label": torch.from_numpy(np.ascontiguousarray(label)), "meta": meta}
 
 
 class ValLoader:
-    """Deterministic, un-augmented batches of one image over this rank's share of the split.
+    """Deterministic, un-augmented batches of one image over this rank's share of the split;
+    the labels at the image's size, or at their own with ``data.val_labels = "original"``.
 
     With on_error="skip" bad samples are left out (not replaced: evaluation must not count an
     image twice); ``skipped`` lists them after iterating.
@@ -336,7 +338,8 @@ class ValLoader:
         self.dataset = dataset
         self.cfg = cfg
         self.samples = _ValSamples(dataset, list(range(rank, len(dataset), world_size)),
-                                   _resize(cfg.val), cfg.val.keep_ratio)
+                                   _resize(cfg.val), cfg.val.keep_ratio,
+                                   cfg.val_labels == "original")
         self.skipped: dict[str, str] = {}
 
     def __len__(self) -> int:
