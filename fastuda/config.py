@@ -175,6 +175,10 @@ class SelfTrainingConfig:
     # sepico.py#L254-L256, DAFormer dacs.py#L274-L286) or "image" (one per image, counted
     # outside the ignored rows; fastuda before issue 13)
     quality_weight: Literal["batch", "image"] = "batch"
+    # the mean of the unweighted (source) CE: "all" pixels, ignored and padded ones adding 0 (the
+    # releases' mmseg v0.16 CrossEntropyLoss, SePiCo mmseg/models/losses/cross_entropy_loss.py
+    # #L21-L32 with utils.py#L68-L69) or the "valid" (labelled) ones (fastuda before issue 13)
+    source_ce_average: Literal["all", "valid"] = "all"
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])

@@ -223,3 +223,27 @@ def test_pseudo_margin_mask_by_hand() -> None:
     rows, cols = big[0][:, 10], big[0][10]  # a column and a row inside
     assert rows.tolist() == [0.0] * 2 + [1.0] * 14 + [0.0] * 4
     assert cols.tolist() == [0.0] * 6 + [1.0] * 16 + [0.0] * 2
+
+
+def test_source_ce_averages_over_all_pixels_as_released() -> None:
+    """mmseg v0.16's loss (SePiCo mmseg/models/losses/cross_entropy_loss.py#L21-L32, utils.py
+    #L68-L69): CE with reduction 'none' (0 at ignored pixels), then the mean over every pixel."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2, generator=g)
+    label = torch.tensor([[[0, 255], [2, 255]]])  # two labelled pixels of four
+    ce0 = -torch.log_softmax(logits[0, :, 0, 0], 0)[0]
+    ce2 = -torch.log_softmax(logits[0, :, 1, 0], 0)[2]
+    assert float(weighted_ce(logits, label, average="all")) == pytest.approx(
+        float(ce0 + ce2) / 4, rel=1e-6)
+    assert float(weighted_ce(logits, label, average="valid")) == pytest.approx(
+        float(ce0 + ce2) / 2, rel=1e-6)
+    from fastuda.engine.losses import segmentation_losses
+
+    out = {"logits": logits, "logits_detail": logits[:, :, :1], "detail_box": torch.tensor(
+        [0, 1, 0, 2])}
+    losses = segmentation_losses("src", out, label, detail_weight=0.1, average="all")
+    assert float(losses["src.ce"]) == pytest.approx(0.9 * float(ce0 + ce2) / 4, rel=1e-6)
+    # the detail box holds row 0: one labelled pixel of two
+    up = F.interpolate(logits[:, :, :1], size=(1, 2), mode="bilinear", align_corners=False)
+    assert float(losses["src.ce_detail"]) == pytest.approx(
+        0.1 * float(-torch.log_softmax(up[0, :, 0, 0], 0)[0]) / 2, rel=1e-6)
