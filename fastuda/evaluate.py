@@ -55,30 +55,42 @@ def _logits(model: nn.Module, images: Tensor, flip: bool,
     return prob
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
-            out_size: tuple[int, int] | None = None) -> Tensor:
-    """Class probabilities [B, C, H, W] at image resolution, or at ``out_size`` (the label's
-    size when ``data.val_labels = "original"``): whole mode resizes the logits (as mmseg), slide
-    mode the averaged probabilities."""
-    if cfg.mode == "whole":
-        return _logits(model, images, cfg.flip, out_size)
+def _slide_scores(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
+                  size: tuple[int, int] | None) -> Tensor:
+    """mmseg's slide inference (HRDA mmseg/models/segmentors/encoder_decoder.py#L201-L262): the
+    windows' logits averaged where they overlap, then (``size``) resized to the label's size."""
     B, _, H, W = images.shape
     ch, cw = cfg.crop_size
     sh, sw = cfg.stride
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
-    prob = images.new_zeros(B, num_classes, H, W, dtype=torch.float32)
+    scores = images.new_zeros(B, num_classes, H, W, dtype=torch.float32)
     hits = images.new_zeros(1, 1, H, W, dtype=torch.float32)
     for r in range(rows):
         for c in range(cols):
             y1, x1 = min(r * sh, max(H - ch, 0)), min(c * sw, max(W - cw, 0))
             y2, x2 = min(y1 + ch, H), min(x1 + cw, W)
-            prob[:, :, y1:y2, x1:x2] += _logits(model, images[:, :, y1:y2, x1:x2], cfg.flip)
+            scores[:, :, y1:y2, x1:x2] += _scores(model, images[:, :, y1:y2, x1:x2], None)
             hits[:, :, y1:y2, x1:x2] += 1
-    prob = prob / hits
-    if out_size is not None and tuple(out_size) != (H, W):
-        prob = F.interpolate(prob, size=tuple(out_size), mode="bilinear", align_corners=False)
+    scores = scores / hits
+    if size is not None and tuple(size) != (H, W):
+        scores = F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+    return scores
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
+            out_size: tuple[int, int] | None = None) -> Tensor:
+    """Class probabilities [B, C, H, W] at image resolution, or at ``out_size`` (the label's
+    size when ``data.val_labels = "original"``): the softmax of the logits (whole image, or the
+    windows' average), resized to the label before it, as mmseg's inference; with ``eval.flip``
+    the mean of the image's and its mirror's probabilities (mmseg's aug_test)."""
+    if cfg.mode == "whole":
+        return _logits(model, images, cfg.flip, out_size)
+    prob = _slide_scores(model, images, cfg, num_classes, out_size).softmax(1)
+    if cfg.flip:
+        flipped = _slide_scores(model, images.flip(-1), cfg, num_classes, out_size)
+        prob = 0.5 * (prob + flipped.softmax(1).flip(-1))
     return prob
 
 

@@ -96,11 +96,42 @@ def test_whole_inference_rescales_the_logits_to_the_label_size() -> None:
     # without a label size: the image's (the probabilities of the upsampled logits)
     assert torch.allclose(predict(_FixedLogits(logits), images, EvalConfig(mode="whole"), 3),
                           at_image.softmax(1), atol=1e-6)
-    # slide: the window-averaged probabilities, then resized to the label
-    slide = predict(_FixedLogits(logits), images,
-                    EvalConfig(mode="slide", crop_size=[4, 8], stride=[4, 8]), 3, (8, 16))
-    assert torch.allclose(slide, F.interpolate(at_image.softmax(1), size=(8, 16),
-                                               mode="bilinear", align_corners=False), atol=1e-6)
+
+
+
+def test_slide_inference_averages_the_windows_logits() -> None:
+    """mmseg's slide inference (HRDA mmseg/models/segmentors/encoder_decoder.py#L201-L262, softmax
+    after, #L318): overlapping windows' logits averaged, resized to the label, then softmax."""
+    import torch.nn.functional as F
+
+    from fastuda.config import EvalConfig
+    from fastuda.evaluate import predict
+
+    class Window(torch.nn.Module):  # logits that depend on the window: its mean colour per class
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": x[:, :1] * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+                    + x.mean((2, 3), keepdim=True)[:, :1]
+                    * torch.tensor([3.0, 0.0, -3.0]).view(1, 3, 1, 1)}
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 4, 6, generator=g)
+    # windows of width 4 at x = 0 and x = 2 (stride 2): columns 2-3 are covered twice
+    left, right = (Window()(images[..., a:a + 4])["logits"] for a in (0, 2))
+    scores = torch.zeros(1, 3, 4, 6)
+    scores[..., :4] += left
+    scores[..., 2:] += right
+    scores[..., 2:4] /= 2
+    expected = F.interpolate(scores, size=(8, 12), mode="bilinear", align_corners=False)
+    got = predict(Window(), images, EvalConfig(mode="slide", crop_size=[4, 4], stride=[2, 2]), 3,
+                  (8, 12))
+    assert torch.allclose(got, expected.softmax(1), atol=1e-6)
+    # the average of the probabilities would differ where the windows overlap
+    probs = torch.zeros(1, 3, 4, 6)
+    probs[..., :4] += left.softmax(1)
+    probs[..., 2:] += right.softmax(1)
+    probs[..., 2:4] /= 2
+    assert not torch.allclose(predict(Window(), images, EvalConfig(
+        mode="slide", crop_size=[4, 4], stride=[2, 2]), 3), probs, atol=1e-4)
 
 
 def test_val_labels_original_keeps_the_label_files_size(tmp_path: Path) -> None:
