@@ -164,6 +164,11 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
     num_classes = cfg.model.num_classes
     was_training = model.training
     model.eval()
+    # the teacher too (its BatchNorm may run on batch statistics in training,
+    # self_training.teacher_norm): validation images must not move its running statistics
+    teacher_modes = [m.training for m in teacher.modules()] if teacher is not None else []
+    if teacher is not None:
+        teacher.eval()
     conf = ConfusionMatrix(num_classes)
     vis_rows: list = []
     seen = 0
@@ -194,6 +199,9 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
     conf.all_reduce()
     if was_training:
         model.train()
+    if teacher is not None:
+        for m, mode in zip(teacher.modules(), teacher_modes, strict=True):
+            m.training = mode
     if vis_path is not None and vis_rows:
         save_grid(vis_path, vis_rows)
     return conf.summary(class_names(num_classes), evaluation_subsets(cfg)), conf

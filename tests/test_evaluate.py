@@ -150,3 +150,33 @@ def test_val_labels_original_keeps_the_label_files_size(tmp_path: Path) -> None:
     assert np.array_equal(batch["label"][0].numpy(), file_label)
     resized = next(iter(build_val_loader(DataConfig(val=val, num_workers=0))))
     assert resized["label"].shape[-2:] == (32, 64)
+
+
+def test_evaluation_leaves_the_teachers_batch_norm_alone(tmp_path: Path) -> None:
+    """The vis panel's teacher prediction runs in eval mode (the release's teacher normalises
+    with batch statistics in training: validation images must not move its running
+    statistics), and the teacher's modes are restored afterwards."""
+    from fastuda.config import Config
+    from fastuda.engine.self_training import set_teacher_mode
+    from fastuda.evaluate import evaluate
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.bn(self.conv(x))}
+
+    torch.manual_seed(0)
+    teacher = set_teacher_mode(Net(), "batch")
+    cfg = Config()
+    cfg.model.num_classes = 3
+    cfg.data.source.num_classes = 3
+    batch = {"image": torch.randn(1, 3, 4, 4), "label": torch.zeros(1, 4, 4, dtype=torch.long)}
+    evaluate(Net(), [batch], cfg, torch.device("cpu"), teacher=teacher,
+             vis_path=tmp_path / "vis.png")
+    assert (tmp_path / "vis.png").is_file()  # the teacher did predict
+    assert teacher.bn.running_mean.tolist() == [0.0, 0.0, 0.0]
+    assert teacher.bn.training and not teacher.training
