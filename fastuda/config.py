@@ -38,6 +38,10 @@ class DatasetConfig:
     split: str = "train"
     # resize every image (and label, nearest) to (width, height) before cropping; [] keeps the size
     resize: list[int] = field(default_factory=list)
+    # keep the aspect ratio as mmcv's Resize(img_scale=resize, keep_ratio=True) does, the mmseg
+    # releases' default (SePiCo mmseg/datasets/pipelines/transforms.py#L50): the largest size
+    # whose long side fits max(resize) and short side min(resize) (GTA 1914x1052 -> 1280x704)
+    keep_ratio: bool = False
     # "folder" datasets: Cityscapes-style pair described by suffixes and a label map
     image_dir: str = "images"
     label_dir: str = "labels"
@@ -61,8 +65,12 @@ class DataConfig:
     num_workers: int = 2
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
+    cat_max_ratio: float = 0.75  # the source crop; the target stream never reads its labels
     flip_prob: float = 0.5
+    # where validation predictions are scored: "resized" (labels resized, nearest, with the image
+    # to data.val.resize) or "original" (the label files' size, the prediction resized to it as
+    # mmseg's rescale does; SePiCo mmseg/models/segmentors/encoder_decoder_projector.py#L247-L264)
+    val_labels: Literal["resized", "original"] = "resized"
     # rare class sampling on the source (DAFormer): P(c) = softmax((1 - f_c) / T)
     rcs: bool = True
     rcs_temperature: float = 0.01
@@ -185,6 +193,21 @@ class SelfTrainingConfig:
     color_jitter_prob: float = 0.8
     blur_prob: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    # how the teacher's normalisation layers normalise: "batch" (released DAFormer/SePiCo/HRDA/
+    # MIC: the teacher stays in train mode with only dropout and drop-path off, so BatchNorm uses
+    # the statistics of the batch it sees; the EMA averages parameters only, sepico.py#L135-L144,
+    # #L244-L248; DAFormer dacs.py#L264-L268) or "running" (eval mode: EMA-averaged running
+    # statistics, fastuda before issue 13)
+    teacher_norm: Literal["batch", "running"] = "batch"
+    # the pseudo-labels' quality weight q: "batch" (released: one scalar per batch, confident
+    # pixels of all rows over all pixels, the ignored rows zeroed afterwards; SePiCo
+    # sepico.py#L254-L256, DAFormer dacs.py#L274-L286) or "image" (one per image, counted
+    # outside the ignored rows; fastuda before issue 13)
+    quality_weight: Literal["batch", "image"] = "batch"
+    # the mean of the unweighted (source) CE: "all" pixels, ignored and padded ones adding 0 (the
+    # releases' mmseg v0.16 CrossEntropyLoss, SePiCo mmseg/models/losses/cross_entropy_loss.py
+    # #L21-L32 with utils.py#L68-L69) or the "valid" (labelled) ones (fastuda before issue 13)
+    source_ce_average: Literal["all", "valid"] = "all"
     # HRDA's pseudo-label margins (top, bottom, left, right), pixels of the target image as
     # resized by data.target.resize: pseudo-labels there get weight 0 wherever the crop lies
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])

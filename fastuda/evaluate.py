@@ -36,36 +36,62 @@ from .engine.metrics import (
 from .engine.vis import colorize, denormalize, save_confusion_png, save_grid
 
 
-def _logits(model: nn.Module, images: Tensor, flip: bool) -> Tensor:
+def _scores(model: nn.Module, images: Tensor, size: tuple[int, int] | None) -> Tensor:
+    """Logits upsampled to the image, then (``size``) resized to the label's size: mmseg's
+    whole inference with ``rescale`` (SePiCo encoder_decoder_projector.py#L247-L264), two bilinear
+    resizes, softmax after."""
     out = model(images)["logits"].float()
     out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    prob = out.softmax(1)
+    if size is not None and tuple(size) != tuple(out.shape[-2:]):
+        out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
+    return out
+
+
+def _logits(model: nn.Module, images: Tensor, flip: bool,
+            size: tuple[int, int] | None = None) -> Tensor:
+    prob = _scores(model, images, size).softmax(1)
     if flip:
-        out_f = model(images.flip(-1))["logits"].float()
-        out_f = F.interpolate(out_f, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        prob = 0.5 * (prob + out_f.softmax(1).flip(-1))
+        prob = 0.5 * (prob + _scores(model, images.flip(-1), size).softmax(1).flip(-1))
     return prob
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int) -> Tensor:
-    """Class probabilities [B, C, H, W] at image resolution."""
-    if cfg.mode == "whole":
-        return _logits(model, images, cfg.flip)
+def _slide_scores(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
+                  size: tuple[int, int] | None) -> Tensor:
+    """mmseg's slide inference (HRDA mmseg/models/segmentors/encoder_decoder.py#L201-L262): the
+    windows' logits averaged where they overlap, then (``size``) resized to the label's size."""
     B, _, H, W = images.shape
     ch, cw = cfg.crop_size
     sh, sw = cfg.stride
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
-    prob = images.new_zeros(B, num_classes, H, W, dtype=torch.float32)
+    scores = images.new_zeros(B, num_classes, H, W, dtype=torch.float32)
     hits = images.new_zeros(1, 1, H, W, dtype=torch.float32)
     for r in range(rows):
         for c in range(cols):
             y1, x1 = min(r * sh, max(H - ch, 0)), min(c * sw, max(W - cw, 0))
             y2, x2 = min(y1 + ch, H), min(x1 + cw, W)
-            prob[:, :, y1:y2, x1:x2] += _logits(model, images[:, :, y1:y2, x1:x2], cfg.flip)
+            scores[:, :, y1:y2, x1:x2] += _scores(model, images[:, :, y1:y2, x1:x2], None)
             hits[:, :, y1:y2, x1:x2] += 1
-    return prob / hits
+    scores = scores / hits
+    if size is not None and tuple(size) != (H, W):
+        scores = F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
+    return scores
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
+            out_size: tuple[int, int] | None = None) -> Tensor:
+    """Class probabilities [B, C, H, W] at image resolution, or at ``out_size`` (the label's
+    size when ``data.val_labels = "original"``): the softmax of the logits (whole image, or the
+    windows' average), resized to the label before it, as mmseg's inference; with ``eval.flip``
+    the mean of the image's and its mirror's probabilities (mmseg's aug_test)."""
+    if cfg.mode == "whole":
+        return _logits(model, images, cfg.flip, out_size)
+    prob = _slide_scores(model, images, cfg, num_classes, out_size).softmax(1)
+    if cfg.flip:
+        flipped = _slide_scores(model, images.flip(-1), cfg, num_classes, out_size)
+        prob = 0.5 * (prob + flipped.softmax(1).flip(-1))
+    return prob
 
 
 def evaluation_subsets(cfg: Config) -> dict[str, list[int]]:
@@ -138,6 +164,11 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
     num_classes = cfg.model.num_classes
     was_training = model.training
     model.eval()
+    # the teacher too (its BatchNorm may run on batch statistics in training,
+    # self_training.teacher_norm): validation images must not move its running statistics
+    teacher_modes = [m.training for m in teacher.modules()] if teacher is not None else []
+    if teacher is not None:
+        teacher.eval()
     conf = ConfusionMatrix(num_classes)
     vis_rows: list = []
     seen = 0
@@ -148,13 +179,19 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
         images = batch["image"].to(device)
         labels = batch["label"].to(device)
         with autocast or nullcontext():
-            prob = predict(model, images, cfg.eval, num_classes)
+            # scored at the labels' size: the original files' with data.val_labels = "original"
+            prob = predict(model, images, cfg.eval, num_classes, tuple(labels.shape[-2:]))
         pred = prob.argmax(1)
         conf.update(pred, labels)
         if vis_path is not None and len(vis_rows) < cfg.eval.num_vis:
             with autocast or nullcontext():
                 pseudo = (predict(teacher, images, cfg.eval, num_classes).argmax(1)
-                          if teacher is not None else pred)
+                          if teacher is not None else None)
+            if labels.shape[-2:] != images.shape[-2:]:  # panels at the image's size
+                labels, pred = (F.interpolate(x[:, None].float(), size=images.shape[-2:],
+                                              mode="nearest")[:, 0].long()
+                                for x in (labels, pred))
+            pseudo = pred if pseudo is None else pseudo
             for i in range(min(images.shape[0], cfg.eval.num_vis - len(vis_rows))):
                 vis_rows.append([denormalize(images[i], cfg.data.mean, cfg.data.std),
                                  colorize(labels[i], PALETTE), colorize(pseudo[i], PALETTE),
@@ -162,6 +199,9 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
     conf.all_reduce()  # summed over the ranks: every rank sees the same total below
     if was_training:
         model.train()
+    if teacher is not None:
+        for m, mode in zip(teacher.modules(), teacher_modes, strict=True):
+            m.training = mode
     if int(conf.matrix.sum()) == 0:  # an mIoU over nothing is not a number to report
         from .data.io import DataError
         raise DataError(cfg.data.val.root, f"the evaluation saw no labelled pixels "

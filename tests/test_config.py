@@ -51,6 +51,11 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[hrda]\nenabled = true\n[data]\ncrop_size = [516, 512]\n", "data.crop_size"),
     ("[hrda]\nenabled = true\nslide_stride = [258, 256]\n", "hrda.slide_stride"),
     ('methods = ["corda"]\n[hrda]\nenabled = true\n', "hrda.enabled"),
+    ('[self_training]\nteacher_norm = "eval"\n', "self_training.teacher_norm"),
+    ('[self_training]\nquality_weight = "pixel"\n', "self_training.quality_weight"),
+    ('[self_training]\nsource_ce_average = "mean"\n', "self_training.source_ce_average"),
+    ('[data]\nval_labels = "full"\n', "data.val_labels"),
+    ("[data.source]\nkeep_ratio = 1\n", "data.source.keep_ratio"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:

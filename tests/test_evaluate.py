@@ -64,3 +64,119 @@ def test_evaluate_writes_confusion_and_class_table(tmp_path: Path,
                                                    abs=1e-3)
     assert Image.open(folder / "confusion.png").size[0] > 19 * 20
     assert (folder / "per_class.md").read_text().startswith("| class |")
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in network: the same stride-2 logits for any input (bilinear upsampling and the
+    rescale to the label are then computed by hand)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits.expand(images.shape[0], -1, -1, -1)}
+
+
+def test_whole_inference_rescales_the_logits_to_the_label_size() -> None:
+    """mmseg whole inference with rescale (SePiCo encoder_decoder_projector.py#L247-L264, then
+    softmax #L289): logits to the image size, bilinearly to the original label size, softmax."""
+    import torch.nn.functional as F
+
+    from fastuda.config import EvalConfig
+    from fastuda.evaluate import predict
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 2, 4, generator=g)
+    images = torch.zeros(1, 3, 4, 8)
+    at_image = F.interpolate(logits, size=(4, 8), mode="bilinear", align_corners=False)
+    expected = F.interpolate(at_image, size=(8, 16), mode="bilinear", align_corners=False)
+    got = predict(_FixedLogits(logits), images, EvalConfig(mode="whole"), 3, (8, 16))
+    assert torch.allclose(got, expected.softmax(1), atol=1e-6)
+    # without a label size: the image's (the probabilities of the upsampled logits)
+    assert torch.allclose(predict(_FixedLogits(logits), images, EvalConfig(mode="whole"), 3),
+                          at_image.softmax(1), atol=1e-6)
+
+
+
+def test_slide_inference_averages_the_windows_logits() -> None:
+    """mmseg's slide inference (HRDA mmseg/models/segmentors/encoder_decoder.py#L201-L262, softmax
+    after, #L318): overlapping windows' logits averaged, resized to the label, then softmax."""
+    import torch.nn.functional as F
+
+    from fastuda.config import EvalConfig
+    from fastuda.evaluate import predict
+
+    class Window(torch.nn.Module):  # logits that depend on the window: its mean colour per class
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": x[:, :1] * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+                    + x.mean((2, 3), keepdim=True)[:, :1]
+                    * torch.tensor([3.0, 0.0, -3.0]).view(1, 3, 1, 1)}
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 4, 6, generator=g)
+    # windows of width 4 at x = 0 and x = 2 (stride 2): columns 2-3 are covered twice
+    left, right = (Window()(images[..., a:a + 4])["logits"] for a in (0, 2))
+    scores = torch.zeros(1, 3, 4, 6)
+    scores[..., :4] += left
+    scores[..., 2:] += right
+    scores[..., 2:4] /= 2
+    expected = F.interpolate(scores, size=(8, 12), mode="bilinear", align_corners=False)
+    got = predict(Window(), images, EvalConfig(mode="slide", crop_size=[4, 4], stride=[2, 2]), 3,
+                  (8, 12))
+    assert torch.allclose(got, expected.softmax(1), atol=1e-6)
+    # the average of the probabilities would differ where the windows overlap
+    probs = torch.zeros(1, 3, 4, 6)
+    probs[..., :4] += left.softmax(1)
+    probs[..., 2:] += right.softmax(1)
+    probs[..., 2:4] /= 2
+    assert not torch.allclose(predict(Window(), images, EvalConfig(
+        mode="slide", crop_size=[4, 4], stride=[2, 2]), 3), probs, atol=1e-4)
+
+
+def test_val_labels_original_keeps_the_label_files_size(tmp_path: Path) -> None:
+    """data.val_labels = "original": the image resized to data.val.resize, the label as the file
+    holds it (mmseg scores against the original annotation)."""
+    from fastuda.config import DataConfig, DatasetConfig
+    from fastuda.data import build_val_loader
+
+    root = REPO / "data" / "synthetic"
+    ensure_synthetic(str(root))
+    val = DatasetConfig(name="synthetic_target", root=str(root), split="val", resize=[64, 32])
+    batch = next(iter(build_val_loader(DataConfig(val=val, num_workers=0,
+                                                  val_labels="original"))))
+    file_label = np.array(Image.open(batch["meta"][0]["label_path"]))
+    assert batch["image"].shape[-2:] == (32, 64)
+    assert np.array_equal(batch["label"][0].numpy(), file_label)
+    resized = next(iter(build_val_loader(DataConfig(val=val, num_workers=0))))
+    assert resized["label"].shape[-2:] == (32, 64)
+
+
+def test_evaluation_leaves_the_teachers_batch_norm_alone(tmp_path: Path) -> None:
+    """The vis panel's teacher prediction runs in eval mode (the release's teacher normalises
+    with batch statistics in training: validation images must not move its running
+    statistics), and the teacher's modes are restored afterwards."""
+    from fastuda.config import Config
+    from fastuda.engine.self_training import set_teacher_mode
+    from fastuda.evaluate import evaluate
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.bn(self.conv(x))}
+
+    torch.manual_seed(0)
+    teacher = set_teacher_mode(Net(), "batch")
+    cfg = Config()
+    cfg.model.num_classes = 3
+    cfg.data.source.num_classes = 3
+    batch = {"image": torch.randn(1, 3, 4, 4), "label": torch.zeros(1, 4, 4, dtype=torch.long)}
+    evaluate(Net(), [batch], cfg, torch.device("cpu"), teacher=teacher,
+             vis_path=tmp_path / "vis.png")
+    assert (tmp_path / "vis.png").is_file()  # the teacher did predict
+    assert teacher.bn.running_mean.tolist() == [0.0, 0.0, 0.0]
+    assert teacher.bn.training and not teacher.training

@@ -42,12 +42,21 @@ class CropSettings:
     resize_wh: tuple[int, int] | None
     cat_max_ratio: float
     min_crop_pixels: int = 1  # rare class sampling: pixels of the drawn class a crop must hold
+    keep_ratio: bool = False  # resize_wh as mmcv's keep_ratio=True Resize (transforms.scaled_size)
 
 
 def crop_settings(cfg: DataConfig, dataset_cfg: DatasetConfig,
-                  rcs: RareClassSampler | None = None) -> CropSettings:
+                  rcs: RareClassSampler | None = None, *, stream: int = SOURCE_STREAM
+                  ) -> CropSettings:
+    """The crop rule of one stream. The target stream never reads its labels to choose a crop
+    (cat_max_ratio 1: the first draw): they are the target's ground truth, which adaptation must
+    not see; the releases' target RandomCrop has no cat_max_ratio either (DAFormer
+    configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py#L28, HRDA
+    uda_gtaHR_to_cityscapesHR_1024x1024.py#L28)."""
+    cat_max_ratio = 1.0 if stream == TARGET_STREAM else float(cfg.cat_max_ratio)
     return CropSettings((int(cfg.crop_size[0]), int(cfg.crop_size[1])), _resize(dataset_cfg),
-                        float(cfg.cat_max_ratio), rcs.min_crop_pixels if rcs else 1)
+                        cat_max_ratio, rcs.min_crop_pixels if rcs else 1,
+                        dataset_cfg.keep_ratio)
 
 
 def _resize(dataset_cfg: DatasetConfig) -> tuple[int, int] | None:
@@ -63,11 +72,11 @@ def realise_label(label: np.ndarray, plan: SamplePlan, settings: CropSettings
     """The crop geometry of a plan and the finished label crop (shared by both loaders)."""
     if plan.rcs_class is None:
         return choose_crop(label, plan.attempts[0], settings.crop_hw, settings.resize_wh,
-                           settings.cat_max_ratio)
+                           settings.cat_max_ratio, settings.keep_ratio)
     best, best_count = None, -1
     for params in plan.attempts:
         g, crop = choose_crop(label, params, settings.crop_hw, settings.resize_wh,
-                              settings.cat_max_ratio)
+                              settings.cat_max_ratio, settings.keep_ratio)
         count = int(np.count_nonzero(crop == plan.rcs_class))
         if count >= settings.min_crop_pixels:
             return g, crop
@@ -282,7 +291,7 @@ def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream:
     planner = SamplePlanner(len(dataset), seed=seed, stream=stream, rank=rank,
                             world_size=world_size, ratio_range=tuple(cfg.ratio_range),
                             flip_prob=cfg.flip_prob, rcs=sampler)
-    settings = crop_settings(cfg, dataset_cfg, sampler)
+    settings = crop_settings(cfg, dataset_cfg, sampler, stream=stream)
     kind = resolve_loader(loader or cfg.loader)
     if kind == "dali":
         from fastuda.data.dali import DaliTrainBatches
@@ -308,9 +317,10 @@ def build_train_iterators(cfg: DataConfig, *, seed: int, rank: int = 0, world_si
 # Validation
 # ----------------------------------------------------------------------------------------------
 class _ValSamples(Dataset):
-    def __init__(self, dataset: SegDataset, indices: list[int], resize_wh: tuple[int, int] | None
-                 ) -> None:
+    def __init__(self, dataset: SegDataset, indices: list[int], resize_wh: tuple[int, int] | None,
+                 keep_ratio: bool = False, original_labels: bool = False) -> None:
         self.dataset, self.indices, self.resize_wh = dataset, indices, resize_wh
+        self.keep_ratio, self.original_labels = keep_ratio, original_labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -323,14 +333,16 @@ class _ValSamples(Dataset):
             if self.dataset.on_error == "raise":
                 return {"data_error": (err.path, err.problem)}
             return {"skipped": (err.path, err.problem)}
-        image, label = resize_pair(image, label, self.resize_wh)
+        image, resized = resize_pair(image, label, self.resize_wh, self.keep_ratio)
+        label = label if self.original_labels else resized
         meta["size"] = tuple(image.shape[:2])
         return {"image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
                 "label": torch.from_numpy(np.ascontiguousarray(label)), "meta": meta}
 
 
 class ValLoader:
-    """Deterministic, un-augmented batches of one image over this rank's share of the split.
+    """Deterministic, un-augmented batches of one image over this rank's share of the split;
+    the labels at the image's size, or at their own with ``data.val_labels = "original"``.
 
     With on_error="skip" bad samples are left out (not replaced: evaluation must not count an
     image twice); ``skipped`` lists them after iterating.
@@ -340,7 +352,8 @@ class ValLoader:
         self.dataset = dataset
         self.cfg = cfg
         self.samples = _ValSamples(dataset, list(range(rank, len(dataset), world_size)),
-                                   _resize(cfg.val))
+                                   _resize(cfg.val), cfg.val.keep_ratio,
+                                   cfg.val_labels == "original")
         self.skipped: dict[str, str] = {}
 
     def __len__(self) -> int:

@@ -6,7 +6,8 @@ same seed. The image is then resampled only inside the crop window: resizing the
 ``source_box`` of the original image to the crop's size samples exactly the pixels that resizing
 the whole image and cropping would (pixel-centre aligned, antialiased when shrinking).
 
-Published defaults (mmseg/DAFormer): ratio range (0.5, 2.0), cat_max_ratio 0.75 with up to 10
+mmseg's defaults: ratio range (0.5, 2.0) (the DAFormer-lineage releases use none: their presets
+set [1, 1]), cat_max_ratio 0.75 with up to 10
 crop draws (the last draw is kept when none passes), flip probability 0.5, padding of the image with
 0 after normalisation (the mean colour) and of the label with 255 at the bottom/right.
 """
@@ -73,8 +74,16 @@ def draw_crop_params(rng: np.random.Generator, ratio_range: tuple[float, float],
 
 
 def scaled_size(orig_hw: tuple[int, int], resize_wh: tuple[int, int] | None,
-                ratio: float) -> tuple[int, int]:
-    """(height, width) after the fixed resize (``resize_wh`` or the original size) times ratio."""
+                ratio: float, keep_ratio: bool = False) -> tuple[int, int]:
+    """(height, width) after the fixed resize (``resize_wh`` or the original size) times ratio.
+
+    ``keep_ratio``: mmcv's ``Resize(img_scale, keep_ratio=True)`` (the mmseg releases' default):
+    one factor, the largest that fits the long side into max(img_scale) and the short side into
+    min(img_scale), e.g. GTA 1914x1052 -> 1280x704 for (1280, 720)."""
+    if resize_wh and keep_ratio:
+        h, w = orig_hw
+        f = min(max(resize_wh) / max(h, w), min(resize_wh) / min(h, w)) * ratio
+        return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
     base_h, base_w = (resize_wh[1], resize_wh[0]) if resize_wh else orig_hw
     return max(1, int(base_h * ratio + 0.5)), max(1, int(base_w * ratio + 0.5))
 
@@ -100,14 +109,15 @@ def passes_cat_max_ratio(window: np.ndarray, cat_max_ratio: float) -> bool:
 
 
 def choose_crop(label: np.ndarray, params: CropParams, crop_hw: tuple[int, int],
-                resize_wh: tuple[int, int] | None, cat_max_ratio: float
-                ) -> tuple[Geometry, np.ndarray]:
-    """Rescale by ``params.ratio`` and pick the first crop draw that passes cat_max_ratio.
+                resize_wh: tuple[int, int] | None, cat_max_ratio: float,
+                keep_ratio: bool = False) -> tuple[Geometry, np.ndarray]:
+    """Rescale by ``params.ratio`` and pick the first crop draw that passes cat_max_ratio
+    (``cat_max_ratio >= 1``: the first draw, whatever the label holds).
 
     Returns the geometry and the label crop (flipped, padded with 255 to ``crop_hw``).
     """
     orig_h, orig_w = label.shape
-    sh, sw = scaled_size((orig_h, orig_w), resize_wh, params.ratio)
+    sh, sw = scaled_size((orig_h, orig_w), resize_wh, params.ratio, keep_ratio)
     ch, cw = crop_hw
     margin_h, margin_w = max(sh - ch, 0), max(sw - cw, 0)
     window = None
@@ -146,9 +156,13 @@ def crop_image(image: np.ndarray, g: Geometry) -> np.ndarray:
     return out
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray, resize_wh: tuple[int, int] | None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Validation resize: image bilinear (antialiased), label nearest, to (width, height)."""
+def resize_pair(image: np.ndarray, label: np.ndarray, resize_wh: tuple[int, int] | None,
+                keep_ratio: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Validation resize: image bilinear (antialiased), label nearest, to (width, height)
+    (``keep_ratio``: the size :func:`scaled_size` gives)."""
+    if resize_wh and keep_ratio:
+        h, w = scaled_size(image.shape[:2], resize_wh, 1.0, True)
+        resize_wh = (w, h)
     if not resize_wh or (image.shape[1], image.shape[0]) == tuple(resize_wh):
         return image, label
     w, h = resize_wh

@@ -102,7 +102,8 @@ class MethodContext:
         """The loop's segmentation loss of a pass (``{prefix}.ce``, with HRDA also
         ``{prefix}.ce_detail``)."""
         return segmentation_losses(prefix, out, label, weight,
-                                   detail_weight=self.detail_loss_weight)
+                                   detail_weight=self.detail_loss_weight,
+                                   average=self.self_training.source_ce_average)
 
 
 @dataclass

@@ -15,7 +15,9 @@ One step is an ordered list of passes; each is a student forward, its losses and
 HRDA (``hrda.enabled``) changes no line of the step: the network is the multi-resolution wrapper
 (fastuda/models/hrda.py), whose training forward draws the detail box from the step's generator
 and whose eval-mode forward (the teacher) is the multi-resolution inference; the segmentation
-loss adds the detail CE when the outputs carry a detail box.
+loss adds the detail CE when the outputs carry a detail box. The teacher module stays in eval mode
+(HRDA's inference, dropout and drop-path off); with ``self_training.teacher_norm = "batch"`` (the
+release) only its BatchNorm layers run in train mode (``set_teacher_mode``).
 
 Under DDP the gradients are all-reduced once per step: every pass but the last of the list runs
 under ``no_sync()``, and the last one's all-reduce carries the gradients all of them accumulated.
@@ -54,12 +56,20 @@ def ema_alpha(it: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """teacher <- a * teacher + (1 - a) * student, for parameters and floating buffers."""
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, *,
+               buffers: bool = True) -> None:
+    """teacher <- a * teacher + (1 - a) * student, for the parameters and, with ``buffers``,
+    the floating buffers (integer ones are copied).
+
+    ``buffers=False`` is the release's update (parameters only, SePiCo sepico.py#L135-L144):
+    a teacher whose BatchNorm normalises with batch statistics keeps the running statistics its
+    own forwards accumulate."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, alpha)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+    if not buffers:
+        return
     for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
         if tb.dtype.is_floating_point:
             tb.mul_(alpha).add_(sb, alpha=1.0 - alpha)
@@ -67,21 +77,45 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
             tb.copy_(sb)
 
 
+def set_teacher_mode(teacher: nn.Module, norm: str) -> nn.Module:
+    """The teacher's modes: eval (dropout and drop-path off; HRDA's eval-mode forward is its
+    multi-resolution inference), and with ``norm == "batch"`` its BatchNorm layers (SyncBatchNorm
+    too) in train mode, so they normalise with the statistics of the batch they see.
+
+    That is the released teacher (SePiCo sepico.py#L244-L248, DAFormer dacs.py#L264-L268: the EMA
+    model stays in train mode and only ``_DropoutNd`` and ``DropPath`` are switched off): BatchNorm
+    is the only other layer kind whose train and eval modes differ. ``"running"``: all of it in
+    eval mode (the EMA-averaged running statistics)."""
+    teacher.eval()
+    if norm == "batch":
+        for m in teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return teacher
+
+
 @torch.no_grad()
-def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0
-                 ) -> tuple[Tensor, Tensor]:
+def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_bottom: int = 0,
+                 quality: str = "batch") -> tuple[Tensor, Tensor]:
     """Teacher logits [B, C, H, W] -> (label [B, H, W], weight [B, H, W]).
 
-    The weight is one scalar per image, the fraction of pixels whose max probability reaches the
-    threshold, zeroed in the ignored top/bottom rows."""
+    ``quality == "batch"`` (the release): the weight is one scalar for the whole batch, the
+    fraction of all its pixels (every row of every image) whose max probability reaches the
+    threshold; the ignored top/bottom rows are zeroed afterwards (SePiCo sepico.py#L254-L256,
+    #L283-L292; DAFormer dacs.py#L274-L286; HRDA dacs.py#L345-L362). ``"image"`` (fastuda before
+    issue 13): one scalar per image, counting only the confident pixels outside the ignored
+    rows."""
     prob = torch.softmax(logits.float(), dim=1)
     conf, label = prob.max(dim=1)
     confident = (conf >= threshold).float()
-    if ignore_top:
-        confident[:, :ignore_top] = 0
-    if ignore_bottom:
-        confident[:, -ignore_bottom:] = 0
-    q = confident.flatten(1).mean(1)  # [B]
+    if quality == "batch":
+        q = confident.mean().expand(conf.shape[0])  # [B], the same value for every image
+    else:
+        if ignore_top:
+            confident[:, :ignore_top] = 0
+        if ignore_bottom:
+            confident[:, -ignore_bottom:] = 0
+        q = confident.flatten(1).mean(1)  # [B]
     weight = q[:, None, None].expand_as(conf).clone()
     if ignore_top:
         weight[:, :ignore_top] = 0
@@ -166,7 +200,7 @@ class SelfTraining:
         self.student = model  # the bare module (EMA, checkpoints)
         self.forward_student = ddp_model or model  # what computes gradients (DDP wrapper or not)
         self.distributed = ddp_model is not None
-        self.teacher = copy.deepcopy(model).eval()
+        self.teacher = set_teacher_mode(copy.deepcopy(model), cfg.self_training.teacher_norm)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         o = cfg.optim
@@ -242,7 +276,7 @@ class SelfTraining:
         out[O.LOGITS] = F.interpolate(out[O.LOGITS].float(), size=images.shape[-2:],
                                       mode="bilinear", align_corners=False)
         label, weight = pseudo_label(out[O.LOGITS], st.pseudo_threshold, st.ignore_top,
-                                     st.ignore_bottom)
+                                     st.ignore_bottom, st.quality_weight)
         return label, weight, out
 
     def _make_pseudo_labels(self, view: StepView, log: dict[str, float]) -> None:
@@ -373,6 +407,8 @@ class SelfTraining:
         cfg, dev = self.cfg, self.device
         log: dict[str, float] = {"lr": self.set_lr(it)}
         self.student.train()
+        # every step: an evaluation may have put the teacher's modules in another mode
+        set_teacher_mode(self.teacher, cfg.self_training.teacher_norm)
         self.optimizer.zero_grad(set_to_none=True)
         view = StepView(it, source, target,
                         source_image=source["image"].to(dev, non_blocking=True),
@@ -413,7 +449,8 @@ class SelfTraining:
                 return StepResult(log, finite=False)
         if cfg.self_training.enabled:
             with self.timer("ema"):
-                ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha))
+                ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha),
+                           buffers=cfg.self_training.teacher_norm == "running")
         return StepResult(log, finite=True)
 
     # -- checkpoint state ---------------------------------------------------------------------
@@ -432,4 +469,4 @@ class SelfTraining:
 
 
 __all__ = ["SelfTraining", "StepResult", "classmix_masks", "ema_alpha", "ema_update", "lr_factor",
-           "pseudo_label", "segmentation_losses", "weighted_ce"]
+           "pseudo_label", "segmentation_losses", "set_teacher_mode", "weighted_ce"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import make_gta
+from data_fixtures import make_cityscapes, make_gta
 from PIL import Image
 
 from fastuda.config import DataConfig, DatasetConfig
@@ -30,6 +30,33 @@ def _cfg(root: Path, **kw: object) -> DataConfig:
 def _same(a: dict, b: dict) -> bool:
     return (torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
             and [m["path"] for m in a["meta"]] == [m["path"] for m in b["meta"]])
+
+
+def test_target_crop_never_reads_the_target_labels(tmp_path: Path) -> None:
+    """Two Cityscapes trees with the same images, one with varied labels, one with a single
+    class everywhere (no crop passes cat_max_ratio 0.75: a label-driven choice would take the
+    last of the 10 draws): the target stream crops both alike, at the first draw. The source
+    stream still applies cat_max_ratio to its labels."""
+    varied, flat = tmp_path / "varied", tmp_path / "flat"
+    make_cityscapes(varied, {"train": 4})
+    make_cityscapes(flat, {"train": 4})
+    for path in (flat / "gtFine").rglob("*_labelIds.png"):
+        Image.fromarray(np.full((24, 48), 7, dtype=np.uint8), mode="L").save(path)  # 7 = road
+
+    def boxes(root: Path, stream: int) -> list[tuple]:
+        cfg = _cfg(root, crop_size=[8, 8], batch_size=2, ratio_range=[1.0, 1.0],
+                   target=DatasetConfig(name="cityscapes", root=str(root)),
+                   source=DatasetConfig(name="cityscapes", root=str(root)))
+        it = build_train_iterator(cfg, cfg.target, stream=stream, seed=3)
+        out = [(Path(m["path"]).name, m["crop_box"]) for _ in range(4) for m in next(it)["meta"]]
+        it.close()
+        return out
+
+    from fastuda.data.loaders import SOURCE_STREAM, TARGET_STREAM
+
+    assert boxes(varied, TARGET_STREAM) == boxes(flat, TARGET_STREAM)
+    # the source stream is labelled data: its crops do follow cat_max_ratio
+    assert boxes(varied, SOURCE_STREAM) != boxes(flat, SOURCE_STREAM)
 
 
 def test_batch_format(synthetic_root: Path) -> None:

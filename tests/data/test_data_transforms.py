@@ -99,6 +99,22 @@ def test_fixed_resize_then_ratio() -> None:
     assert scaled_size((128, 256), None, 1.5) == (192, 384)
 
 
+def test_keep_ratio_resize_as_mmcv() -> None:
+    """mmcv Resize(img_scale, keep_ratio=True): f = min(max(scale) / long side, min(scale) /
+    short side) (SePiCo mmseg/datasets/pipelines/transforms.py#L50, the releases' default)."""
+    # GTA 1914x1052 at (1280, 720): f = min(1280/1914, 720/1052) = 1280/1914; 1052 f = 703.5
+    assert scaled_size((1052, 1914), (1280, 720), 1.0, keep_ratio=True) == (704, 1280)
+    # HRDA's gtaHR (2560, 1440): 1052 * 2560/1914 = 1407.06
+    assert scaled_size((1052, 1914), (2560, 1440), 1.0, keep_ratio=True) == (1407, 2560)
+    # Cityscapes 2048x1024 at (1024, 512): both sides fit, 2:1 kept exactly
+    assert scaled_size((1024, 2048), (1024, 512), 1.0, keep_ratio=True) == (512, 1024)
+    # the short side binds: 1000x1000 at (1280, 720) -> 720x720
+    assert scaled_size((1000, 1000), (1280, 720), 1.0, keep_ratio=True) == (720, 720)
+    image = np.zeros((1052, 1914, 3), dtype=np.uint8)
+    img2, lab2 = resize_pair(image, image[..., 0], (1280, 720), keep_ratio=True)
+    assert img2.shape == (704, 1280, 3) and lab2.shape == (704, 1280)
+
+
 def test_val_resize_pair() -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)

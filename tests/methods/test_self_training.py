@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +18,11 @@ from fastuda.engine.self_training import (
     lr_factor,
     pseudo_label,
     pseudo_margin_mask,
+    set_teacher_mode,
     weighted_ce,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ema_alpha_schedule() -> None:
@@ -40,6 +45,97 @@ def test_ema_update_parameters_and_buffers() -> None:
     assert int(teacher.num_batches_tracked) == 7
 
 
+def test_ema_update_parameters_only_as_released() -> None:
+    """SePiCo sepico.py#L135-L144 averages ``parameters()`` only: the teacher's buffers (its
+    BatchNorm running statistics) stay what its own forwards made them."""
+    student, teacher = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    student.weight.data = torch.tensor([1.0, 2.0, 3.0])
+    teacher.weight.data = torch.tensor([3.0, 2.0, 1.0])
+    student.running_mean.fill_(4.0)
+    teacher.running_mean.fill_(-1.0)
+    student.num_batches_tracked.fill_(7)
+    ema_update(teacher, student, 0.75, buffers=False)
+    assert teacher.weight.tolist() == pytest.approx([2.5, 2.0, 1.5])
+    assert teacher.running_mean.tolist() == [-1.0, -1.0, -1.0]
+    assert int(teacher.num_batches_tracked) == 0
+
+
+def _tiny_bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.5))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        net[1].bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+        net[1].running_mean.fill_(5.0)
+        net[1].running_var.fill_(4.0)
+    return net
+
+
+def test_teacher_batch_norm_normalises_with_the_batch_statistics() -> None:
+    """The released teacher (train mode, dropout off; SePiCo sepico.py#L244-L248): BatchNorm of
+    the batch it sees, dropout the identity; "running" is the eval-mode teacher."""
+    student = _tiny_bn_net()
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        y = student[0](x)  # the conv's output, normalised by hand below
+    w, b, eps = student[1].weight.detach(), student[1].bias.detach(), student[1].eps
+    mean = y.mean((0, 2, 3))
+    var = ((y - mean[:, None, None]) ** 2).mean((0, 2, 3))  # biased, as BatchNorm normalises
+    batch = (y - mean[:, None, None]) / torch.sqrt(var[:, None, None] + eps) * w[:, None, None] \
+        + b[:, None, None]
+    running = (y - 5.0) / math.sqrt(4.0 + eps) * w[:, None, None] + b[:, None, None]
+
+    teacher = set_teacher_mode(copy.deepcopy(student), "batch")
+    assert not teacher.training and not teacher[2].training and teacher[1].training
+    with torch.no_grad():
+        out = teacher(x)
+    assert torch.allclose(out, batch, atol=1e-5)  # no dropout zeros or 1/(1-p) scaling
+    # its own forward moves its running statistics (momentum 0.1), as the release's does
+    assert teacher[1].running_mean.tolist() == pytest.approx((0.9 * 5.0 + 0.1 * mean).tolist())
+
+    teacher = set_teacher_mode(copy.deepcopy(student), "running")
+    assert not any(m.training for m in teacher.modules())
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), running, atol=1e-5)
+    assert teacher[1].running_mean.tolist() == [5.0, 5.0, 5.0]
+
+
+@pytest.mark.parametrize("norm", ["batch", "running"])
+def test_trainer_teacher_modes_and_hrda_inference(norm: str) -> None:
+    """The loop's HRDA teacher stays an eval-mode module (its multi-resolution inference), only
+    its BatchNorm layers follow self_training.teacher_norm, even after an evaluation put the
+    whole teacher in eval mode; the EMA averages buffers only for "running"."""
+    from fastuda.config import load_config
+    from fastuda.engine.self_training import SelfTraining
+    from fastuda.methods import build_methods
+    from fastuda.models import build_network
+
+    cfg = load_config(REPO / "configs" / "demo_cluda_hrda.toml", [
+        "data.crop_size=[64, 64]", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+        "cluda.grid=[4, 4]", "cluda.head_channels=8", f"self_training.teacher_norm=\"{norm}\""])
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    trainer = SelfTraining(cfg, model, build_methods(cfg, model, torch.device("cpu")),
+                           torch.device("cpu"))
+    bns = [m for m in trainer.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training == (norm == "batch") for m in bns)
+    assert not trainer.teacher.training  # HRDAModel.forward: the inference path
+    trainer.teacher.eval()  # what an evaluation of the teacher leaves behind
+    g = torch.Generator().manual_seed(1)
+    src = {"image": torch.randn(2, 3, 64, 64, generator=g),
+           "label": torch.randint(0, 4, (2, 64, 64), generator=g)}
+    before = [m.running_mean.clone() for m in bns]
+    assert trainer.step(src, {"image": torch.randn(2, 3, 64, 64, generator=g)}, 5).finite
+    assert all(m.training == (norm == "batch") for m in bns) and not trainer.teacher.training
+    s_after = [m.running_mean for m in trainer.student.modules() if isinstance(m, nn.BatchNorm2d)]
+    a = 1.0 - 1.0 / 6  # ema_alpha(5, 0.999)
+    for tb, t0, s1 in zip(bns, before, s_after, strict=True):
+        if norm == "running":  # no teacher forward moved them; the EMA of the student's
+            assert torch.allclose(tb.running_mean, a * t0 + (1 - a) * s1, atol=1e-6)
+        else:  # the EMA left them alone: only the teacher's own forwards moved them
+            assert not torch.allclose(tb.running_mean, a * t0 + (1 - a) * s1, atol=1e-6)
+
+
 def test_pseudo_label_weight_is_the_confident_fraction() -> None:
     logits = torch.zeros(1, 2, 4, 4)
     logits[0, 1, :2] = 10.0  # top half: class 1, confident
@@ -48,10 +144,28 @@ def test_pseudo_label_weight_is_the_confident_fraction() -> None:
     assert label[0, :2].eq(1).all() and label[0, 2:, 0].eq(0).all()
     expected_q = (8 + 2) / 16
     assert weight.unique().tolist() == pytest.approx([expected_q])
-    _, w2 = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1)
+    _, w2 = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1, quality="image")
     assert w2[0, 0].eq(0).all() and w2[0, -1].eq(0).all()
-    # q counts only the kept rows' confident pixels, over all pixels
+    # "image": q counts only the kept rows' confident pixels, over all pixels
     assert float(w2[0, 1, 0]) == pytest.approx((4 + 1) / 16)
+
+
+def test_pseudo_label_quality_is_one_scalar_per_batch_before_the_rows() -> None:
+    """The release (SePiCo sepico.py#L254-L256 then #L283-L292; DAFormer dacs.py#L274-L286):
+    q = confident pixels of the whole batch, every row / all pixels of the batch; the ignored
+    rows are zeroed in the weight map afterwards."""
+    logits = torch.zeros(2, 2, 4, 4)
+    logits[0, 1, :2] = 10.0  # image 0: its two top rows confident (8 pixels, 4 in row 0)
+    logits[1, 0, 3, :1] = 10.0  # image 1: one confident pixel, in the bottom row
+    _, weight = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1)
+    q = (8 + 1) / 32  # rows 0 and 3 counted, both images together
+    expected = torch.full((2, 4, 4), q)
+    expected[:, 0] = 0
+    expected[:, -1] = 0
+    assert torch.allclose(weight, expected)
+    # fastuda before issue 13: per image, after the rows: 4/16 and 0/16
+    _, old = pseudo_label(logits, threshold=0.968, ignore_top=1, ignore_bottom=1, quality="image")
+    assert old[:, 1:3].flatten(1).max(1).values.tolist() == pytest.approx([4 / 16, 0.0])
 
 
 def test_classmix_takes_half_the_classes_rounded_up() -> None:
@@ -109,3 +223,27 @@ def test_pseudo_margin_mask_by_hand() -> None:
     rows, cols = big[0][:, 10], big[0][10]  # a column and a row inside
     assert rows.tolist() == [0.0] * 2 + [1.0] * 14 + [0.0] * 4
     assert cols.tolist() == [0.0] * 6 + [1.0] * 16 + [0.0] * 2
+
+
+def test_source_ce_averages_over_all_pixels_as_released() -> None:
+    """mmseg v0.16's loss (SePiCo mmseg/models/losses/cross_entropy_loss.py#L21-L32, utils.py
+    #L68-L69): CE with reduction 'none' (0 at ignored pixels), then the mean over every pixel."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2, generator=g)
+    label = torch.tensor([[[0, 255], [2, 255]]])  # two labelled pixels of four
+    ce0 = -torch.log_softmax(logits[0, :, 0, 0], 0)[0]
+    ce2 = -torch.log_softmax(logits[0, :, 1, 0], 0)[2]
+    assert float(weighted_ce(logits, label, average="all")) == pytest.approx(
+        float(ce0 + ce2) / 4, rel=1e-6)
+    assert float(weighted_ce(logits, label, average="valid")) == pytest.approx(
+        float(ce0 + ce2) / 2, rel=1e-6)
+    from fastuda.engine.losses import segmentation_losses
+
+    out = {"logits": logits, "logits_detail": logits[:, :, :1], "detail_box": torch.tensor(
+        [0, 1, 0, 2])}
+    losses = segmentation_losses("src", out, label, detail_weight=0.1, average="all")
+    assert float(losses["src.ce"]) == pytest.approx(0.9 * float(ce0 + ce2) / 4, rel=1e-6)
+    # the detail box holds row 0: one labelled pixel of two
+    up = F.interpolate(logits[:, :, :1], size=(1, 2), mode="bilinear", align_corners=False)
+    assert float(losses["src.ce_detail"]) == pytest.approx(
+        0.1 * float(-torch.log_softmax(up[0, :, 0, 0], 0)[0]) / 2, rel=1e-6)
