@@ -103,6 +103,11 @@ def build_trainer(cfg: Config, info: DistInfo, running_stats_bn: bool) -> SelfTr
     """What fastuda.train.Run builds (same wrap_student), optionally with RunningStatsBatchNorm."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    # the tolerances below were set for fastuda's earlier decay rule (no decay on 1-D
+    # parameters); the released rule (optim.no_decay = "mmseg", every BN weight decayed) moves
+    # the trajectory so that the rank/one-process rounding differences exceed them at a few
+    # weights (8 of 2.4M by 1.4x): the DDP equivalence under test does not depend on the rule
+    model.no_decay = "1d"
     if running_stats_bn:
         for m in model.modules():
             if type(m) is nn.BatchNorm2d:
