@@ -141,7 +141,7 @@ def direction_loss(feats: Tensor, labels: Tensor, prototypes: Tensor, present: T
 
 
 def reduce_pairs(total: Tensor, count: Tensor, reduction: str) -> Tensor:
-    """"pair": mean over the pairs of each pair's mean (DASS #L145-L147; a pair without a shared
+    """"pair": mean over the pairs of each pair's mean (DASS #L143-L147; a pair without a shared
     class adds 0 where the release's weighted CE gives NaN); "pixel": one mean over all."""
     if reduction == "pair":
         return (total / count.clamp_min(1)).mean()
@@ -302,7 +302,7 @@ class BiPCL(Method):
                              self.num_classes, ignore_index=self.ignore_index)
         pt, nt = class_means(tgt, nearest_labels(target_label, tuple(tgt.shape[-2:])),
                              self.num_classes, ignore_index=self.ignore_index)
-        shared = ns & nt  # DASS #L48-L51: classes of both images at the feature grid
+        shared = ns & nt  # DASS #L49-L52: classes of both images at the feature grid
         w = self.settings.weight
         return {"tgt.contrast": w * self._direction(tgt, target_label, ps, ns, shared),
                 "src.contrast": w * self._direction(src, source_label, pt, nt, shared)}

@@ -12,7 +12,7 @@ EMBEDDINGS = "embeddings"  # [B, embed_dim, h, w], unit L2 norm (only with a pro
 FEATURES = "features"  # the map the classifier reads (DAFormer: fused decoder, DeepLab-V2: layer 4)
 BACKBONE = "backbone"  # the last backbone stage
 # DeepLab-V2: the ASPP branch outputs concatenated [B, 4 * num_classes, H/s, W/s] (their sum is
-# the logits); the feature DASS/BiPCL contrasts (cvlab-yonsei/DASS model/DeeplabV2.py#L108-L115)
+# the logits); the feature DASS/BiPCL contrasts (cvlab-yonsei/DASS model/DeeplabV2.py#L109-L115)
 ASPP_BRANCHES = "aspp_branches"
 
 # HRDA (fastuda/models/hrda.py)

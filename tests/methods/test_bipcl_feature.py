@@ -1,5 +1,5 @@
 """The feature BiPCL contrasts in the DASS release: DeepLab-V2's four ASPP branch outputs
-concatenated (cvlab-yonsei/DASS model/DeeplabV2.py#L108-L115, 4 x 19 = 76 channels)."""
+concatenated (cvlab-yonsei/DASS model/DeeplabV2.py#L109-L115, 4 x 19 = 76 channels)."""
 
 from __future__ import annotations
 
