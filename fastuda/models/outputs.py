@@ -28,6 +28,6 @@ DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixel
 DEPTH_SOURCE = "depth_source"  # [B, h, w] inverse depth, the source-domain head
 DEPTH_TARGET = "depth_target"  # [B, h, w] inverse depth, the target-domain head
 
-__all__ = ["ASPP_BRANCHES", "ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE", "DEPTH_SOURCE",
-           "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL", "LOGITS",
-           "LOGITS_CONTEXT", "LOGITS_DETAIL"]
+__all__ = ["ASPP_BRANCHES", "ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE",
+           "DEPTH_SOURCE", "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES",
+           "FEATURES_DETAIL", "LOGITS", "LOGITS_CONTEXT", "LOGITS_DETAIL"]
