@@ -61,6 +61,9 @@ class BiPCLSettings:
     negatives: Literal["all", "shared"] = "all"
     resolution: Literal["label", "feature"] = "label"
     reduction: Literal["pair", "pixel"] = "pair"
+    # a pair without a shared class: "zero" adds 0; "nan" is the release's 0/0 (the loop then
+    # skips the step as non-finite)
+    empty_pair: Literal["zero", "nan"] = "zero"
     label_transfer: Literal["off", "agree", "replace"] = "off"
     calibration: bool = False
     calibration_momentum: float = 0.99
@@ -140,12 +143,18 @@ def direction_loss(feats: Tensor, labels: Tensor, prototypes: Tensor, present: T
     return nll.sum((1, 2)), counted.sum((1, 2))
 
 
-def reduce_pairs(total: Tensor, count: Tensor, reduction: str) -> Tensor:
-    """"pair": mean over the pairs of each pair's mean (DASS #L143-L147; a pair without a shared
-    class adds 0 where the release's weighted CE gives NaN); "pixel": one mean over all."""
+def reduce_pairs(total: Tensor, count: Tensor, reduction: str, empty_pair: str = "zero"
+                 ) -> Tensor:
+    """"pair": mean over the pairs of each pair's mean (DASS #L143-L147); "pixel": one mean
+    over all. Without counted pixels, "zero" gives 0 where the release's weighted CE divides
+    0 by 0 (NaN; ``empty_pair = "nan"``)."""
+    if empty_pair == "nan":
+        count = count.to(total.dtype)
+    else:
+        count = count.clamp_min(1)
     if reduction == "pair":
-        return (total / count.clamp_min(1)).mean()
-    return total.sum() / count.sum().clamp_min(1)
+        return (total / count).mean()
+    return total.sum() / count.sum()
 
 
 def pair_contrast(emb: Tensor, labels: Tensor, prototypes: Tensor, usable: Tensor, *,
@@ -287,7 +296,7 @@ class BiPCL(Method):
         total, count = direction_loss(feats.float(), labels, prototypes, present, shared,
                                       tau=s.tau, negatives=s.negatives,
                                       ignore_index=self.ignore_index)
-        return reduce_pairs(total, count, s.reduction)
+        return reduce_pairs(total, count, s.reduction, s.empty_pair)
 
     def _pseudo(self, label: Tensor, weight: Tensor) -> Tensor:
         return torch.where(weight > 0, label, torch.full_like(label, self.ignore_index))

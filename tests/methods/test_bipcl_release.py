@@ -150,6 +150,22 @@ def test_pairs_are_averaged_not_their_pixels() -> None:
     assert float(reduce_pairs(total, count, "pixel")) == pytest.approx(11 / 4)
     # a pair without a shared class adds 0 (the release's weighted CE divides 0 by 0 there)
     assert float(reduce_pairs(torch.tensor([2.0, 0.0]), torch.tensor([1, 0]), "pair")) == 1.0
+    assert math.isnan(float(reduce_pairs(torch.tensor([2.0, 0.0]), torch.tensor([1, 0]), "pair",
+                                         "nan")))
+
+
+def test_a_pair_without_shared_classes() -> None:
+    # pair 1's source has only class 3, its target none of it: zero by default, NaN as released
+    fs, ls, ft, lt = pair_case()
+    ls = ls.copy()
+    ls[1] = 3
+    args = (torch.tensor(fs), torch.tensor(ls), torch.tensor(ft), torch.tensor(lt))
+    got = make().pair_losses(*args)
+    l1, l2 = release_pair(fs[0], ls[0], ft[0], lt[0])
+    assert float(got["tgt.contrast"]) == pytest.approx(0.1 * (l1 + 0.0) / 2, rel=1e-4)
+    assert float(got["src.contrast"]) == pytest.approx(0.1 * (l2 + 0.0) / 2, rel=1e-4)
+    released = make(empty_pair="nan").pair_losses(*args)
+    assert math.isnan(float(released["tgt.contrast"]))
 
 
 def test_presets_follow_the_release() -> None:
