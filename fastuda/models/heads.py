@@ -86,6 +86,10 @@ class ASPPClassifier(nn.Module):
             out = out + conv(x)
         return out
 
+    def branches(self, x: Tensor) -> Tensor:
+        """The branch outputs concatenated along channels; ``forward`` is their sum."""
+        return torch.cat([conv(x) for conv in self.convs], 1)
+
 
 class DAFormerHead(nn.Module):
     """DAFormer decoder. ``forward`` returns (logits, fused 256-channel feature), both stride 4."""

@@ -11,6 +11,9 @@ LOGITS = "logits"  # [B, num_classes, H/s, W/s]; the trainer upsamples
 EMBEDDINGS = "embeddings"  # [B, embed_dim, h, w], unit L2 norm (only with a projection head)
 FEATURES = "features"  # the map the classifier reads (DAFormer: fused decoder, DeepLab-V2: layer 4)
 BACKBONE = "backbone"  # the last backbone stage
+# DeepLab-V2: the ASPP branch outputs concatenated [B, 4 * num_classes, H/s, W/s] (their sum is
+# the logits); the feature DASS/BiPCL contrasts (cvlab-yonsei/DASS model/DeeplabV2.py#L109-L115)
+ASPP_BRANCHES = "aspp_branches"
 
 # HRDA (fastuda/models/hrda.py)
 LOGITS_CONTEXT = "logits_context"  # context view, context grid
@@ -25,6 +28,6 @@ DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixel
 DEPTH_SOURCE = "depth_source"  # [B, h, w] inverse depth, the source-domain head
 DEPTH_TARGET = "depth_target"  # [B, h, w] inverse depth, the target-domain head
 
-__all__ = ["ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE", "DEPTH_SOURCE",
-           "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL", "LOGITS",
-           "LOGITS_CONTEXT", "LOGITS_DETAIL"]
+__all__ = ["ASPP_BRANCHES", "ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE",
+           "DEPTH_SOURCE", "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES",
+           "FEATURES_DETAIL", "LOGITS", "LOGITS_CONTEXT", "LOGITS_DETAIL"]

@@ -14,7 +14,14 @@ from fastuda.methods.bipcl import BiPCL, BiPCLSettings, image_prototypes, pair_c
 C, D = 3, 2
 
 
+# fastuda's form before issue 13 (teacher prototypes, shared classes only, feature grid, one
+# mean over the pixels of all pairs): the keys restoring it
+EARLIER = {"prototypes": "teacher", "negatives": "shared", "resolution": "feature",
+           "reduction": "pixel"}
+
+
 def make(**kw) -> BiPCL:
+    kw.setdefault("feature", "embeddings")
     return BiPCL(BiPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
@@ -69,7 +76,7 @@ def step_inputs() -> tuple[dict, torch.Tensor, dict, torch.Tensor, torch.Tensor]
 @pytest.mark.parametrize("mode,expected", [("off", [0, 0]), ("agree", [0, 255]),
                                            ("replace", [0, 1])])
 def test_label_transfer_modes(mode: str, expected: list[int]) -> None:
-    m = make(label_transfer=mode, calibration=False)
+    m = make(label_transfer=mode, calibration=False, **EARLIER)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     m.update_state(src, src_label, 0)
     label, w = m.refine_pseudo_labels(tgt, tgt_label, weight, 0)
@@ -78,8 +85,7 @@ def test_label_transfer_modes(mode: str, expected: list[int]) -> None:
 
 
 def test_calibration_offset_ema_and_matching() -> None:
-    m = make(label_transfer="off", calibration=True,
-             calibration_momentum=0.5)
+    m = make(label_transfer="off", calibration=True, calibration_momentum=0.5, **EARLIER)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     m.update_state(src, src_label, 0)
     m.refine_pseudo_labels(tgt, tgt_label, weight, 0)
@@ -104,8 +110,8 @@ def test_calibration_offset_ema_and_matching() -> None:
 
 def test_losses_in_both_directions() -> None:
     # tau 1 here: at 0.1 these near-perfect matches give losses ~1e-4, below fp32 resolution
-    m = make(label_transfer="off", calibration=False, tau=1.0,
-             weight=0.1, start_iter=0)
+    m = make(label_transfer="off", calibration=False, tau=1.0, weight=0.1, start_iter=0,
+             **EARLIER)
     src, src_label, tgt, tgt_label, weight = step_inputs()
     tgt_label = torch.tensor([[[0, 1]]])
     m.update_state(src, src_label, 0)
@@ -159,7 +165,7 @@ def test_loop_makes_bipcl_pseudo_labels_before_the_source_pass() -> None:
 
     cfg = Config(model=ModelConfig(name="deeplabv2", backbone="resnet18", embed_dim=8))
     model = build_model(cfg.model)
-    method = Recording(BiPCLSettings(start_iter=0),
+    method = Recording(BiPCLSettings(start_iter=0, feature="embeddings", **EARLIER),
                        MethodContext(num_classes=19, embed_dim=8, backend="torch"))
     trainer = SelfTraining(cfg, model, MethodStack([method], method.ctx), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
