@@ -38,9 +38,13 @@ class SPCLSettings:
     source_weight: float = 1.0
     target_weight: float = 1.0
     start_iter: int = 0
+    # the loop's source CE on logits / 1.8 (BinhuiXie/SPCL train_ours.py#L155); 1.0: plain CE
+    source_logit_scale: float = 1.8
 
     def __post_init__(self) -> None:
         _check(self.tau > 0, "spcl.tau", self.tau, "> 0")
+        _check(self.source_logit_scale > 0, "spcl.source_logit_scale", self.source_logit_scale,
+               "> 0")
         _check(0 <= self.momentum < 1, "spcl.momentum", self.momentum, "in [0, 1)")
         _check(0 < self.threshold_cap <= 1, "spcl.threshold_cap", self.threshold_cap,
                "in (0, 1]")
@@ -99,6 +103,9 @@ class SPCL(Method):
         self.prototypes.load_state_dict(state)
 
     # -- hooks --------------------------------------------------------------------------------
+    def source_logit_scale(self) -> float:
+        return self.settings.source_logit_scale
+
     def wants_student_target(self, it: int) -> bool:
         return it >= self.settings.start_iter
 

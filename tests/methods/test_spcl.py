@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.engine.context import MethodContext
+from fastuda.config import ConfigError, load_config
+from fastuda.engine.context import MethodContext, StepView
+from fastuda.engine.self_training import SelfTraining
+from fastuda.methods import build_methods
 from fastuda.methods.spcl import SPCL, SPCLSettings, class_median_thresholds
+from fastuda.models import build_network
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo_spcl.toml"
 
 C, D = 3, 4
 
@@ -111,3 +118,35 @@ def test_target_thresholds_median_and_cap() -> None:
     m = make(threshold_cap=0.9)
     m.refine_pseudo_labels({"logits": t_logits}, plabel, weight, 0)
     assert m._target_label[0, 0].tolist() == [255, 0, 0, 1]
+
+
+def make_trainer(*extra: str) -> SelfTraining:
+    cfg = load_config(DEMO, ["data.crop_size=[64, 64]", "optim.warmup_iters=0",
+                             "spcl.start_iter=0", *extra])
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    return SelfTraining(cfg, model, build_methods(cfg, model, torch.device("cpu")),
+                        torch.device("cpu"))
+
+
+@pytest.mark.parametrize("scale", [1.8, 1.0])
+def test_loop_source_ce_is_on_logits_over_the_scale(scale: float) -> None:
+    # BinhuiXie/SPCL train_ours.py#L155: seg_criterion(src_pred.div(1.8), src_label); 1.0 is
+    # fastuda's earlier plain CE. The contrast still sees the raw logits (its correct-pixel mask).
+    trainer = make_trainer(f"spcl.source_logit_scale={scale}")
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 3, 64, 64, generator=g)
+    label = torch.randint(0, 4, (2, 64, 64), generator=g)  # no ignored pixel: any average
+    out = trainer.student(image)
+    view = StepView(0, {}, {}, source_image=image, source_label=label)
+    losses = trainer._source_losses(out, view)
+    logits = F.interpolate(out["logits"].float(), size=(64, 64), mode="bilinear",
+                           align_corners=False)
+    expected = F.cross_entropy(logits / scale, label)
+    assert float(losses["src.ce"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert "spcl.src.contrast" in losses
+
+
+def test_source_logit_scale_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="spcl.source_logit_scale"):
+        load_config(DEMO, ["spcl.source_logit_scale=0"])
