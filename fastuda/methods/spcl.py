@@ -1,6 +1,11 @@
 """SPCL: semantic prototype-based contrast.
 
-Prototypes are per-class means of the (unit-norm) projected features of the source pixels the
+The contrasted feature (``spcl.feature``) is the released one by default: the backbone's last
+stage (DeepLab-V2 layer 4, 2048 channels, ``outputs.BACKBONE``) L2-normalised along channels
+(BinhuiXie/SPCL train_ours.py#L169-L173, core/utils/loss.py#L30-L38); ``"embeddings"`` is
+fastuda's earlier choice, the projection head's unit-norm embeddings.
+
+Prototypes are per-class means of those features of the source pixels the
 student predicts correctly, kept as an EMA (P <- m P + (1 - m) m_batch for the classes present in
 the batch, m = 0.1 published; a class seen for the first time takes its batch mean). The contrast
 ``ops.proto_contrast`` (tau = 100 published) pulls each pixel to its class prototype against the
@@ -28,6 +33,9 @@ from ..models import outputs as O
 from .base import Losses, Method, Outputs
 
 
+FEATURES = ("backbone", "embeddings")
+
+
 @dataclass
 class SPCLSettings:
     """``[spcl]``; defaults are the published settings (configs/spcl/deeplabv2_gta2cs.toml)."""
@@ -40,8 +48,11 @@ class SPCLSettings:
     start_iter: int = 0
     # the loop's source CE on logits / 1.8 (BinhuiXie/SPCL train_ours.py#L155); 1.0: plain CE
     source_logit_scale: float = 1.8
+    # "backbone": the released L2-normalised layer-4 map; "embeddings": the projection head's
+    feature: str = "backbone"
 
     def __post_init__(self) -> None:
+        _check(self.feature in FEATURES, "spcl.feature", self.feature, f"one of {FEATURES}")
         _check(self.tau > 0, "spcl.tau", self.tau, "> 0")
         _check(self.source_logit_scale > 0, "spcl.source_logit_scale", self.source_logit_scale,
                "> 0")
@@ -78,9 +89,16 @@ class SPCL(Method):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if not cfg.model.projection:
-            raise ConfigError("methods = [..., 'spcl'] needs the projection head (embeddings): "
-                              "set model.projection = true")
+        feature = cfg.settings("spcl").feature
+        if feature == "embeddings" and not cfg.model.projection:
+            raise ConfigError("spcl.feature = 'embeddings' needs the projection head: set "
+                              "model.projection = true")
+        # the released feature is DeepLab-V2's layer 4, which is on the logits grid; other
+        # backbones' last stage is not (DAFormer stride 32, ViT patch grid of the padded input)
+        if feature == "backbone" and (cfg.model.name != "deeplabv2" or cfg.hrda.enabled):
+            raise ConfigError(f"spcl.feature = 'backbone' (the released DeepLab-V2 layer 4) needs "
+                              f"model.name = 'deeplabv2' without HRDA, got {cfg.model.name!r}: "
+                              "use spcl.feature = 'embeddings'")
         if not cfg.self_training.enabled:
             raise ConfigError("methods = [..., 'spcl'] adapts with the self-training loop: set "
                               "self_training.enabled = true")
@@ -89,17 +107,35 @@ class SPCL(Method):
         super().__init__(settings, ctx)
         self.num_classes, self.backend = ctx.num_classes, ctx.backend
         self.ignore_index = ctx.ignore_index
-        self.prototypes = ops.ClassStatistics(ctx.num_classes, ctx.embed_dim, cov="diag",
-                                              momentum=settings.momentum,
-                                              ignore_index=ctx.ignore_index, device=ctx.device,
-                                              backend=ctx.backend)
+        # the backbone's channel count is known at the first batch (the context has no field
+        # for it); the embeddings' is the context's
+        self.prototypes: ops.ClassStatistics | None = None
+        if settings.feature == "embeddings":
+            self._make_prototypes(ctx.embed_dim)
         self._target_label: Tensor | None = None  # this step's thresholded pseudo-labels
+
+    def _make_prototypes(self, dim: int) -> ops.ClassStatistics:
+        self.prototypes = ops.ClassStatistics(self.num_classes, dim, cov="diag",
+                                              momentum=self.settings.momentum,
+                                              ignore_index=self.ignore_index,
+                                              device=self.ctx.device, backend=self.backend)
+        return self.prototypes
+
+    def feature(self, out: Outputs) -> Tensor:
+        """The contrasted map [B, D, h, w], unit L2 norm along D (fp32)."""
+        if self.settings.feature == "embeddings":
+            return out[O.EMBEDDINGS].float()
+        return F.normalize(out[O.BACKBONE].float(), p=2, dim=1)
 
     # -- state: the prototypes are part of every checkpoint -----------------------------------
     def get_extra_state(self) -> dict[str, Tensor]:
-        return self.prototypes.state_dict()
+        return {} if self.prototypes is None else self.prototypes.state_dict()
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        if not state:  # saved before the first batch made the prototypes
+            return
+        if self.prototypes is None:
+            self._make_prototypes(int(state["mean"].shape[1]))
         self.prototypes.load_state_dict(state)
 
     # -- hooks --------------------------------------------------------------------------------
@@ -121,12 +157,13 @@ class SPCL(Method):
         return torch.where(pred == lbl, lbl, torch.full_like(lbl, self.ignore_index))
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
-        emb = out[O.EMBEDDINGS].float()
+        emb = self.feature(out)
         correct = self.correct_source_labels(emb, out[O.LOGITS], label)
-        self.prototypes.update(emb.detach(), correct)
+        protos = self.prototypes or self._make_prototypes(emb.shape[1])
+        protos.update(emb.detach(), correct)
         if it < self.settings.start_iter or self.settings.source_weight == 0:
             return {}
-        loss = ops.proto_contrast(emb, correct, self.prototypes.mean, tau=self.settings.tau,
+        loss = ops.proto_contrast(emb, correct, protos.mean, tau=self.settings.tau,
                                   ignore_index=self.ignore_index, backend=self.backend)
         return {"src.contrast": self.settings.source_weight * loss}
 
@@ -147,7 +184,9 @@ class SPCL(Method):
         if self._target_label is None or self._target_label.shape != pseudo_label.shape:
             raise RuntimeError("SPCL.target_losses needs refine_pseudo_labels of the same step "
                                "(the thresholded pseudo-labels)")
-        emb = out[O.EMBEDDINGS].float()
+        if self.prototypes is None:
+            raise RuntimeError("SPCL.target_losses needs the prototypes of a source pass")
+        emb = self.feature(out)
         lbl = self._labels_at(self._target_label, emb)
         self._target_label = None
         loss = ops.proto_contrast(emb, lbl, self.prototypes.mean, tau=self.settings.tau,

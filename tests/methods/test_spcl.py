@@ -22,6 +22,9 @@ C, D = 3, 4
 
 
 def make(**kw) -> SPCL:
+    # the hand-built cases below feed "embeddings" (fastuda's earlier feature); the released
+    # backbone feature has its own test
+    kw.setdefault("feature", "embeddings")
     return SPCL(SPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
@@ -142,7 +145,7 @@ def test_loop_source_ce_is_on_logits_over_the_scale(scale: float) -> None:
     losses = trainer._source_losses(out, view)
     logits = F.interpolate(out["logits"].float(), size=(64, 64), mode="bilinear",
                            align_corners=False)
-    expected = F.cross_entropy(logits / scale, label)
+    expected = F.cross_entropy(logits.detach() / scale, label)
     assert float(losses["src.ce"].detach()) == pytest.approx(float(expected), rel=1e-5)
     assert "spcl.src.contrast" in losses
 
@@ -150,3 +153,36 @@ def test_loop_source_ce_is_on_logits_over_the_scale(scale: float) -> None:
 def test_source_logit_scale_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="spcl.source_logit_scale"):
         load_config(DEMO, ["spcl.source_logit_scale=0"])
+
+
+def test_backbone_feature_is_the_l2_normalised_last_stage() -> None:
+    # BinhuiXie/SPCL train_ours.py#L169-L173 (prototypes of F.normalize(src_feat)), loss.py#L30-L38
+    # (the contrast on F.normalize of the 2048-d layer-4 map): by hand on an un-normalised map
+    m = SPCL(SPCLSettings(tau=0.5, momentum=0.1), MethodContext(num_classes=C, backend="torch"))
+    assert m.prototypes is None  # its width comes with the first batch
+    feat = torch.tensor([[[[3.0, 0.0]], [[4.0, 2.0]]]])  # [1, 2, 1, 2]: (3, 4) and (0, 2)
+    label = torch.tensor([[[0, 1]]])
+    logits = F.one_hot(label, C).permute(0, 3, 1, 2).float() * 5  # both correct
+    loss = m.source_losses({"backbone": feat, "logits": logits}, label, 0)["src.contrast"]
+    P = torch.tensor([[0.6, 0.8], [0.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(m.prototypes.mean, P, atol=1e-6)
+    f = P[:2]  # the unit features are the prototypes themselves here
+    logit = f @ P.t() / 0.5
+    expected = F.cross_entropy(logit, torch.tensor([0, 1]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    # checkpoint round trip into a method that has not seen a batch yet
+    other = SPCL(SPCLSettings(), MethodContext(num_classes=C, backend="torch"))
+    other.load_state_dict(m.state_dict())
+    assert torch.equal(other.prototypes.mean, m.prototypes.mean)
+
+
+def test_feature_key_is_checked() -> None:
+    with pytest.raises(ConfigError, match="spcl.feature"):
+        load_config(DEMO, ["spcl.feature='layer3'"])
+    with pytest.raises(ConfigError, match="deeplabv2"):
+        load_config(DEMO, ["spcl.feature='backbone'", "model.name='daformer'",
+                           "model.backbone='mit_b0'"])
+    with pytest.raises(ConfigError, match="projection"):
+        load_config(DEMO, ["spcl.feature='embeddings'", "model.projection=false"])
+    preset = load_config(DEMO.parent / "spcl" / "deeplabv2_gta2cs.toml")
+    assert preset.settings("spcl").feature == "backbone" and not preset.model.projection
