@@ -32,7 +32,6 @@ from ..engine.context import MethodContext
 from ..models import outputs as O
 from .base import Losses, Method, Outputs
 
-
 FEATURES = ("backbone", "embeddings")
 
 
