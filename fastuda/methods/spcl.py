@@ -10,8 +10,16 @@ student predicts correctly, kept as an EMA (P <- m P + (1 - m) m_batch for the c
 the batch, m = 0.1 published; a class seen for the first time takes its batch mean). The contrast
 ``ops.proto_contrast`` (tau = 100 published) pulls each pixel to its class prototype against the
 others: on the source's correctly predicted pixels, and on the target with the teacher's
-pseudo-labels kept only where the confidence reaches the class's threshold, the median confidence
-of the pixels predicted as that class in the batch, capped at 0.9.
+pseudo-labels kept only where the confidence reaches the class's threshold, capped at 0.9.
+
+The thresholds (``spcl.threshold_scope``): the release takes, per class, the median confidence
+``x[round(0.5 n)]`` of the sorted confidences of all pixels predicted as that class over the
+whole target set, offline with the warm-up model (BinhuiXie/SPCL core/utils/pseudo_label.py#L34-L44,
+pseudo_label.py#L91, #L155). Inside the loop, ``"stream"`` (default) keeps a per-class histogram
+of the teacher's confidences over every target batch so far (``threshold_bins`` bins on [0, 1],
+checkpointed) and takes the same rank in it: the threshold is the lower edge of the bin holding
+``x[round(0.5 n)]``, so it is below the exact one by less than one bin width. ``"batch"`` is
+fastuda's earlier rule: the lower median of the current batch.
 
 The prototypes come from the student's own source pass (SPCL has no second network), updated
 before the loss of the same step, and are checkpointed. The per-class thresholds shape only the
@@ -23,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,6 +42,7 @@ from ..models import outputs as O
 from .base import Losses, Method, Outputs
 
 FEATURES = ("backbone", "embeddings")
+SCOPES = ("stream", "batch")
 
 
 @dataclass
@@ -49,9 +59,16 @@ class SPCLSettings:
     source_logit_scale: float = 1.8
     # "backbone": the released L2-normalised layer-4 map; "embeddings": the projection head's
     feature: str = "backbone"
+    # "stream": the released median over the target set, as a running histogram; "batch": the
+    # current batch's lower median (fastuda's earlier rule)
+    threshold_scope: str = "stream"
+    threshold_bins: int = 1000
 
     def __post_init__(self) -> None:
         _check(self.feature in FEATURES, "spcl.feature", self.feature, f"one of {FEATURES}")
+        _check(self.threshold_scope in SCOPES, "spcl.threshold_scope", self.threshold_scope,
+               f"one of {SCOPES}")
+        _check(self.threshold_bins >= 2, "spcl.threshold_bins", self.threshold_bins, ">= 2")
         _check(self.tau > 0, "spcl.tau", self.tau, "> 0")
         _check(self.source_logit_scale > 0, "spcl.source_logit_scale", self.source_logit_scale,
                "> 0")
@@ -80,6 +97,34 @@ def class_median_thresholds(conf: Tensor, label: Tensor, num_classes: int, cap: 
     median = keyed[idx] - 2.0 * classes if keyed.numel() else torch.full_like(classes, cap)
     thr = torch.where(counts > 0, median.clamp(max=cap), torch.full_like(median, cap))
     return thr.to(conf.dtype)
+
+
+@torch.no_grad()
+def confidence_histogram(conf: Tensor, label: Tensor, num_classes: int, bins: int,
+                         valid: Tensor | None = None) -> Tensor:
+    """hist [C, bins] (float64): per class, the count of its pixels with confidence in
+    [i / bins, (i + 1) / bins) (confidence 1 in the last bin)."""
+    if valid is None:
+        valid = torch.ones_like(label, dtype=torch.bool)
+    valid = valid & (label >= 0) & (label < num_classes)
+    y = label[valid].long()
+    b = (conf[valid].double() * bins).floor().long().clamp(0, bins - 1)
+    hist = torch.bincount(y * bins + b, minlength=num_classes * bins)
+    return hist.view(num_classes, bins).double()
+
+
+@torch.no_grad()
+def histogram_thresholds(hist: Tensor, cap: float) -> Tensor:
+    """thr [C] from per-class confidence histograms: the lower edge of the bin holding the
+    released rank ``round(0.5 n)`` (numpy's round, half to even; at most n - 1) of the class's
+    sorted confidences, capped at ``cap``; 0 for a class without pixels, as the release."""
+    bins = hist.shape[1]
+    n = hist.sum(1)
+    k = torch.minimum(torch.round(0.5 * n), (n - 1).clamp_min(0))
+    # the bin where the cumulative count first exceeds k (0-based rank k)
+    idx = (hist.cumsum(1) <= k[:, None]).sum(1).clamp(max=bins - 1)
+    thr = torch.where(n > 0, idx.double() / bins, torch.zeros_like(n))
+    return thr.clamp(max=cap).float()
 
 
 class SPCL(Method):
@@ -112,6 +157,10 @@ class SPCL(Method):
         if settings.feature == "embeddings":
             self._make_prototypes(ctx.embed_dim)
         self._target_label: Tensor | None = None  # this step's thresholded pseudo-labels
+        # the teacher's target confidences so far, per class ("stream" thresholds)
+        self.register_buffer("confidence_hist", torch.zeros(
+            ctx.num_classes, settings.threshold_bins if settings.threshold_scope == "stream"
+            else 0, dtype=torch.float64, device=ctx.device))
 
     def _make_prototypes(self, dim: int) -> ops.ClassStatistics:
         self.prototypes = ops.ClassStatistics(self.num_classes, dim, cov="diag",
@@ -170,8 +219,17 @@ class SPCL(Method):
                              it: int) -> tuple[Tensor, Tensor]:
         conf = torch.softmax(teacher_target[O.LOGITS].float(), dim=1).amax(1)
         valid = weight > 0  # the loop's ignored rows stay out of the thresholds and the loss
-        thr = class_median_thresholds(conf, label, self.num_classes,
-                                      self.settings.threshold_cap, valid)
+        if self.settings.threshold_scope == "batch":
+            thr = class_median_thresholds(conf, label, self.num_classes,
+                                          self.settings.threshold_cap, valid)
+        else:
+            batch = confidence_histogram(conf, label, self.num_classes,
+                                         self.settings.threshold_bins, valid)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(batch)  # every rank thresholds on the same stream
+            self.confidence_hist += batch.to(self.confidence_hist.device)
+            thr = histogram_thresholds(self.confidence_hist, self.settings.threshold_cap)
+            thr = thr.to(conf.device)
         keep = valid & (conf >= thr[label.long().clamp(0, self.num_classes - 1)])
         self._target_label = torch.where(keep, label, torch.full_like(label, self.ignore_index))
         return label, weight
@@ -193,4 +251,4 @@ class SPCL(Method):
         return {"tgt.contrast": self.settings.target_weight * loss}
 
 
-__all__ = ["SPCL", "class_median_thresholds"]
+__all__ = ["SPCL", "class_median_thresholds", "confidence_histogram", "histogram_thresholds"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from fastuda.config import ConfigError, load_config
 from fastuda.engine.context import MethodContext, StepView
 from fastuda.engine.self_training import SelfTraining
 from fastuda.methods import build_methods
-from fastuda.methods.spcl import SPCL, SPCLSettings, class_median_thresholds
+from fastuda.methods.spcl import (SPCL, SPCLSettings, class_median_thresholds,
+                                  confidence_histogram, histogram_thresholds)
 from fastuda.models import build_network
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo_spcl.toml"
@@ -22,9 +24,10 @@ C, D = 3, 4
 
 
 def make(**kw) -> SPCL:
-    # the hand-built cases below feed "embeddings" (fastuda's earlier feature); the released
-    # backbone feature has its own test
+    # the hand-built cases below feed "embeddings" (fastuda's earlier feature) and threshold per
+    # batch (the earlier rule); the released feature and stream thresholds have their own tests
     kw.setdefault("feature", "embeddings")
+    kw.setdefault("threshold_scope", "batch")
     return SPCL(SPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
@@ -186,3 +189,61 @@ def test_feature_key_is_checked() -> None:
         load_config(DEMO, ["spcl.feature='embeddings'", "model.projection=false"])
     preset = load_config(DEMO.parent / "spcl" / "deeplabv2_gta2cs.toml")
     assert preset.settings("spcl").feature == "backbone" and not preset.model.projection
+
+
+def released_thresholds(conf: np.ndarray, label: np.ndarray, num_classes: int,
+                        cap: float) -> np.ndarray:
+    """BinhuiXie/SPCL core/utils/pseudo_label.py#L34-L44, restated: per class the sorted
+    confidences' value at index round(0.5 n), 0 for an absent class, capped."""
+    thr = []
+    for c in range(num_classes):
+        x = np.sort(conf[label == c])
+        thr.append(x[int(np.round(len(x) * 0.5))] if len(x) else 0.0)
+    return np.minimum(np.array(thr), cap)
+
+
+def test_histogram_thresholds_follow_the_released_rank() -> None:
+    g = torch.Generator().manual_seed(5)
+    conf = torch.rand(4, 9, 11, generator=g, dtype=torch.float64)
+    label = torch.randint(0, C + 1, (4, 9, 11), generator=g)  # class 3 = C: out of range
+    label[0, 0, :3] = 255
+    bins = 100_000
+    thr = histogram_thresholds(confidence_histogram(conf, label, C, bins), cap=0.9)
+    ref = released_thresholds(conf.numpy(), label.numpy(), C, 0.9)
+    # the lower edge of the bin holding the released value
+    assert thr.double().tolist() == pytest.approx((np.floor(ref * bins) / bins).tolist(),
+                                                  abs=1e-6)
+    # small counts by hand: n = 3 -> index round(1.5) = 2 (the maximum), n = 2 -> index 1,
+    # n = 1 -> index 0, n = 0 -> 0; cap 0.9
+    conf = torch.tensor([[0.15, 0.55, 0.35, 0.25, 0.45, 0.95]])
+    label = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    thr = histogram_thresholds(confidence_histogram(conf, label, 4, 10), cap=0.9)
+    assert thr.tolist() == pytest.approx([0.5, 0.4, 0.9, 0.0])
+
+
+def test_stream_thresholds_accumulate_over_target_batches() -> None:
+    m = make(threshold_scope="stream", threshold_bins=10, threshold_cap=0.9)
+
+    def batch(confs: list[float]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        # class 0 with these confidences (> 1 / C: class 0 is the argmax) against C - 1 equal
+        # classes: logit log(p (C - 1) / (1 - p)) against 0
+        p = torch.tensor(confs, dtype=torch.float64)
+        logits = torch.zeros(1, C, 1, len(confs), dtype=torch.float64)
+        logits[0, 0, 0] = torch.log(p * (C - 1) / (1 - p))
+        return {"logits": logits.float()}, torch.zeros(1, 1, len(confs), dtype=torch.long), \
+            torch.ones(1, 1, len(confs))
+
+    out, plabel, weight = batch([0.45, 0.55, 0.75])
+    m.refine_pseudo_labels(out, plabel, weight, 0)  # n = 3: index 2 -> 0.75, bin edge 0.7
+    assert m._target_label[0, 0].tolist() == [255, 255, 0]
+    out, plabel, weight = batch([0.95, 0.35])
+    m.refine_pseudo_labels(out, plabel, weight, 1)
+    # the stream {0.35, 0.45, 0.55, 0.75, 0.95}: index round(2.5) = 2 -> 0.55, edge 0.5; the
+    # batch alone (its lower median 0.35) would keep both
+    assert m._target_label[0, 0].tolist() == [0, 255]
+    assert m.confidence_hist[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 1, 0, 1]
+    other = make(threshold_scope="stream", threshold_bins=10)
+    other.load_state_dict(m.state_dict())  # checkpointed
+    assert torch.equal(other.confidence_hist, m.confidence_hist)
+    with pytest.raises(ConfigError, match="spcl.threshold_scope"):
+        load_config(DEMO, ["spcl.threshold_scope='epoch'"])
