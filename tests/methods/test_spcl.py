@@ -14,8 +14,13 @@ from fastuda.config import ConfigError, load_config
 from fastuda.engine.context import MethodContext, StepView
 from fastuda.engine.self_training import SelfTraining
 from fastuda.methods import build_methods
-from fastuda.methods.spcl import (SPCL, SPCLSettings, class_median_thresholds,
-                                  confidence_histogram, histogram_thresholds)
+from fastuda.methods.spcl import (
+    SPCL,
+    SPCLSettings,
+    class_median_thresholds,
+    confidence_histogram,
+    histogram_thresholds,
+)
 from fastuda.models import build_network
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo_spcl.toml"
