@@ -21,6 +21,18 @@ checkpointed) and takes the same rank in it: the threshold is the lower edge of 
 ``x[round(0.5 n)]``, so it is below the exact one by less than one bin width. ``"batch"`` is
 fastuda's earlier rule: the lower median of the current batch.
 
+Prototype initialisation (``spcl.prototype_init``): the release computes them offline before
+its contrast stage, per class the mean over the whole source set of the per-batch means of the
+L2-normalised features of the correctly predicted pixels, with the warm-up model
+(BinhuiXie/SPCL semantic_prototype.py#L80-L98, loaded by train_ours.py#L122-L125), and its first
+contrast step already moves them by the EMA. Inside the loop, ``"mean"`` (default) takes the same
+mean of per-batch class means over the ``prototype_init_batches`` source batches just before
+``start_iter`` (the loop's iterations before the contrast are its warm-up), with the student of
+those steps, and sets the prototypes to it at ``start_iter``; the EMA then runs from there (no
+update before). A class unseen in the window takes its first batch mean later; without a window
+(``start_iter`` 0) every class does, which is ``"first_batch"``, fastuda's earlier rule (there the
+EMA runs from iteration 0).
+
 The prototypes come from the student's own source pass (SPCL has no second network), updated
 before the loss of the same step, and are checkpointed. The per-class thresholds shape only the
 contrast's target labels; the loop's mixed cross-entropy keeps its pseudo-labels.
@@ -43,6 +55,7 @@ from .base import Losses, Method, Outputs
 
 FEATURES = ("backbone", "embeddings")
 SCOPES = ("stream", "batch")
+INITS = ("mean", "first_batch")
 
 
 @dataclass
@@ -63,12 +76,20 @@ class SPCLSettings:
     # current batch's lower median (fastuda's earlier rule)
     threshold_scope: str = "stream"
     threshold_bins: int = 1000
+    # "mean": the release's mean of per-batch class means, over the prototype_init_batches source
+    # batches before start_iter; "first_batch": a class takes its first batch mean (earlier rule)
+    prototype_init: str = "mean"
+    prototype_init_batches: int = 0
 
     def __post_init__(self) -> None:
         _check(self.feature in FEATURES, "spcl.feature", self.feature, f"one of {FEATURES}")
         _check(self.threshold_scope in SCOPES, "spcl.threshold_scope", self.threshold_scope,
                f"one of {SCOPES}")
         _check(self.threshold_bins >= 2, "spcl.threshold_bins", self.threshold_bins, ">= 2")
+        _check(self.prototype_init in INITS, "spcl.prototype_init", self.prototype_init,
+               f"one of {INITS}")
+        _check(self.prototype_init_batches >= 0, "spcl.prototype_init_batches",
+               self.prototype_init_batches, ">= 0")
         _check(self.tau > 0, "spcl.tau", self.tau, "> 0")
         _check(self.source_logit_scale > 0, "spcl.source_logit_scale", self.source_logit_scale,
                "> 0")
@@ -157,6 +178,9 @@ class SPCL(Method):
         if settings.feature == "embeddings":
             self._make_prototypes(ctx.embed_dim)
         self._target_label: Tensor | None = None  # this step's thresholded pseudo-labels
+        # the initialisation window's sums of per-batch class means and their batch counts
+        self._init_sum: Tensor | None = None
+        self._init_batches: Tensor | None = None
         # the teacher's target confidences so far, per class ("stream" thresholds)
         self.register_buffer("confidence_hist", torch.zeros(
             ctx.num_classes, settings.threshold_bins if settings.threshold_scope == "stream"
@@ -175,16 +199,56 @@ class SPCL(Method):
             return out[O.EMBEDDINGS].float()
         return F.normalize(out[O.BACKBONE].float(), p=2, dim=1)
 
-    # -- state: the prototypes are part of every checkpoint -----------------------------------
+    # -- state: the prototypes and the initialisation's sums are part of every checkpoint -------
     def get_extra_state(self) -> dict[str, Tensor]:
-        return {} if self.prototypes is None else self.prototypes.state_dict()
+        state = {} if self.prototypes is None else self.prototypes.state_dict()
+        if self._init_sum is not None:
+            state.update(init_sum=self._init_sum.clone(), init_batches=self._init_batches.clone())
+        return state
 
     def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        state = dict(state)
+        if "init_sum" in state:
+            self._init_sum, self._init_batches = state.pop("init_sum"), state.pop("init_batches")
         if not state:  # saved before the first batch made the prototypes
             return
         if self.prototypes is None:
             self._make_prototypes(int(state["mean"].shape[1]))
         self.prototypes.load_state_dict(state)
+
+    # -- prototype initialisation -------------------------------------------------------------
+    def init_window(self) -> tuple[int, int]:
+        """[first, end) iterations whose source batches estimate the initial prototypes."""
+        s = self.settings
+        if s.prototype_init != "mean":
+            return 0, 0
+        return max(0, s.start_iter - s.prototype_init_batches), s.start_iter
+
+    @torch.no_grad()
+    def _accumulate_init(self, emb: Tensor, correct: Tensor) -> None:
+        """Add this batch's per-class means (classes present) to the window's sums."""
+        batch = ops.all_reduce_stats(ops.class_stats(
+            emb.detach(), correct, self.num_classes, ignore_index=self.ignore_index,
+            backend=self.backend))
+        count, mean = batch.count.double(), batch.mean.double()
+        if self._init_sum is None:
+            self._init_sum = torch.zeros_like(mean)
+            self._init_batches = torch.zeros_like(count)
+        present = count > 0
+        self._init_sum += torch.where(present[:, None], mean, torch.zeros_like(mean))
+        self._init_batches += present.double()
+
+    @torch.no_grad()
+    def _initialise(self, protos: ops.ClassStatistics) -> None:
+        """Set the prototypes to the window's mean of batch means (once, at start_iter)."""
+        if self._init_sum is None:
+            return
+        seen = self._init_batches > 0
+        mean = self._init_sum / self._init_batches.clamp_min(1)[:, None]
+        # fresh prototypes: a class present here takes this mean as is (its first merge)
+        protos.merge(ops.ClassStats(seen.double(), mean,
+                                    torch.zeros_like(mean)))
+        self._init_sum = self._init_batches = None
 
     # -- hooks --------------------------------------------------------------------------------
     def source_logit_scale(self) -> float:
@@ -208,6 +272,12 @@ class SPCL(Method):
         emb = self.feature(out)
         correct = self.correct_source_labels(emb, out[O.LOGITS], label)
         protos = self.prototypes or self._make_prototypes(emb.shape[1])
+        first, end = self.init_window()
+        if self.settings.prototype_init == "mean" and it < end:
+            if it >= first:
+                self._accumulate_init(emb, correct)
+            return {}  # the EMA starts from the initial prototypes at start_iter
+        self._initialise(protos)
         protos.update(emb.detach(), correct)
         if it < self.settings.start_iter or self.settings.source_weight == 0:
             return {}

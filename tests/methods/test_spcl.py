@@ -29,10 +29,12 @@ C, D = 3, 4
 
 
 def make(**kw) -> SPCL:
-    # the hand-built cases below feed "embeddings" (fastuda's earlier feature) and threshold per
-    # batch (the earlier rule); the released feature and stream thresholds have their own tests
+    # the hand-built cases below feed "embeddings" (fastuda's earlier feature), threshold per
+    # batch and start the EMA at the first batch (the earlier rules); the released feature,
+    # stream thresholds and mean initialisation have their own tests
     kw.setdefault("feature", "embeddings")
     kw.setdefault("threshold_scope", "batch")
+    kw.setdefault("prototype_init", "first_batch")
     return SPCL(SPCLSettings(**kw), MethodContext(num_classes=C, embed_dim=D, backend="torch"))
 
 
@@ -252,3 +254,48 @@ def test_stream_thresholds_accumulate_over_target_batches() -> None:
     assert torch.equal(other.confidence_hist, m.confidence_hist)
     with pytest.raises(ConfigError, match="spcl.threshold_scope"):
         load_config(DEMO, ["spcl.threshold_scope='epoch'"])
+
+
+def unit_batch(vectors: list[list[float]], labels: list[int]) -> tuple[dict, torch.Tensor]:
+    """A [1, D, 1, N] batch of these (normalised) features, all predicted correctly."""
+    feats = torch.tensor(vectors, dtype=torch.float32).t().reshape(1, D, 1, len(labels))
+    emb = F.normalize(feats, dim=1)
+    label = torch.tensor([[labels]])
+    logits = F.one_hot(label, C).permute(0, 3, 1, 2).float() * 5
+    return {"embeddings": emb, "logits": logits}, label
+
+
+def test_prototypes_start_from_the_mean_of_batch_means_before_start_iter() -> None:
+    # BinhuiXie/SPCL semantic_prototype.py#L80-L98: per class the mean of the per-batch means;
+    # train_ours.py#L174-L182: the first contrast step already applies the EMA to them
+    e = torch.eye(D)
+    batches = [unit_batch([[1, 1, 0, 0]], [0]),  # it 0: before the window, not counted
+               unit_batch([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], [0, 0, 1]),  # it 1
+               unit_batch([[0, 0, 0, 1]], [0]),  # it 2 (class 1 absent)
+               unit_batch([[0, 0, 1, 1]], [0])]  # it 3 = start_iter
+    m = make(momentum=0.1, start_iter=3, prototype_init="mean", prototype_init_batches=2)
+    assert m.init_window() == (1, 3)
+    for it in range(3):
+        assert m.source_losses(*batches[it], it) == {}
+        if it == 1:  # checkpoint in the middle of the window
+            resumed = make(momentum=0.1, start_iter=3, prototype_init="mean",
+                           prototype_init_batches=2)
+            resumed.load_state_dict(m.state_dict())
+    assert torch.equal(m.prototypes.mean, torch.zeros(C, D))  # no EMA before start_iter
+    init0 = ((e[0] + e[1]) / 2 + e[3]) / 2  # batch means, not the pixel mean (e0 + e1 + e3) / 3
+    m_d = F.normalize(torch.tensor([0.0, 0, 1, 1]), dim=0)
+    for method in (m, resumed):
+        if method is resumed:
+            method.source_losses(*batches[2], 2)
+        losses = method.source_losses(*batches[3], 3)
+        assert "src.contrast" in losses
+        assert torch.allclose(method.prototypes.mean[0], 0.1 * init0 + 0.9 * m_d, atol=1e-6)
+        assert torch.allclose(method.prototypes.mean[1], e[2], atol=1e-6)  # absent at it 3
+        assert torch.equal(method.prototypes.mean[2], torch.zeros(D))  # never seen
+    # "first_batch" (fastuda's earlier rule): the EMA runs from iteration 0
+    old = make(momentum=0.1, start_iter=3, prototype_init="first_batch",
+               prototype_init_batches=2)
+    old.source_losses(*batches[0], 0)
+    assert torch.allclose(old.prototypes.mean[0], F.normalize(e[0] + e[1], dim=0), atol=1e-6)
+    with pytest.raises(ConfigError, match="spcl.prototype_init"):
+        load_config(DEMO, ["spcl.prototype_init='file'"])
