@@ -299,3 +299,26 @@ def test_prototypes_start_from_the_mean_of_batch_means_before_start_iter() -> No
     assert torch.allclose(old.prototypes.mean[0], F.normalize(e[0] + e[1], dim=0), atol=1e-6)
     with pytest.raises(ConfigError, match="spcl.prototype_init"):
         load_config(DEMO, ["spcl.prototype_init='file'"])
+
+
+def test_loop_runs_the_window_then_the_contrast() -> None:
+    # in the loop: no SPCL loss and no prototype before start_iter, the window's mean at it
+    trainer = make_trainer("spcl.start_iter=2", "spcl.prototype_init_batches=1")
+    spcl = trainer.methods["spcl"]
+    logged = []
+    for it in range(3):
+        g = torch.Generator().manual_seed(10 + it)
+        image = torch.randn(2, 3, 64, 64, generator=g)
+        with torch.no_grad():  # labels the student gets right, so the prototypes see pixels
+            logits = trainer.student.train()(image)["logits"]
+        label = F.interpolate(logits, size=(64, 64), mode="bilinear").argmax(1)
+        src = {"image": image, "label": label}
+        result = trainer.step(src, {"image": torch.randn(2, 3, 64, 64, generator=g)}, it)
+        assert result.finite
+        logged.append({k for k in result.losses if k.startswith("spcl.")})
+        if it == 1:  # the window's sums are there, the prototypes untouched
+            assert spcl._init_sum is not None and spcl._init_batches.any()
+            assert not spcl.prototypes.mean.any()
+    assert logged[:2] == [set(), set()]
+    assert {"spcl.src.contrast", "spcl.tgt.contrast"} <= logged[2]
+    assert spcl._init_sum is None and spcl.prototypes.mean.any()
