@@ -36,6 +36,10 @@ EMA runs from iteration 0).
 The prototypes come from the student's own source pass (SPCL has no second network), updated
 before the loss of the same step, and are checkpointed. The per-class thresholds shape only the
 contrast's target labels; the loop's mixed cross-entropy keeps its pseudo-labels.
+
+The loop's source CE is taken on logits / ``spcl.source_logit_scale`` (1.8 released,
+train_ours.py#L155) through the method hook ``source_logit_scale()``; the correct-pixel mask
+reads the raw logits (the argmax is the same).
 """
 
 from __future__ import annotations
