@@ -327,7 +327,12 @@ class SelfTraining:
         return view.source_image
 
     def _source_losses(self, out: Outputs, view: StepView) -> Losses:
-        losses = self._seg_losses("src", out, view.source_label)
+        scale = self.methods.source_logit_scale()
+        ce_out = out
+        if scale != 1.0:  # SPCL's released CE on logits / 1.8; the methods see the raw logits
+            ce_out = {**out, **{k: out[k] / scale for k in (O.LOGITS, O.LOGITS_DETAIL)
+                                if k in out}}
+        losses = self._seg_losses("src", ce_out, view.source_label)
         with self.timer("method_losses"):
             losses.update(self.methods.source_losses(out, view.source_label, view.it))
         return losses

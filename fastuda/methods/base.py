@@ -84,6 +84,11 @@ class Method(nn.Module):
         outputs (``"logits"`` there are at image resolution). Runs under no_grad."""
         return label, weight
 
+    def source_logit_scale(self) -> float:
+        """The loop's source CE is taken on ``logits / scale`` (SPCL's released ``/ 1.8``);
+        1.0: the plain CE. Only the loop's CE sees it, not the methods' own source losses."""
+        return 1.0
+
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
         return {}
 
@@ -164,6 +169,13 @@ class MethodStack(nn.Module):
         for m in self:
             label, weight = m.refine_pseudo_labels(teacher_target, label, weight, it)
         return label, weight
+
+    def source_logit_scale(self) -> float:
+        """The product of the methods' scales (1.0 when none asks for one)."""
+        scale = 1.0
+        for m in self:
+            scale *= m.source_logit_scale()
+        return scale
 
     def source_losses(self, out: Outputs, label: Tensor, it: int) -> Losses:
         losses: Losses = {}
