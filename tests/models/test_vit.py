@@ -222,7 +222,7 @@ def test_hrda_around_a_vit_trains_and_infers() -> None:
     assert out["logits_detail"].shape == (2, 19, 8, 8)
     assert out["logits_context"].shape == (2, 19, 8, 8)
     (out["logits"].mean() + out["logits_detail"].mean()).backward()
-    assert hrda.attention_head.out.weight.grad is not None
+    assert hrda.attention_head.classifier.weight.grad is not None
     assert model.backbone.vit.blocks[0].attn.qkv.weight.grad is not None
     with torch.no_grad():
         inf = hrda.eval()(torch.randn(1, 3, 60, 76))
