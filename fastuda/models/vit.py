@@ -235,8 +235,9 @@ class ViTSegModel(SegModel):
         size = (vit_input_size(H, self.input_mode, self.resize_scale),
                 vit_input_size(W, self.input_mode, self.resize_scale))
         if self.input_mode == "pad":
-            x = F.pad(images, (0, size[1] - W, 0, size[0] - H)) if size != (H, W) else images
-            return x, size
+            # padded always (by 0 on a multiple of 14): no branch on the size, so an exported
+            # graph (torch.export, ONNX) stays valid for every input size
+            return F.pad(images, (0, (-W) % PATCH_SIZE, 0, (-H) % PATCH_SIZE)), size
         if size != (H, W):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return images, (H, W)
