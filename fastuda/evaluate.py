@@ -127,7 +127,8 @@ def load_model(cfg: Config, checkpoint: str | Path, weights: str, device: torch.
     from .engine.checkpoint import CheckpointLoadError, load_checkpoint
     from .models import build_network
 
-    model = build_network(cfg)
+    # the checkpoint sets every weight: model.pretrained is not read (a missing file is no error)
+    model = build_network(cfg, load_weights=False)
     state = load_checkpoint(checkpoint)
     # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
     # dict of the model is accepted too

@@ -452,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_cli_config(args.config, args.set)
     if cfg is None:
         return 2
+    from .models import PretrainedError, check_pretrained
+
+    try:  # a bad weight file is a config error: found before the work dir or any data exists
+        check_pretrained(cfg.model)
+    except PretrainedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
     try:
         record = train(cfg, work_dir, args.resume, allow_config_change=args.allow_config_change)

@@ -119,8 +119,11 @@ class CorDAModel(SegModel):
         groups = self.net.param_groups(lr, head_lr_mult, weight_decay)
         heads = [p for n, p in self.named_parameters()
                  if not n.startswith("net.") and p.requires_grad]
+        # optim.no_decay (fastuda/models/base.py): "mmseg" decays every head parameter (CorDA's
+        # release decays all its SGD groups), "1d" exempts the 1-D ones
+        one_d = self.net.no_decay == "1d"
         for no_decay in (False, True):
-            params = [p for p in heads if (p.ndim <= 1) == no_decay]
+            params = [p for p in heads if (one_d and p.ndim <= 1) == no_decay]
             if params:
                 groups.append({"params": params, "lr": lr * head_lr_mult,
                                "lr_mult": head_lr_mult,

@@ -9,6 +9,8 @@ Pretrained weights come only from local files (``model.pretrained = "PATH"``).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,8 +26,9 @@ from .resnet import RESNET_SPECS, ResNet
 from .vit import VIT_SPECS, ViTSegModel
 
 
-def build_model(cfg: ModelConfig) -> SegModel:
-    """Build the model ``cfg`` describes, load ``cfg.pretrained`` if set, apply channels_last.
+def build_model(cfg: ModelConfig, load_weights: bool = True) -> SegModel:
+    """Build the model ``cfg`` describes, load ``cfg.pretrained`` if set (and ``load_weights``:
+    callers that load a trained checkpoint next skip it), apply channels_last.
 
     The pretrained-loading report is kept as ``model.pretrained_report`` (None without weights).
     """
@@ -50,7 +53,8 @@ def build_model(cfg: ModelConfig) -> SegModel:
     else:
         raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2', 'daformer' or "
                          f"'vit'")
-    model.pretrained_report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+    model.pretrained_report = (load_pretrained(model, cfg.pretrained)
+                               if cfg.pretrained and load_weights else None)
     if cfg.freeze_bn_affine:  # CorDA's release: backbone BN weights/biases fixed, stats not
         for m in model.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -61,9 +65,10 @@ def build_model(cfg: ModelConfig) -> SegModel:
     return model
 
 
-def build_network(cfg: Config) -> nn.Module:
-    """``build_model(cfg.model)``, inside an :class:`HRDAModel` when ``cfg.hrda.enabled``."""
-    model = build_model(cfg.model)
+def build_network(cfg: Config, load_weights: bool = True) -> nn.Module:
+    """``build_model(cfg.model, load_weights)``, inside an :class:`HRDAModel` when
+    ``cfg.hrda.enabled``."""
+    model = build_model(cfg.model, load_weights)
     model.no_decay = cfg.optim.no_decay  # its param_groups' weight-decay rule
     if cfg.hrda.enabled:
         hrda = HRDAModel(model, cfg.hrda)
@@ -73,11 +78,30 @@ def build_network(cfg: Config) -> nn.Module:
     return model
 
 
+class PretrainedError(ValueError):
+    """``model.pretrained`` cannot be loaded into the model; the message names the file and why."""
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Load ``cfg.pretrained`` (when set) into the model built on the meta device: every check of
+    the real load (file readable, a known format that fits the model, key names, shapes) at the
+    cost of reading the file, before a run does any work. Raises PretrainedError."""
+    if not cfg.pretrained:
+        return
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real load reports missing keys once
+            load_pretrained(build_model(cfg, load_weights=False), cfg.pretrained)
+    except (OSError, ValueError, RuntimeError) as err:
+        why = " ".join(str(err).split())  # one line: torch's reader errors span several
+        raise PretrainedError(f"model.pretrained = {cfg.pretrained!r}: {why}") from None
+
+
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm with SyncBatchNorm (multi-GPU training on CUDA only)."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 __all__ = ["DAFormer", "DeepLabV2", "HRDAModel", "MIT_SPECS", "MixTransformer", "RESNET_SPECS",
-           "ResNet", "SegModel", "VIT_SPECS", "ViTSegModel", "build_model", "build_network",
-           "convert_sync_batchnorm", "load_pretrained"]
+           "PretrainedError", "ResNet", "SegModel", "VIT_SPECS", "ViTSegModel", "build_model",
+           "build_network", "check_pretrained", "convert_sync_batchnorm", "load_pretrained"]

@@ -43,8 +43,8 @@ class DeepLabV2(SegModel):
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         c4 = self.backbone(self._prepare(images))[-1]
-        branches = self.decode_head.branches(c4)
-        logits = sum(branches.chunk(len(self.decode_head.convs), 1))  # = decode_head(c4)
+        # through the head's __call__ (HRDA's attention reads its input with a forward pre-hook)
+        logits, branches = self.decode_head(c4, branches=True)
         out = {O.LOGITS: logits, O.FEATURES: c4, O.BACKBONE: c4, O.ASPP_BRANCHES: branches}
         if self.projection_head is not None:
             out[O.EMBEDDINGS] = self.projection_head(c4)

@@ -5,7 +5,10 @@
 - ``DAFormerHead`` (Hoyer et al., CVPR 2022): per-level linear embedding to 256 channels, bilinear
   resize to the stride-4 grid, concatenation, then context-aware fusion: an ASPP of a 1x1 conv and
   three depth-wise separable 3x3 convs (dilation 6/12/18), each conv-BN-ReLU, concatenated and fused
-  by a 3x3 conv-BN-ReLU; dropout and a 1x1 classifier follow.
+  by a 3x3 conv-BN-ReLU; dropout and a 1x1 classifier follow. ``fusion="conv"`` replaces the ASPP
+  and its 3x3 bottleneck by one 1x1 conv-BN-ReLU (SegFormer-style, DAFormer's "conv1" decoder):
+  HRDA's scale-attention head is this variant (lhoyer/HRDA c370b5b
+  mmseg/models/decode_heads/hrda_head.py#L49-L58).
 - ``ProjectionHead`` / ``MultiLevelProjectionHead`` (SePiCo, Xie et al., TPAMI 2023): two 1x1
   conv-BN-ReLU layers and per-pixel L2 normalisation; the multi-level one reads the four encoder
   stages resized to the stride-4 grid and concatenated.
@@ -47,8 +50,7 @@ class ConvBNReLU(nn.Sequential):
 
 class SigmoidMapHead(nn.Module):
     """3x3 conv-BN-ReLU, then a 1x1 conv to ``out_channels`` and a sigmoid: per-pixel values in
-    [0, 1], [B, out_channels, h, w] (HRDA's scale attention, one per class; CLUDA's pair
-    weights, one channel)."""
+    [0, 1], [B, out_channels, h, w] (CLUDA's pair weights, one channel)."""
 
     def __init__(self, in_channels: int, channels: int, out_channels: int = 1) -> None:
         super().__init__()
@@ -74,36 +76,50 @@ class ASPPClassifier(nn.Module):
     def __init__(self, in_channels: int, num_classes: int,
                  dilations: tuple[int, ...] = (6, 12, 18, 24)) -> None:
         super().__init__()
+        self.in_channels, self.dilations = in_channels, tuple(dilations)
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
         for conv in self.convs:  # DeepLab-V2 / DAFormer: N(0, 0.01), zero bias
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.convs[0](x)
-        for conv in self.convs[1:]:
-            out = out + conv(x)
-        return out
+    def forward(self, x: Tensor, branches: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The class scores (the branches' sum); ``branches=True``: (scores, the branch outputs
+        concatenated along channels), from one evaluation of each branch."""
+        outs = [conv(x) for conv in self.convs]
+        total = outs[0]
+        for o in outs[1:]:
+            total = total + o
+        return (total, torch.cat(outs, 1)) if branches else total
 
     def branches(self, x: Tensor) -> Tensor:
         """The branch outputs concatenated along channels; ``forward`` is their sum."""
-        return torch.cat([conv(x) for conv in self.convs], 1)
+        return self(x, branches=True)[1]
 
 
 class DAFormerHead(nn.Module):
     """DAFormer decoder. ``forward`` returns (logits, fused 256-channel feature), both stride 4."""
 
     def __init__(self, in_channels: list[int], num_classes: int, channels: int = 256,
-                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1) -> None:
+                 dilations: tuple[int, ...] = (1, 6, 12, 18), dropout: float = 0.1,
+                 fusion: str = "aspp") -> None:
         super().__init__()
+        if fusion not in ("aspp", "conv"):
+            raise ValueError(f"unknown DAFormer fusion {fusion!r}; expected 'aspp' or 'conv'")
+        self.in_channels, self.dropout_p = list(in_channels), float(dropout)
         # a linear layer per level (DAFormer's "mlp" embedding: no norm, no activation)
         self.embed = nn.ModuleList(nn.Linear(c, channels) for c in in_channels)
         cat_channels = channels * len(in_channels)
-        self.fusion = nn.ModuleList(
-            ConvBNReLU(cat_channels, channels, 1) if d == 1
-            else DepthwiseSeparableConv(cat_channels, channels, d) for d in dilations)
-        self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
+        self.fusion: nn.ModuleList
+        self.bottleneck: nn.Module
+        if fusion == "conv":  # one 1x1 conv-BN-ReLU, no bottleneck (mmcv ConvModule, kernel 1)
+            self.fusion = nn.ModuleList([ConvBNReLU(cat_channels, channels, 1)])
+            self.bottleneck = nn.Identity()
+        else:
+            self.fusion = nn.ModuleList(
+                ConvBNReLU(cat_channels, channels, 1) if d == 1
+                else DepthwiseSeparableConv(cat_channels, channels, d) for d in dilations)
+            self.bottleneck = ConvBNReLU(channels * len(dilations), channels, 3)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)

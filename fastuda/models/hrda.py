@@ -7,9 +7,21 @@ of the detail view at stride crop / 2), mmseg/models/decode_heads/hrda_head.py (
 sigmoid scale attention on the context view, masked to the detail box on the context grid, the
 fusion att * detail + up((1 - att) * context), the fused CE weighted 1 - hr_loss_weight and the
 detail CE hr_loss_weight = 0.1 on the labels cropped to the box), experiments.py
-('hrda1-512-0.1': detail crop 512, hr_loss_weight 0.1, attention_classwise True). What differs:
-the attention head is a small conv head on the context view's fused features (the release uses a
-second decode head of the model's type on the backbone features); see docs/architecture.md.
+('hrda1-512-0.1': detail crop 512, hr_loss_weight 0.1, attention_classwise True).
+
+The scale attention is, as released (lhoyer/HRDA c370b5b mmseg/models/decode_heads/hrda_head.py
+#L40, #L47-L66, #L76-L80, #L139-L141, #L151, #L166), a second decode head of the main head's type
+reading what the main head reads (the context view's backbone features, after the neck), with
+``num_classes`` outputs (``attention_classwise``; 1 otherwise) and a sigmoid:
+- DAFormer head: a DAFormerHead with ``attention_channels`` (released attention_embed_dim 256)
+  as its embedding and fusion width, the separable ASPP fusion replaced by one 1x1 conv-BN-ReLU,
+  the main head's dropout (0.1, configs/_base_/models/daformer_conv1_mitb5.py#L22), a 1x1
+  classifier;
+- DeepLab-V2 head: a second ASPP classifier with the same dilations (DLV2Head keeps them,
+  hrda_head.py#L62-L66; dlv2_head.py: no dropout, no norm);
+- the ViT heads (no released HRDA ViT; the same rule): a second VFM-UDA head, or a DAFormer
+  head with the 1x1 fusion on the ViT's pyramid, sampled at the output grid like the logits.
+``attention_channels`` is used by the DAFormer-type attention only.
 
 Sizes: an input of H x W full-resolution pixels, the model's output stride s, the context scale
 c (1/c an integer, published 0.5) and ``align`` = s / c, the stride of the context predictions in
@@ -25,10 +37,9 @@ Training (``self.training`` or an explicit ``box``), on a full-resolution crop (
   (offset = randint((H - dh + 1) // divisible) * divisible) from the generator the training loop
   binds with ``use_generator`` (its state is in the loop's checkpoint,
   so a resumed run draws the same boxes);
-- scale attention: a small conv head on the context features (3x3 conv-BN-ReLU, 1x1 conv,
-  sigmoid), a in [0, 1] on the context grid, one channel per class (``attention_classwise``),
-  set to 0 outside the box's cells of the context grid (the cells int(y / align) .. int(y2 /
-  align));
+- scale attention: the attention head (above) on the context view's backbone features, a in
+  [0, 1] on the context grid, one channel per class (``attention_classwise``), set to 0 outside
+  the box's cells of the context grid (the cells int(y / align) .. int(y2 / align));
 - fusion (the release's order): logits = up(a) * detail + up((1 - a) * logits_context) on the
   full grid, ``detail`` the box's detail logits placed in zeros.
 
@@ -64,20 +75,43 @@ from torch import Tensor, nn
 from ..config import HRDAConfig
 from . import outputs as O
 from .base import SegModel
-from .heads import SigmoidMapHead, resize
+from .heads import ASPPClassifier, DAFormerHead, resize
+from .vit import VFMUDAHead
+
+
+def scale_attention_head(head: nn.Module, out_channels: int, channels: int) -> nn.Module:
+    """HRDA's scale-attention head for a model whose decode head is ``head``: a head of the same
+    type on the same inputs with ``out_channels`` outputs (logits, before the sigmoid); a
+    DAFormer head gets ``channels`` wide embeddings and the 1x1 fusion (module docstring)."""
+    if isinstance(head, DAFormerHead):
+        return DAFormerHead(head.in_channels, out_channels, channels=channels,
+                            dropout=head.dropout_p, fusion="conv")
+    if isinstance(head, ASPPClassifier):
+        return ASPPClassifier(head.in_channels, out_channels, head.dilations)
+    if isinstance(head, VFMUDAHead):
+        return VFMUDAHead(head.embed_dim, out_channels)
+    raise ValueError(f"HRDAModel: no scale attention for a decode head of type "
+                     f"{type(head).__name__}; expected DAFormerHead, ASPPClassifier or VFMUDAHead")
 
 
 class HRDAModel(nn.Module):
     """HRDA around ``model``; see the module docstring for sizes, fusion and outputs."""
 
-    def __init__(self, model: SegModel, cfg: HRDAConfig) -> None:
+    def __init__(self, model: SegModel, cfg: HRDAConfig,
+                 attention_head: nn.Module | None = None) -> None:
+        """``attention_head``: the scale-attention logits from the decode head's input, for a
+        model whose decode head is none of the known types (default: scale_attention_head)."""
         super().__init__()
         if isinstance(model, HRDAModel):
             raise ValueError("HRDAModel: the model is already an HRDAModel")
         self.model = model
-        self.attention_head = SigmoidMapHead(
-            model.feature_channels, cfg.attention_channels,
-            model.num_classes if cfg.attention_classwise else 1)
+        decode_head = getattr(model, "decode_head", None)
+        if not isinstance(decode_head, nn.Module):
+            raise ValueError(f"HRDAModel: {type(model).__name__} has no decode_head whose input "
+                             f"the scale attention reads")
+        self.attention_head = attention_head if attention_head is not None else \
+            scale_attention_head(decode_head, model.num_classes if cfg.attention_classwise else 1,
+                                 cfg.attention_channels)
         self.crop_divisible = int(cfg.crop_divisible)
         self.context_scale = float(cfg.context_scale)
         self.output_stride = int(model.output_stride)
@@ -99,8 +133,11 @@ class HRDAModel(nn.Module):
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         groups = self.model.param_groups(lr, head_lr_mult, weight_decay)
         params = [p for p in self.attention_head.parameters() if p.requires_grad]
+        # the released names (decode_head.scale_attention.*) contain "head": decayed under the
+        # mmseg rule (optim.no_decay, fastuda/models/base.py); "1d" exempts the 1-D ones
+        one_d = self.model.no_decay == "1d"
         for no_decay in (False, True):
-            ps = [p for p in params if (p.ndim <= 1) == no_decay]
+            ps = [p for p in params if (one_d and p.ndim <= 1) == no_decay]
             if ps:
                 groups.append({"params": ps, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult,
                                "weight_decay": 0.0 if no_decay else weight_decay,
@@ -114,11 +151,25 @@ class HRDAModel(nn.Module):
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
     def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        out = dict(self.model(self.context_view(images)))
-        att = self.attention_head(out[O.FEATURES])
-        if att.shape[-2:] != out[O.LOGITS].shape[-2:]:
+        """The context view's outputs and its scale attention (sigmoid, on the logits' grid)."""
+        ctx = self.context_view(images)
+        inputs: list = []
+        # the attention reads the main head's own input (backbone features after the neck): a
+        # pre-hook takes it from the one forward instead of running the backbone twice
+        handle = self.model.decode_head.register_forward_pre_hook(
+            lambda _module, args: inputs.append(args[0]))
+        try:
+            out = dict(self.model(ctx))
+        finally:
+            handle.remove()
+        att = self.attention_head(inputs[0])
+        att = att[0] if isinstance(att, tuple) else att  # the heads returning (logits, features)
+        to_grid = getattr(self.model, "to_output_grid", None)
+        if to_grid is not None:  # a ViT samples its head's grid at the output grid
+            att = to_grid(att, tuple(ctx.shape[-2:]))
+        elif att.shape[-2:] != out[O.LOGITS].shape[-2:]:
             att = resize(att, out[O.LOGITS].shape[-2:])
-        return out, att
+        return out, torch.sigmoid(att)
 
     def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
                  ) -> tuple[int, int, int, int]:

@@ -173,7 +173,8 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
     fmt = detect_format(state)
     if fmt == "unknown":
         raise ValueError(f"pretrained checkpoint {path}: keys match no known format (torchvision "
-                         f"ResNet, released MiT, fastuda model); first keys: {list(state)[:5]}")
+                         f"ResNet, released MiT, DINOv2, timm ViT, fastuda model); first keys: "
+                         f"{list(state)[:5]}")
     if fmt in _BACKBONE_FORMATS and not isinstance(model, _BACKBONE_FORMATS[fmt][2]):
         raise ValueError(f"pretrained checkpoint {path} is a {fmt} checkpoint, which does not fit "
                          f"a {type(model).__name__} model")

@@ -166,7 +166,7 @@ class VFMUDAHead(nn.Module):
             LayerNorm2d(c4))
         self.classifier = nn.Conv2d(c4, num_classes, kernel_size=1, bias=False)
         nn.init.normal_(self.classifier.weight, 0.0, 0.1)
-        self.channels = c4
+        self.embed_dim, self.channels = embed_dim, c4
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.upscale(x)
@@ -235,11 +235,27 @@ class ViTSegModel(SegModel):
         size = (vit_input_size(H, self.input_mode, self.resize_scale),
                 vit_input_size(W, self.input_mode, self.resize_scale))
         if self.input_mode == "pad":
-            x = F.pad(images, (0, size[1] - W, 0, size[0] - H)) if size != (H, W) else images
-            return x, size
+            # padded always (by 0 on a multiple of 14): no branch on the size, so an exported
+            # graph (torch.export, ONNX) stays valid for every input size
+            return F.pad(images, (0, (-W) % PATCH_SIZE, 0, (-H) % PATCH_SIZE)), size
         if size != (H, W):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return images, (H, W)
+
+    def covered_size(self, height: int, width: int) -> tuple[int, int]:
+        """The image pixels (height, width) the head's maps span for an image of that size: the
+        padded size (``"pad"``), the image itself (``"resize"``)."""
+        if self.input_mode == "pad":
+            return (vit_input_size(height, "pad", 1.0), vit_input_size(width, "pad", 1.0))
+        return (height, width)
+
+    def to_output_grid(self, x: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """A map at the head's grid (4x the token grid) sampled at the model's output grid of an
+        image of ``image_size``: what ``forward`` does to its logits (HRDA's scale attention, a
+        second head on the same inputs, goes through it too)."""
+        H, W = image_size
+        grid = (math.ceil(H / OUTPUT_STRIDE), math.ceil(W / OUTPUT_STRIDE))
+        return sample_output_grid(x, self.covered_size(H, W), grid)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         images = self._prepare(images)

@@ -62,6 +62,14 @@ def test_model_wrapper_outputs_and_param_groups() -> None:
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     corda = [g for g in groups if g["name"].startswith("corda")]
     assert corda and all(g["lr"] == pytest.approx(1e-2) for g in corda)
+    heads = [p for n, p in model.named_parameters() if not n.startswith("net.")]
+    # optim.no_decay "mmseg" (default): every head parameter decayed; "1d": 1-D ones exempt
+    assert [len(g["params"]) for g in corda if g["weight_decay"] == 0.01] == [len(heads)]
+    net.no_decay = "1d"
+    corda = [g for g in model.param_groups(1e-3, 10.0, 0.01) if g["name"].startswith("corda")]
+    one_d = sum(1 for p in heads if p.ndim <= 1)
+    assert {g["weight_decay"]: len(g["params"]) for g in corda} == {0.01: len(heads) - one_d,
+                                                                    0.0: one_d}
 
 
 def test_hooks_mix_and_weight_pseudo_labels() -> None:

@@ -17,13 +17,13 @@ class Stub(SegModel):
 
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, num_classes, 1)
+        self.decode_head = nn.Conv2d(3, num_classes, 1)
         self.output_stride, self.num_classes = 2, num_classes
         self.feature_channels, self.embed_dim = 3, 0
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = F.avg_pool2d(images, 2)
-        return {"logits": self.proj(feats), "features": feats}
+        return {"logits": self.decode_head(feats), "features": feats}
 
 
 def stub_hrda(detail: tuple[int, int], stride: list[int] | None = None, *,
@@ -32,7 +32,8 @@ def stub_hrda(detail: tuple[int, int], stride: list[int] | None = None, *,
     cfg = HRDAConfig(enabled=True, context_scale=0.5, detail_crop=list(detail),
                      attention_channels=4, slide_stride=stride or [],
                      attention_classwise=classwise, crop_divisible=divisible)
-    return HRDAModel(Stub(), cfg).eval()
+    # a local (1x1) attention head on the decode head's input keeps the stub's outputs local
+    return HRDAModel(Stub(), cfg, attention_head=nn.Conv2d(3, 3 if classwise else 1, 1)).eval()
 
 
 def up(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -47,7 +48,7 @@ def test_fusion_matches_a_hand_computation() -> None:
     box = (4, 12, 8, 12)
     out = m(x, box=box)
     ctx = m.model(up(x, (8, 6)))  # context grid 4 x 3
-    att_c = m.attention_head(ctx["features"])
+    att_c = torch.sigmoid(m.attention_head(ctx["features"]))
     det = m.model(x[:, :, 4:12, 8:12])
     grid = (8, 6)  # 16x12 / stride 2
     mask = torch.zeros(1, 1, 4, 3)
@@ -69,7 +70,7 @@ def test_fusion_matches_a_hand_computation() -> None:
     assert torch.allclose(out["features"], ctx["features"])
     # gradients reach the attention head through the fusion
     out["logits"].sum().backward()
-    assert m.attention_head.out.weight.grad.abs().sum() > 0
+    assert m.attention_head.weight.grad.abs().sum() > 0
 
 
 def test_detail_box_is_aligned_deterministic_and_uniform() -> None:
@@ -124,7 +125,7 @@ def test_sliding_detail_windows_are_averaged() -> None:
         hits[..., y1 // 2:y2 // 2, x1 // 2:x2 // 2] += 1
     detail = acc / hits
     ctx = m.model(up(x, (8, 6)))
-    att_c = m.attention_head(ctx["features"])
+    att_c = torch.sigmoid(m.attention_head(ctx["features"]))
     expected = up(att_c, (8, 6)) * detail + up((1 - att_c) * ctx["logits"], (8, 6))
     assert torch.allclose(inf["logits_detail"], detail, atol=1e-6)
     assert torch.allclose(inf["logits"], expected, atol=1e-6)
@@ -145,7 +146,7 @@ def test_inference_pads_odd_sizes_and_crops_back() -> None:
     xp = torch.zeros(2, 3, 16, 12)
     xp[..., :13, :10] = x  # zeros at the bottom and the right
     ctx = m.model(up(xp, (8, 6)))
-    att_c = m.attention_head(ctx["features"])
+    att_c = torch.sigmoid(m.attention_head(ctx["features"]))
     a = up(att_c, (8, 6))
     det = m.model(xp)["logits"]
     fused = a * det + up((1 - att_c) * ctx["logits"], (8, 6))
@@ -184,3 +185,93 @@ def test_real_model_shapes_and_param_groups() -> None:
     assert grouped == {id(p) for p in m.parameters()}
     att = [g for g in groups if g["name"].startswith("attention")]
     assert att and all(g["lr"] == pytest.approx(1e-2) for g in att)
+    # the released rule (mmseg custom_keys: "head" in decode_head.scale_attention.* wins over
+    # "norm") decays every attention parameter, biases and BN included; "1d" exempts the 1-D ones
+    n_att = sum(1 for _ in m.attention_head.parameters())
+    assert [len(g["params"]) for g in att if g["weight_decay"] == 0.01] == [n_att]
+    net.no_decay = "1d"
+    att = [g for g in m.param_groups(1e-3, 10.0, 0.01) if g["name"].startswith("attention")]
+    one_d = sum(1 for p in m.attention_head.parameters() if p.ndim <= 1)
+    assert {g["weight_decay"]: len(g["params"]) for g in att} == {0.01: n_att - one_d,
+                                                                  0.0: one_d}
+
+
+def released_daformer_attention_params(in_channels: list[int], embed: int, out: int) -> int:
+    """Parameters of the released attention head (lhoyer/HRDA c370b5b hrda_head.py#L49-L58 on
+    configs/_base_/models/daformer_conv1_mitb5.py): an mlp embedding per level (weight + bias),
+    one 1x1 ConvModule (no bias) + BN over the concatenation, the 1x1 conv_seg (with bias)."""
+    embeds = sum(c * embed + embed for c in in_channels)
+    fusion = len(in_channels) * embed * embed + 2 * embed
+    return embeds + fusion + embed * out + out
+
+
+def test_scale_attention_is_a_second_head_of_the_main_heads_type() -> None:
+    """As released: a DAFormer head with attention_embed_dim-wide embeddings and the 1x1 conv
+    fusion (no separable ASPP, no 3x3 bottleneck), the main head's dropout 0.1, class-wise
+    output; for DeepLab-V2 a second DLV2 ASPP with the same dilations; for a ViT a second
+    VFM-UDA head."""
+    from fastuda.models.heads import ASPPClassifier, DAFormerHead
+    from fastuda.models.vit import VFMUDAHead, ViTSegModel
+
+    net = build_model(ModelConfig(name="daformer", backbone="mit_b0", projection=False))
+    m = HRDAModel(net, HRDAConfig(enabled=True))  # attention_channels 256, class-wise
+    a = m.attention_head
+    assert isinstance(a, DAFormerHead) and a is not net.decode_head
+    mit_b0 = [32, 64, 160, 256]
+    assert [tuple(e.weight.shape) for e in a.embed] == [(256, c) for c in mit_b0]
+    assert len(a.fusion) == 1 and tuple(a.fusion[0][0].weight.shape) == (256, 1024, 1, 1)
+    assert a.fusion[0][0].bias is None and isinstance(a.fusion[0][1], nn.BatchNorm2d)
+    assert isinstance(a.bottleneck, nn.Identity)
+    assert isinstance(a.dropout, nn.Dropout2d) and a.dropout.p == 0.1
+    assert tuple(a.classifier.weight.shape) == (19, 256, 1, 1)
+    assert sum(p.numel() for p in a.parameters()) == \
+        released_daformer_attention_params(mit_b0, 256, 19)
+    one = HRDAModel(net, HRDAConfig(enabled=True, attention_channels=64,
+                                    attention_classwise=False)).attention_head
+    assert sum(p.numel() for p in one.parameters()) == \
+        released_daformer_attention_params(mit_b0, 64, 1)
+
+    dl = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", projection=False))
+    a = HRDAModel(dl, HRDAConfig(enabled=True, detail_crop=[32, 32])).attention_head
+    assert isinstance(a, ASPPClassifier)
+    assert [c.dilation for c in a.convs] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    assert all(tuple(c.weight.shape) == (19, 512, 3, 3) for c in a.convs)
+
+    vit = ViTSegModel("dinov2_vits14", num_classes=5, projection=False,
+                      timm_kwargs={"depth": 4, "embed_dim": 32, "num_heads": 2})
+    a = HRDAModel(vit, HRDAConfig(enabled=True, detail_crop=[32, 32])).attention_head
+    assert isinstance(a, VFMUDAHead) and tuple(a.classifier.weight.shape) == (5, 8, 1, 1)
+
+
+def test_fusion_of_a_real_daformer_by_hand() -> None:
+    """fused = up(att) * detail + up((1 - att) * context), with att the sigmoid of the attention
+    head on the context view's backbone stages (computed here by calling the backbone directly),
+    masked to the box's cells of the context grid."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="daformer", backbone="mit_b0", num_classes=3,
+                                  decoder_channels=16, projection=False))
+    m = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32],
+                                  attention_channels=8)).eval()  # no dropout, BN running stats
+    x = torch.randn(2, 3, 64, 64)
+    box = (16, 48, 8, 40)  # align = 4 / 0.5 = 8: context cells 2..6 x 1..5 of 8 x 8
+    with torch.no_grad():
+        out = m(x, box=box)
+        ctx_img = up(x, (32, 32))
+        att_c = torch.sigmoid(m.attention_head(net.backbone(ctx_img))[0])
+        ctx = net(ctx_img)["logits"]
+        det = net(x[:, :, 16:48, 8:40])["logits"]
+    assert not net.decode_head._forward_pre_hooks  # the capture leaves no hook behind
+    assert att_c.shape == (2, 3, 8, 8) and out["logits"].shape == (2, 3, 16, 16)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[:, :, 2:6, 1:5] = 1
+    att = up(att_c * mask, (16, 16))
+    placed = torch.zeros(2, 3, 16, 16)
+    placed[:, :, 4:12, 2:10] = det
+    expected = att * placed + up((1 - att_c * mask) * ctx, (16, 16))
+    torch.testing.assert_close(out["attention_context"], att_c, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)
+    # the teacher is a deep copy: it computes the same (no hook bound to the student)
+    import copy
+
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(m)(x, box=box)["logits"], out["logits"])

@@ -6,6 +6,7 @@ gradient checkpointing, layer-wise lr decay, HRDA around a ViT, config checks.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,7 +223,7 @@ def test_hrda_around_a_vit_trains_and_infers() -> None:
     assert out["logits_detail"].shape == (2, 19, 8, 8)
     assert out["logits_context"].shape == (2, 19, 8, 8)
     (out["logits"].mean() + out["logits_detail"].mean()).backward()
-    assert hrda.attention_head.out.weight.grad is not None
+    assert hrda.attention_head.classifier.weight.grad is not None
     assert model.backbone.vit.blocks[0].attn.qkv.weight.grad is not None
     with torch.no_grad():
         inf = hrda.eval()(torch.randn(1, 3, 60, 76))
@@ -256,3 +257,25 @@ def test_a_missing_timm_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ConfigError, match=r"'vit' needs timm \(pip install 'fastuda\[vit\]'\)"):
         ModelConfig(name="vit", backbone="dinov2_vits14")
     ModelConfig(name="daformer")  # the other models do not need it
+
+
+def test_mic_on_vit_preset_masks_the_releases_block_grid() -> None:
+    """configs/vfm/mic_dinov2_vitb14_gta2cs.toml: tue-mps/vfm-uda's block masking draws
+    round(1120 / 64) = 18 blocks per side of the ViT's 1120 input (1024 x 1.1 floored to 14);
+    fastuda masks the 1024 crop, its 57-pixel blocks make the same 18 x 18 grid."""
+    from fastuda.config import load_config
+    from fastuda.methods.mic import block_mask
+    from fastuda.models.vit import vit_input_size
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "vfm"
+                      / "mic_dinov2_vitb14_gta2cs.toml")
+    mic = cfg.settings("mic")
+    assert cfg.methods == ["mic"] and (mic.mask_ratio, mic.weight, mic.augment) == (0.7, 1.0, True)
+    side = vit_input_size(cfg.data.crop_size[0], cfg.model.vit_input, cfg.model.vit_resize_scale)
+    assert side == 1120 and round(side / 64) == 18
+    mask = block_mask(2, 1024, 1024, block_size=mic.block_size, ratio=mic.mask_ratio,
+                      generator=torch.Generator().manual_seed(0))
+    centres = ((torch.arange(18) + 0.5) * 1024 / 18).long()  # one pixel inside each block
+    cells = mask[:, :, centres][:, :, :, centres]
+    assert torch.equal(F.interpolate(cells, size=(1024, 1024), mode="nearest"), mask)
+    assert abs(1 - cells.mean().item() - 0.7) < 0.1  # 648 cells, ratio 0.7 masked
