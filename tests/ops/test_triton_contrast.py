@@ -365,8 +365,11 @@ def test_opcheck():
     y = torch.randint(0, C, (B, P), generator=gen)
     mu = torch.randn(C, D, generator=gen, requires_grad=True)
     var = torch.rand(C, D, generator=gen)
-    torch.library.opcheck(torch.ops.fastuda_triton.centroid_contrast_forward.default,
+    # the Triton ops carry the compiled ops' names and schemas (csrc/ops_schema.h)
+    torch.library.opcheck(torch.ops.fastuda_triton.dist_contrast_forward.default,
                           (f, y, mu, var, 0.5, 1.0, IGN, None))
+    torch.library.opcheck(torch.ops.fastuda_triton.proto_contrast_forward.default,
+                          (f, y, mu, 0.5, IGN, None))
     torch.library.opcheck(torch.ops.fastuda_triton.bank_contrast_forward.default,
                           (f, y, torch.randn(C, 2, D), torch.tensor([2, 0, 1]), 0.5, IGN))
     a = torch.rand(B, P, generator=gen, requires_grad=True)
