@@ -1,5 +1,6 @@
 """Kernel benchmark: every fastuda op x every backend on this machine, against the published
-formulation (``reference.sepico_style_*``) and the lean PyTorch formulation (``backend="torch"``).
+formulation (``benchmarks/sepico_style.py``) and the lean PyTorch formulation
+(``backend="torch"``).
 
     python benchmarks/kernel_bench.py [--quick] [--json results.json] [--device cpu|cuda]
 
@@ -31,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import sepico_style  # noqa: E402
 from fastuda import ops  # noqa: E402
-from fastuda.ops import _backend, reference  # noqa: E402
+from fastuda.ops import _backend  # noqa: E402
 
 C = 19
 TAU = 0.1
@@ -70,7 +72,7 @@ def build_case(op: str, impl: str, x: dict) -> Callable[[], object] | None:
         if impl == "published":
             state = ops.ClassStats(torch.zeros(C, device=f.device), torch.zeros(C, f.shape[1],
                                    device=f.device), torch.zeros(C, f.shape[1], device=f.device))
-            return lambda: reference.sepico_style_estimator_update(state, f, y, C)
+            return lambda: sepico_style.estimator_update(state, f, y, C)
         est = ops.ClassStatistics(C, f.shape[1], device=f.device, backend=backend)
         return lambda: est.update(f, y)
     if op == "class_stats_full":
@@ -79,18 +81,16 @@ def build_case(op: str, impl: str, x: dict) -> Callable[[], object] | None:
         return lambda: ops.class_stats(f, y, C, cov="full", backend=backend)
     if op == "proto_contrast":
         if impl == "published":
-            return _loss_case(lambda t: reference.sepico_style_proto_contrast(t, y, mu, tau=TAU), f)
+            return _loss_case(lambda t: sepico_style.proto_contrast(t, y, mu, tau=TAU), f)
         return _loss_case(lambda t: ops.proto_contrast(t, y, mu, tau=TAU, backend=backend), f)
     if op == "dist_contrast":
         if impl == "published":
-            return _loss_case(lambda t: reference.sepico_style_dist_contrast(t, y, mu, var,
-                                                                            tau=TAU), f)
+            return _loss_case(lambda t: sepico_style.dist_contrast(t, y, mu, var, tau=TAU), f)
         return _loss_case(lambda t: ops.dist_contrast(t, y, mu, var, tau=TAU, backend=backend), f)
     if op == "bank_contrast":
         b, bl = x["bank"], x["bank_len"]
         if impl == "published":
-            return _loss_case(lambda t: reference.sepico_style_bank_contrast(t, y, b, bl,
-                                                                            tau=TAU), f)
+            return _loss_case(lambda t: sepico_style.bank_contrast(t, y, b, bl, tau=TAU), f)
         return _loss_case(lambda t: ops.bank_contrast(t, y, b, bl, tau=TAU, backend=backend), f)
     if op == "pixel_contrast":
         if impl == "published":  # the published code builds the N x N matrix: that is "lean" here

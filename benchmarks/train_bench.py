@@ -10,7 +10,7 @@ statistics and contrast losses.
 Modes:
   published  the formulation of the published SePiCo code, run inside fastuda's step: the running
              estimator updated through expanded N x C x D tensors and the losses built from
-             boolean-mask gathers (``fastuda.ops.reference.sepico_style_*``); other ops (label
+             boolean-mask gathers (``benchmarks/sepico_style.py``); other ops (label
              downscaling) use the reference backend
   torch      fastuda's lean formulation in plain PyTorch (``ops.backend = "torch"``)
   auto       fastuda's kernels (``ops.backend = "auto"``: C++ on CPU, CUDA/Triton on GPU)
@@ -56,11 +56,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import sepico_style  # noqa: E402
 from fastuda.config import Config, load_config  # noqa: E402
 from fastuda.engine.profiling import StageTimer  # noqa: E402
 from fastuda.methods.sepico import SePiCo  # noqa: E402
 from fastuda.models import outputs as O  # noqa: E402
-from fastuda.ops import reference  # noqa: E402
 from fastuda.ops.stats import ClassStats  # noqa: E402
 
 MODES = ("published", "torch", "auto")
@@ -73,9 +73,10 @@ METHOD_STAGES = ("statistics", "method_losses")
 # The published formulation as a method
 # ----------------------------------------------------------------------------------------------
 class PublishedSePiCo(SePiCo):
-    """SePiCo with the published code's estimator update and losses (``reference.sepico_style_*``)
-    in place of fastuda's ops. Same hooks, same state object, same regulariser; single process
-    (like the published estimator, it pools only this process's pixels)."""
+    """SePiCo with the published code's estimator update and losses
+    (``benchmarks/sepico_style.py``) in place of fastuda's ops. Same hooks, same state object,
+    same regulariser; single process (like the published estimator, it pools only this
+    process's pixels)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,7 +89,7 @@ class PublishedSePiCo(SePiCo):
         emb = teacher_source[O.EMBEDDINGS].float()
         labels = self._labels_at(source_label, emb)
         count, mean, m2 = self.stats.stats()
-        new = reference.sepico_style_estimator_update(
+        new = sepico_style.estimator_update(
             ClassStats(count.float(), mean.float(), m2.float()), emb, labels, self.num_classes,
             self.ignore_index)
         state = self.stats.state_dict()
@@ -102,10 +103,10 @@ class PublishedSePiCo(SePiCo):
         if not bool((lbl != self.ignore_index).any()):  # as fastuda's ops: 0, not NaN
             loss = emb.sum() * 0.0
         elif cfg.variant == "proto":
-            loss = reference.sepico_style_proto_contrast(emb, lbl, stats.mean, tau=cfg.tau,
+            loss = sepico_style.proto_contrast(emb, lbl, stats.mean, tau=cfg.tau,
                                                          ignore_index=self.ignore_index)
         else:
-            loss = reference.sepico_style_dist_contrast(emb, lbl, stats.mean, stats.var,
+            loss = sepico_style.dist_contrast(emb, lbl, stats.mean, stats.var,
                                                         tau=cfg.tau, lam=cfg.lam,
                                                         ignore_index=self.ignore_index)
         losses = {f"{tag}.contrast": cfg.contrast_weight * loss}

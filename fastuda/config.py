@@ -302,6 +302,9 @@ class HRDAConfig:
 
 @dataclass
 class OpsConfig:
+    """``backend`` of every fastuda op. "triton" runs the Triton kernels of the contrast losses;
+    ops without one (class_stats, downscale_labels) run the next backend that can serve the
+    tensor (C++ on CPU, CUDA on GPU). Other explicit backends raise where they cannot serve."""
     backend: Literal["auto", "cpu", "cuda", "triton", "torch"] = "auto"
 
 

@@ -13,46 +13,12 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/online_softmax.h"
 
 namespace fastuda {
 
-// Bit casts that keep loops vectorisable (a memcpy-based cast stops GCC's vectoriser).
-FASTUDA_HD inline float float_from_bits(int32_t b) {
-#ifdef __CUDA_ARCH__
-  return __int_as_float(b);
-#else
-  return __builtin_bit_cast(float, b);
-#endif
-}
-FASTUDA_HD inline int32_t bits_from_float(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_int(x);
-#else
-  return __builtin_bit_cast(int32_t, x);
-#endif
-}
-
-// exp(x) for float, relative error < 1e-7 on [-87, 88] (Cody-Waite reduction, Cephes polynomial),
-// the arithmetic of exp_poly in online_softmax.h, written so GCC vectorises it: no floorf and no
-// float -> int conversion (under the default -ftrapping-math either one kept loops scalar); the
-// rounding uses the 1.5 * 2^23 trick, whose bits also hold the integer k. Inputs below -87 give
-// exp(-87) ~ 1.6e-38, far below the rounding of the sums it enters; NaN stays NaN.
-FASTUDA_HD inline float exp_vec(float x) {
-  x = x < -87.0f ? -87.0f : x;  // comparisons: fminf/fmaxf stay libm calls
-  x = x > 88.0f ? 88.0f : x;
-  const float big = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln 2) + 1.5 * 2^23
-  const float k = big - 12582912.0f;
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // x - k ln2, two-part ln2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t ki = bits_from_float(big) - 0x4B400000;  // k as an integer, in [-126, 127]
-  return p * float_from_bits((ki + 127) << 23);
-}
+// exp(x) for float: exp_cephes of common/online_softmax.h (the one exp polynomial).
+FASTUDA_HD inline float exp_vec(float x) { return exp_poly(x); }
 FASTUDA_HD inline double exp_vec(double x) { return exp(x); }
 
 // log(x) for a positive normal float, relative error ~1 ulp (frexp-style split, Cephes logf
@@ -93,6 +59,17 @@ FASTUDA_HD inline float softplus_fast(float x) {  // log(1 + exp(x))
   return (x > 0.0f ? x : 0.0f) + log1p_small(exp_vec(x > 0.0f ? -x : x));
 }
 FASTUDA_HD inline double softplus_fast(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
+
+// The libm forms, for the CUDA kernels (where expf is one SFU instruction under --use_fast_math):
+// log(1 + exp(z)) stable, 0 at z = -inf; sigmoid 0 at z = -inf. NaN stays NaN.
+FASTUDA_HD inline float softplus_libm(float z) {
+  return z > 0.0f ? z + log1pf(expf(-z)) : log1pf(expf(z));
+}
+FASTUDA_HD inline double softplus_libm(double z) {
+  return z > 0.0 ? z + ::log1p(::exp(-z)) : ::log1p(::exp(z));
+}
+FASTUDA_HD inline float sigmoid_libm(float z) { return 1.0f / (1.0f + expf(-z)); }
+FASTUDA_HD inline double sigmoid_libm(double z) { return 1.0 / (1.0 + ::exp(-z)); }
 
 FASTUDA_HD inline float sigmoid_fast(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
 FASTUDA_HD inline double sigmoid_fast(double x) { return 1.0 / (1.0 + exp(-x)); }

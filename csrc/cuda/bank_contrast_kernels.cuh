@@ -11,21 +11,17 @@
 // each 32-channel slice of the gradient in registers from them.
 #pragma once
 
+#include "common/pair_contrast.h"
 #include "cuda/contrast_kernels.cuh"
 
 namespace fastuda::FASTUDA_KNS {
 
 namespace bank_detail {
-// log(1 + exp(z)), stable, 0 at z = -inf
-FASTUDA_DEVICE_INLINE float softplus(float z) {
-  return z > 0.0f ? z + log1pf(expf(-z)) : log1pf(expf(z));
-}
-FASTUDA_DEVICE_INLINE double softplus(double z) {
-  return z > 0.0 ? z + ::log1p(::exp(-z)) : ::log1p(::exp(z));
-}
-// 0 at z = -inf
-FASTUDA_DEVICE_INLINE float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
-FASTUDA_DEVICE_INLINE double sigmoid(double z) { return 1.0 / (1.0 + ::exp(-z)); }
+// softplus and sigmoid of common/pair_contrast.h (shared with the CPU kernels)
+FASTUDA_DEVICE_INLINE float softplus(float z) { return softplus_libm(z); }
+FASTUDA_DEVICE_INLINE double softplus(double z) { return softplus_libm(z); }
+FASTUDA_DEVICE_INLINE float sigmoid(float z) { return sigmoid_libm(z); }
+FASTUDA_DEVICE_INLINE double sigmoid(double z) { return sigmoid_libm(z); }
 
 // Counted pixel: a valid label whose class has a live entry; returns its class or -1.
 FASTUDA_DEVICE_INLINE int64_t bank_pixel_class(const LabelView& y, int64_t b, int64_t p,
@@ -95,7 +91,7 @@ FASTUDA_DEVICE_INLINE acc_t<T> negative_lse(const FeatView<T>& x, int64_t b, int
 FASTUDA_UNROLL
     for (int k = 0; k < CK; ++k) {  // constant indices keep a[] in registers
       if (c0 + k >= C) break;
-      if (c0 + k != cls && lens[c0 + k] > 0) contrast_detail::online_lse(a[k], m, s);
+      if (c0 + k != cls && lens[c0 + k] > 0) contrast_detail::online_lse_add(a[k], m, s);
     }
   }
   return s > A(0) ? m + contrast_detail::log_acc(s) : A(-INFINITY);

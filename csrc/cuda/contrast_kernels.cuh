@@ -26,6 +26,7 @@
 
 #include <cmath>
 
+#include "common/online_softmax.h"
 #include "cuda/launchers.h"
 #include "cuda/views.h"
 
@@ -48,24 +49,13 @@ FASTUDA_DEVICE_INLINE int64_t pixel_class(const LabelView& y, int64_t b, int64_t
   return v;
 }
 
+// exp, log and the online logsumexp step are those of common/online_softmax.h (shared with the
+// CPU kernels); libm's expf here, which --use_fast_math maps to the SFU instruction.
 template <typename A>
-FASTUDA_DEVICE_INLINE A exp_acc(A v) { return std::exp(v); }
-template <>
-FASTUDA_DEVICE_INLINE float exp_acc<float>(float v) { return expf(v); }
+FASTUDA_DEVICE_INLINE A exp_acc(A v) { return lse_exp(v); }
 template <typename A>
-FASTUDA_DEVICE_INLINE A log_acc(A v) { return std::log(v); }
-template <>
-FASTUDA_DEVICE_INLINE float log_acc<float>(float v) { return logf(v); }
-
-template <typename A>
-FASTUDA_DEVICE_INLINE void online_lse(A z, A& m, A& s) {
-  if (z > m) {
-    s = s * exp_acc(m - z) + A(1);
-    m = z;
-  } else {
-    s += exp_acc(z - m);
-  }
-}
+FASTUDA_DEVICE_INLINE A log_acc(A v) { return lse_log(v); }
+using ::fastuda::online_lse_add;
 }  // namespace contrast_detail
 
 // Sweeps the pixel's channels for classes [c0, c0 + 32): a[k] = f . mu'_{c0+k}, bq[k] = sum_d
@@ -135,7 +125,7 @@ contrast_forward_kernel(FeatView<T> x, LabelView y, WeightView w, const acc_t<T>
 FASTUDA_UNROLL
       for (int k = 0; k < CK; ++k) {
         if (c0 + k >= C) break;
-        contrast_detail::online_lse(a[k] + bq[k], m, s);
+        contrast_detail::online_lse_add(a[k] + bq[k], m, s);
         if (c0 + k == cls) ay = a[k];
       }
     }
@@ -347,7 +337,7 @@ FASTUDA_UNROLL
       __syncthreads();
       if (t < TPX && cls_s[t] >= 0) {
         if (kMode == FullMode::kForward) {
-          contrast_detail::online_lse(zc[t], m_s[t], s_s[t]);
+          contrast_detail::online_lse_add(zc[t], m_s[t], s_s[t]);
           if (cls_s[t] == c) ay_s[t] = ac[t];
         } else {
           q[c * N + tile * TPX + t] = sv_s[t] * contrast_detail::exp_acc(zc[t] - l_s[t]);

@@ -34,6 +34,7 @@
 // before any feature is read.
 #pragma once
 
+#include "common/pair_contrast.h"
 #include "cuda/contrast_kernels.cuh"
 
 namespace fastuda::FASTUDA_KNS {
@@ -52,15 +53,11 @@ static_assert(kRows * kLanes == kThreads && kLanes * kPerLane == kCols);
 static_assert(kMaxGradStages * kChan == kPixelGradChannelsMax);
 static_assert(kChan % kLanes == 0 && kThreads % kCols == 0 && kThreads % kRows == 0);
 
-// log(1 + exp(z)), stable; 0 at z = -inf
-FASTUDA_DEVICE_INLINE float softplus(float z) {
-  return z > 0.0f ? z + log1pf(expf(-z)) : log1pf(expf(z));
-}
-FASTUDA_DEVICE_INLINE double softplus(double z) {
-  return z > 0.0 ? z + ::log1p(::exp(-z)) : ::log1p(::exp(z));
-}
-FASTUDA_DEVICE_INLINE float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
-FASTUDA_DEVICE_INLINE double sigmoid(double z) { return 1.0 / (1.0 + ::exp(-z)); }
+// softplus and sigmoid of common/pair_contrast.h (shared with the CPU kernels)
+FASTUDA_DEVICE_INLINE float softplus(float z) { return softplus_libm(z); }
+FASTUDA_DEVICE_INLINE double softplus(double z) { return softplus_libm(z); }
+FASTUDA_DEVICE_INLINE float sigmoid(float z) { return sigmoid_libm(z); }
+FASTUDA_DEVICE_INLINE double sigmoid(double z) { return sigmoid_libm(z); }
 
 // Reductions over the 8 lanes of an anchor row (aligned groups of 8 lanes; every lane of the warp
 // takes part). xor-butterflies give all 8 lanes the identical value.

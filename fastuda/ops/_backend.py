@@ -2,7 +2,8 @@
 
 ``backend=`` on every op: "auto" (the fastest verified implementation for the tensor's device),
 "cpu" (C++), "cuda", "triton", "torch" (the reference). An explicit backend that cannot serve the
-tensor raises; nothing silently falls back.
+tensor raises; nothing silently falls back, except "triton" on an op without a Triton kernel (see
+fastuda.ops._op.Op.resolve).
 """
 
 from __future__ import annotations

@@ -9,43 +9,12 @@ compiled backends give it no gradient (and refuse a bank that requires one).
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from . import _backend, reference
-from .class_stats import _check_label_range
-
-_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
-_OP = "fastuda::bank_contrast_forward"
-
-
-_supported_cache: dict[bool, tuple[str, ...]] = {}
-
-
-@torch.compiler.assume_constant_result
-def _supported(with_triton: bool) -> tuple[str, ...]:
-    """The backends this op can run: the compiled ones that registered a kernel, the reference,
-    and (only when asked: importing the Triton module imports triton, which must not happen
-    before a test switches on its interpreter) "triton" when fastuda.ops.triton.contrast
-    provides it. Computed once; a constant under torch.compile."""
-    if with_triton in _supported_cache:
-        return _supported_cache[with_triton]
-    out = ["torch"]
-    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        if _backend.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-                _OP, key):
-            out.append(name)
-    if with_triton:
-        try:
-            mod = importlib.import_module("fastuda.ops.triton.contrast")
-            if hasattr(mod, "bank_contrast_per_pixel"):
-                out.append("triton")
-        except Exception:  # any failure to import means no Triton backend
-            pass
-    _supported_cache[with_triton] = tuple(b for b in (*_BACKENDS, "triton") if b in out)
-    return _supported_cache[with_triton]
+from . import _backend, _op, reference
 
 
 def bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, *, tau: float,
@@ -69,24 +38,16 @@ def bank_contrast(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"fastuda.ops.bank_contrast: reduction must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
-    which = _backend.resolve("bank_contrast", backend, feats.device, supported=_supported(
-        backend == "triton" or (backend == "auto" and feats.device.type == "cuda")))
+    which = BANK_CONTRAST.dispatch(backend, feats.device, labels_bp, bank.shape[0], ignore_index)
     if which == "torch":
-        _check_label_range(labels_bp, bank.shape[0], ignore_index)
         return reference.bank_contrast(feats, labels, bank, bank_len, tau=tau,
                                        ignore_index=ignore_index, reduction=reduction)
     if bank.requires_grad:
         raise ValueError("fastuda.ops.bank_contrast: the compiled backends give the bank no "
                          "gradient (it holds detached centroids); pass bank.detach() or use "
                          "backend='torch'")
-    feats_bdp = _backend.as_bdp(feats)
-    if which == "triton":
-        from .triton.contrast import bank_contrast_per_pixel
-        _check_label_range(labels_bp, bank.shape[0], ignore_index)
-        per = bank_contrast_per_pixel(feats_bdp, labels_bp, bank, bank_len, tau, ignore_index)
-    else:
-        per = torch.ops.fastuda.bank_contrast_forward(feats_bdp, labels_bp, bank, bank_len,
-                                                      float(tau), int(ignore_index))[0]
+    per = BANK_CONTRAST.kernel(which)(_backend.as_bdp(feats), labels_bp, bank, bank_len,
+                                      float(tau), int(ignore_index))[0]
     if reduction == "none":
         return per.reshape(labels.shape)
     if reduction == "sum":
@@ -104,16 +65,12 @@ def _counted(labels_bp: Tensor, bank_len: Tensor, ignore_index: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd and fake (meta) implementations of the compiled op
+# fake (meta) and autograd implementations, shared by every namespace with these schemas
 # ---------------------------------------------------------------------------------------------
-def _out_dtype(feats: Tensor) -> torch.dtype:
-    return torch.float64 if feats.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, tau: float,
                   ignore_index: int) -> tuple[Tensor, Tensor]:
     B, _, P = feats.shape
-    loss = feats.new_empty((B, P), dtype=_out_dtype(feats))
+    loss = feats.new_empty((B, P), dtype=_op.out_dtype(feats))
     return loss, torch.empty_like(loss)
 
 
@@ -128,19 +85,31 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.tau, ctx.ignore_index = tau, ignore_index
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_neg_lse: Tensor | None):
-    feats, labels, bank, bank_len, neg_lse = ctx.saved_tensors
-    grad_feats = None
-    if ctx.needs_input_grad[0]:
-        if grad_loss is None:
-            grad_loss = neg_lse.new_zeros(neg_lse.shape)
-        grad_feats = torch.ops.fastuda.bank_contrast_backward(
-            grad_loss, feats, labels, bank, bank_len, neg_lse, ctx.tau, ctx.ignore_index)
-    return grad_feats, None, None, None, None, None
+def _make_backward(backward_op: Callable[..., Tensor]) -> Callable[..., tuple]:
+    def backward(ctx, grad_loss: Tensor, _grad_neg_lse: Tensor | None):
+        feats, labels, bank, bank_len, neg_lse = ctx.saved_tensors
+        grad_feats = None
+        if ctx.needs_input_grad[0]:
+            if grad_loss is None:
+                grad_loss = neg_lse.new_zeros(neg_lse.shape)
+            grad_feats = backward_op(grad_loss, feats, labels, bank, bank_len, neg_lse, ctx.tau,
+                                     ctx.ignore_index)
+        return grad_feats, None, None, None, None, None
+    return backward
 
 
-if _backend.extension_available():
-    torch.library.register_fake("fastuda::bank_contrast_forward")(_fake_forward)
-    torch.library.register_fake("fastuda::bank_contrast_backward")(_fake_backward)
-    torch.library.register_autograd("fastuda::bank_contrast_forward", _backward,
-                                    setup_context=_setup_context)
+# Every kernel (C++, CUDA, Triton) checks the label range itself.
+BANK_CONTRAST = _op.Op(
+    "bank_contrast", ("bank_contrast_forward", "bank_contrast_backward"),
+    reference.bank_contrast,
+    {"bank_contrast_forward": _fake_forward, "bank_contrast_backward": _fake_backward},
+    _op.Autograd("bank_contrast_forward", "bank_contrast_backward", _make_backward,
+                 _setup_context),
+    triton="fastuda.ops.triton.bank",
+    kernel_label_check=frozenset({"cpu", "cuda", "triton"}))
+_op.register_compiled(BANK_CONTRAST)
+
+
+def _supported(with_triton: bool) -> tuple[str, ...]:
+    """See Op.supported."""
+    return BANK_CONTRAST.supported(with_triton)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, _op, reference
 from .stats import ClassStats, merge_stats
 
 
@@ -36,10 +36,8 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
         raise ValueError(f"fastuda.ops.class_stats: num_classes must be >= 1, got {num_classes}")
     labels_bp = _backend.as_bp(labels, feats)
     weights_bp = None if weights is None else _backend.as_bp(weights, feats, "weights")
-    which = _backend.resolve("class_stats", backend, feats.device,
-                             supported=_CLASS_STATS_BACKENDS)
+    which = CLASS_STATS.dispatch(backend, feats.device, labels_bp, num_classes, ignore_index)
     if which == "torch":
-        _check_label_range(labels_bp, num_classes, ignore_index)
         with torch.no_grad():
             return ClassStats(*reference.class_stats(feats, labels, num_classes,
                                                      ignore_index=ignore_index, weights=weights,
@@ -50,32 +48,20 @@ def class_stats(feats: Tensor, labels: Tensor, num_classes: int, *, ignore_index
     return ClassStats(count, mean, m2)
 
 
-# "cuda" is served by the CUDA registration of the same torch.ops.fastuda.class_stats op;
-# _backend.resolve only picks it when those kernels are built.
-_CLASS_STATS_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
-
-
 def _class_stats_fake(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int,
                       weights: Tensor | None, full_cov: bool) -> tuple[Tensor, Tensor, Tensor]:
-    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    acc = _op.out_dtype(feats)
     D = feats.shape[1]
     m2_shape = (num_classes, D, D) if full_cov else (num_classes, D)
     return (feats.new_empty(num_classes, dtype=acc), feats.new_empty(num_classes, D, dtype=acc),
             feats.new_empty(m2_shape, dtype=acc))
 
 
-if _backend.extension_available():
-    torch.library.register_fake("fastuda::class_stats")(_class_stats_fake)
-
-
-def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    if labels.numel() == 0:
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"label value {value} is outside [0, {num_classes}) and is not "
-                         f"ignore_index ({ignore_index})")
+# No Triton kernel: backend="triton" runs the compiled kernel of the tensor's device. No autograd:
+# the statistics are not differentiable.
+CLASS_STATS = _op.Op("class_stats", ("class_stats",), reference.class_stats,
+                     {"class_stats": _class_stats_fake})
+_op.register_compiled(CLASS_STATS)
 
 
 class ClassStatistics:

@@ -2,54 +2,22 @@
 
 Public entry points ``proto_contrast`` and ``dist_contrast``. The compiled kernels
 (``torch.ops.fastuda.{proto,dist}_contrast_forward/backward``, C++ on CPU, CUDA on GPU) and the
-Triton kernels return the per-pixel loss ``[B, P]`` (weight applied, 0 at ignored pixels); this
-module checks the inputs, picks the backend, registers the compiled ops' autograd and fake (meta)
-implementations and does the reduction.
+Triton kernels (``torch.ops.fastuda_triton.*``, the same schemas) return the per-pixel loss
+``[B, P]`` (weight applied, 0 at ignored pixels); this module checks the inputs, describes the ops
+once (``PROTO_CONTRAST``, ``DIST_CONTRAST``: backends, reference, fake and autograd) and does the
+reduction.
 """
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from . import _backend, reference
-from .class_stats import _check_label_range
+from . import _backend, _op, reference
 
-_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
 _REDUCTIONS = ("mean", "sum", "none")
-_supported_cache: dict[bool, tuple[str, ...]] = {}
-
-
-@torch.compiler.assume_constant_result
-def _supported(with_triton: bool) -> tuple[str, ...]:
-    """The backends of these ops: cpu/cuda when the extension registered a kernel, the reference,
-    and "triton" when fastuda.ops.triton.contrast provides the per-pixel functions. Triton is
-    looked up only when asked for, because importing it must not happen before a test has
-    switched on its interpreter. Computed once; a constant under torch.compile."""
-    if with_triton in _supported_cache:
-        return _supported_cache[with_triton]
-    out = ["torch"]
-    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        if _backend.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-                "fastuda::proto_contrast_forward", key):
-            out.append(name)
-    if with_triton:
-        try:
-            mod = importlib.import_module("fastuda.ops.triton.contrast")
-            if hasattr(mod, "proto_contrast_per_pixel") and hasattr(mod,
-                                                                    "dist_contrast_per_pixel"):
-                out.append("triton")
-        except ImportError:
-            pass
-    _supported_cache[with_triton] = tuple(b for b in (*_BACKENDS, "triton") if b in out)
-    return _supported_cache[with_triton]
-
-
-def _resolve(op: str, backend: str, feats: Tensor) -> str:
-    want_triton = backend == "triton" or (backend == "auto" and feats.device.type == "cuda")
-    return _backend.resolve(op, backend, feats.device, supported=_supported(want_triton))
 
 
 def proto_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, *, tau: float,
@@ -64,20 +32,15 @@ def proto_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, *, tau: flo
     The result is fp32 (fp64 for fp64 feats); gradients reach feats and centroids."""
     op = "proto_contrast"
     labels_bp, weights_bp = _check_common(op, feats, labels, centroids, weights, reduction, tau)
-    which = _resolve(op, backend, feats)
+    which = PROTO_CONTRAST.dispatch(backend, feats.device, labels_bp, centroids.shape[0],
+                                    ignore_index)
     if which == "torch":
-        _check_label_range(labels_bp, centroids.shape[0], ignore_index)
         return reference.proto_contrast(feats, labels, centroids, tau=tau,
                                         ignore_index=ignore_index, weights=weights,
                                         reduction=reduction)
-    feats_bdp = _backend.as_bdp(feats)
-    if which == "triton":
-        from .triton import contrast as triton_contrast
-        per_pixel = triton_contrast.proto_contrast_per_pixel(
-            feats_bdp, labels_bp, centroids, float(tau), int(ignore_index), weights_bp)
-    else:
-        per_pixel = torch.ops.fastuda.proto_contrast_forward(
-            feats_bdp, labels_bp, centroids, float(tau), int(ignore_index), weights_bp)[0]
+    per_pixel = PROTO_CONTRAST.kernel(which)(
+        _backend.as_bdp(feats), labels_bp, centroids, float(tau), int(ignore_index),
+        weights_bp)[0]
     return _reduce(per_pixel, labels_bp, labels.shape, ignore_index, reduction)
 
 
@@ -100,22 +63,14 @@ def dist_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: 
         raise TypeError(f"fastuda.ops.{op}: covariance must be floating point, "
                         f"got {covariance.dtype}")
     _backend.check_devices(op, feats, covariance=covariance)
-    which = _resolve(op, backend, feats)
+    which = DIST_CONTRAST.dispatch(backend, feats.device, labels_bp, C, ignore_index)
     if which == "torch":
-        _check_label_range(labels_bp, C, ignore_index)
         return reference.dist_contrast(feats, labels, centroids, covariance, tau=tau, lam=lam,
                                        ignore_index=ignore_index, weights=weights,
                                        reduction=reduction)
-    feats_bdp = _backend.as_bdp(feats)
-    if which == "triton":
-        from .triton import contrast as triton_contrast
-        per_pixel = triton_contrast.dist_contrast_per_pixel(
-            feats_bdp, labels_bp, centroids, covariance, float(tau), float(lam),
-            int(ignore_index), weights_bp)
-    else:
-        per_pixel = torch.ops.fastuda.dist_contrast_forward(
-            feats_bdp, labels_bp, centroids, covariance, float(tau), float(lam),
-            int(ignore_index), weights_bp)[0]
+    per_pixel = DIST_CONTRAST.kernel(which)(
+        _backend.as_bdp(feats), labels_bp, centroids, covariance, float(tau), float(lam),
+        int(ignore_index), weights_bp)[0]
     return _reduce(per_pixel, labels_bp, labels.shape, ignore_index, reduction)
 
 
@@ -161,15 +116,11 @@ def _reduce(per_pixel: Tensor, labels_bp: Tensor, shape: torch.Size, ignore_inde
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd and fake (meta) implementations of the compiled ops
+# fake (meta) and autograd implementations, shared by every namespace with these schemas
 # ---------------------------------------------------------------------------------------------
-def _out_dtype(feats: Tensor) -> torch.dtype:
-    return torch.float64 if feats.dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(feats: Tensor, labels: Tensor, centroids: Tensor, *args) -> tuple[Tensor, Tensor]:
     B, _, P = feats.shape
-    loss = feats.new_empty((B, P), dtype=_out_dtype(feats))
+    loss = feats.new_empty((B, P), dtype=_op.out_dtype(feats))
     return loss, torch.empty_like(loss)
 
 
@@ -198,13 +149,16 @@ def _proto_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
-def _proto_backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
-    feats, labels, centroids, weights, lse = ctx.saved_tensors
-    want_c = ctx.needs_input_grad[2]
-    grad_feats, grad_centroids = torch.ops.fastuda.proto_contrast_backward(
-        grad_loss, feats, labels, centroids, lse, ctx.tau, ctx.ignore_index, weights, want_c)
-    return (grad_feats if ctx.needs_input_grad[0] else None, None,
-            grad_centroids if want_c else None, None, None, None)
+def _make_proto_backward(backward_op: Callable[..., tuple[Tensor, Tensor]]
+                         ) -> Callable[..., tuple]:
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        feats, labels, centroids, weights, lse = ctx.saved_tensors
+        want_c = ctx.needs_input_grad[2]
+        grad_feats, grad_centroids = backward_op(
+            grad_loss, feats, labels, centroids, lse, ctx.tau, ctx.ignore_index, weights, want_c)
+        return (grad_feats if ctx.needs_input_grad[0] else None, None,
+                grad_centroids if want_c else None, None, None, None)
+    return backward
 
 
 def _dist_setup_context(ctx, inputs, output) -> None:
@@ -214,23 +168,40 @@ def _dist_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
-def _dist_backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
-    feats, labels, centroids, covariance, weights, lse = ctx.saved_tensors
-    want_c, want_cov = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    grad_feats, grad_centroids, grad_covariance = torch.ops.fastuda.dist_contrast_backward(
-        grad_loss, feats, labels, centroids, covariance, lse, ctx.tau, ctx.lam,
-        ctx.ignore_index, weights, want_c or want_cov)
-    return (grad_feats if ctx.needs_input_grad[0] else None, None,
-            grad_centroids if want_c else None, grad_covariance if want_cov else None,
-            None, None, None, None)
+def _make_dist_backward(backward_op: Callable[..., tuple[Tensor, Tensor, Tensor]]
+                        ) -> Callable[..., tuple]:
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
+        feats, labels, centroids, covariance, weights, lse = ctx.saved_tensors
+        want_c, want_cov = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_feats, grad_centroids, grad_covariance = backward_op(
+            grad_loss, feats, labels, centroids, covariance, lse, ctx.tau, ctx.lam,
+            ctx.ignore_index, weights, want_c or want_cov)
+        return (grad_feats if ctx.needs_input_grad[0] else None, None,
+                grad_centroids if want_c else None, grad_covariance if want_cov else None,
+                None, None, None, None)
+    return backward
 
 
-if _backend.extension_available():
-    torch.library.register_fake("fastuda::proto_contrast_forward")(_fake_forward)
-    torch.library.register_fake("fastuda::dist_contrast_forward")(_fake_forward)
-    torch.library.register_fake("fastuda::proto_contrast_backward")(_fake_proto_backward)
-    torch.library.register_fake("fastuda::dist_contrast_backward")(_fake_dist_backward)
-    torch.library.register_autograd("fastuda::proto_contrast_forward", _proto_backward,
-                                    setup_context=_proto_setup_context)
-    torch.library.register_autograd("fastuda::dist_contrast_forward", _dist_backward,
-                                    setup_context=_dist_setup_context)
+# The Triton kernels are in fastuda.ops.triton.contrast; they check label ranges in-kernel too.
+PROTO_CONTRAST = _op.Op(
+    "proto_contrast", ("proto_contrast_forward", "proto_contrast_backward"),
+    reference.proto_contrast,
+    {"proto_contrast_forward": _fake_forward, "proto_contrast_backward": _fake_proto_backward},
+    _op.Autograd("proto_contrast_forward", "proto_contrast_backward", _make_proto_backward,
+                 _proto_setup_context),
+    triton="fastuda.ops.triton.contrast",
+    kernel_label_check=frozenset({"cpu", "cuda", "triton"}))
+DIST_CONTRAST = _op.Op(
+    "dist_contrast", ("dist_contrast_forward", "dist_contrast_backward"),
+    reference.dist_contrast,
+    {"dist_contrast_forward": _fake_forward, "dist_contrast_backward": _fake_dist_backward},
+    _op.Autograd("dist_contrast_forward", "dist_contrast_backward", _make_dist_backward,
+                 _dist_setup_context),
+    triton="fastuda.ops.triton.contrast",
+    kernel_label_check=frozenset({"cpu", "cuda", "triton"}))
+_op.register_compiled(PROTO_CONTRAST, DIST_CONTRAST)
+
+
+def _supported(with_triton: bool) -> tuple[str, ...]:
+    """The backends of both ops (they share their kernels' module): see Op.supported."""
+    return PROTO_CONTRAST.supported(with_triton)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, reference
-from .class_stats import _check_label_range
-
-# "cuda" is served by the CUDA registration of the same torch.ops.fastuda.downscale_labels op;
-# _backend.resolve only picks it when those kernels are built.
-_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
+from . import _backend, _op, reference
 
 
 def downscale_labels(labels: Tensor, factor: int, *, num_classes: int, min_ratio: float = 0.75,
@@ -34,9 +29,8 @@ def downscale_labels(labels: Tensor, factor: int, *, num_classes: int, min_ratio
     if H % factor or W % factor:
         raise ValueError(f"fastuda.ops.downscale_labels: labels {H}x{W} are not divisible by "
                          f"factor {factor}")
-    which = _backend.resolve("downscale_labels", backend, labels.device, supported=_BACKENDS)
+    which = DOWNSCALE_LABELS.dispatch(backend, labels.device, labels, num_classes, ignore_index)
     if which == "torch":
-        _check_label_range(labels, num_classes, ignore_index)
         return reference.downscale_labels(labels, factor, num_classes=num_classes,
                                           min_ratio=min_ratio, ignore_index=ignore_index)
     return torch.ops.fastuda.downscale_labels(labels, factor, num_classes, float(min_ratio),
@@ -51,5 +45,7 @@ def _downscale_labels_fake(labels: Tensor, factor: int, num_classes: int, min_ra
     return labels.new_empty(B, H // factor, W // factor)
 
 
-if _backend.extension_available():
-    torch.library.register_fake("fastuda::downscale_labels")(_downscale_labels_fake)
+# No Triton kernel (backend="triton" runs the compiled kernel of the tensor's device), no autograd.
+DOWNSCALE_LABELS = _op.Op("downscale_labels", ("downscale_labels",), reference.downscale_labels,
+                          {"downscale_labels": _downscale_labels_fake})
+_op.register_compiled(DOWNSCALE_LABELS)

@@ -10,19 +10,13 @@ the positives' accumulated sigmoid and the number of positives of each anchor.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, _op, reference
 
-_BACKENDS: tuple[str, ...] = ("cpu", "cuda", "torch")
-_OP = "fastuda::pixel_contrast_forward"
-
-
-_supported_cache: dict[bool, tuple[str, ...]] = {}
 _EPS = 1e-12  # F.normalize's
 
 
@@ -50,30 +44,6 @@ class _UnitNormalize(torch.autograd.Function):
         return grad.to(ctx.x_dtype), None
 
 
-@torch.compiler.assume_constant_result
-def _supported(with_triton: bool) -> tuple[str, ...]:
-    """The backends this op can run: the compiled ones that registered a kernel, the reference,
-    and (only when asked: importing the Triton module imports triton, which must not happen
-    before a test switches on its interpreter) "triton" when fastuda.ops.triton.contrast
-    provides it. Computed once; a constant under torch.compile."""
-    if with_triton in _supported_cache:
-        return _supported_cache[with_triton]
-    out = ["torch"]
-    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        if _backend.extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-                _OP, key):
-            out.append(name)
-    if with_triton:
-        try:
-            mod = importlib.import_module("fastuda.ops.triton.contrast")
-            if hasattr(mod, "pixel_contrast_per_pixel"):
-                out.append("triton")
-        except Exception:  # any failure to import means no Triton backend
-            pass
-    _supported_cache[with_triton] = tuple(b for b in (*_BACKENDS, "triton") if b in out)
-    return _supported_cache[with_triton]
-
-
 def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor | None = None,
                    pair_weights: Tensor | None = None, ignore_index: int = 255,
                    reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -94,8 +64,8 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
                          f"got {reduction!r}")
     if tau <= 0:
         raise ValueError(f"fastuda.ops.pixel_contrast: tau must be > 0, got {tau}")
-    which = _backend.resolve("pixel_contrast", backend, feats.device, supported=_supported(
-        backend == "triton" or (backend == "auto" and feats.device.type == "cuda")))
+    # any label value other than ignore_index is a class: no range check
+    which = PIXEL_CONTRAST.dispatch(backend, feats.device)
     if which == "torch":
         return reference.pixel_contrast(feats, labels, tau=tau, weights=weights,
                                         pair_weights=pair_weights, ignore_index=ignore_index,
@@ -108,15 +78,9 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
     kernel_weights = None
     if weights_bp is not None and not weights_bp.requires_grad:
         kernel_weights, weights_bp = weights_bp.to(acc), None
-    if which == "triton":
-        from .triton.contrast import pixel_contrast_per_pixel
-        per = pixel_contrast_per_pixel(unit, labels_bp, tau, ignore_index, kernel_weights,
-                                       pair_bp)
-        counted = _anchors_with_positive(labels_bp, ignore_index)
-    else:
-        per, _, _, n_pos = torch.ops.fastuda.pixel_contrast_forward(
-            unit, labels_bp, float(tau), int(ignore_index), kernel_weights, pair_bp)
-        counted = n_pos > 0
+    per, _, _, n_pos = PIXEL_CONTRAST.kernel(which)(
+        unit, labels_bp, float(tau), int(ignore_index), kernel_weights, pair_bp)
+    counted = n_pos > 0
     if weights_bp is not None:
         per = per * weights_bp.to(acc)
     if reduction == "none":
@@ -126,17 +90,19 @@ def pixel_contrast(feats: Tensor, labels: Tensor, *, tau: float, weights: Tensor
     return per.sum() / counted.sum().clamp_min(1)
 
 
-def _anchors_with_positive(labels_bp: Tensor, ignore_index: int) -> Tensor:
-    """Valid pixels whose class has another valid pixel (any label value is a class)."""
+def positives_per_anchor(labels_bp: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """|P_i| of every pixel [B, P]: the other valid pixels of its class over the whole batch (any
+    label value is a class), 0 at ignored pixels. The n_pos output of pixel_contrast_forward, for
+    kernels that do not count it themselves."""
     y = labels_bp.long()
     valid = y != ignore_index
     # ignored pixels share the value ignore_index, which no valid pixel has
     _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    return valid & (counts[inverse] > 1)
+    return torch.where(valid, counts[inverse] - 1, 0).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd and fake (meta) implementations of the compiled op
+# fake (meta) and autograd implementations, shared by every namespace with these schemas
 # ---------------------------------------------------------------------------------------------
 def _fake_forward(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
                   weights: Tensor | None, pair_weights: Tensor | None
@@ -179,11 +145,17 @@ def make_backward(backward_op: Callable[..., tuple[Tensor, Tensor]]) -> Callable
     return backward
 
 
-_backward = make_backward(lambda *args: torch.ops.fastuda.pixel_contrast_backward(*args))
+# any label value is a class: there is no label range to check
+PIXEL_CONTRAST = _op.Op(
+    "pixel_contrast", ("pixel_contrast_forward", "pixel_contrast_backward"),
+    reference.pixel_contrast,
+    {"pixel_contrast_forward": _fake_forward, "pixel_contrast_backward": _fake_backward},
+    _op.Autograd("pixel_contrast_forward", "pixel_contrast_backward", make_backward,
+                 _setup_context),
+    triton="fastuda.ops.triton.pixel")
+_op.register_compiled(PIXEL_CONTRAST)
 
 
-if _backend.extension_available():
-    torch.library.register_fake("fastuda::pixel_contrast_forward")(_fake_forward)
-    torch.library.register_fake("fastuda::pixel_contrast_backward")(_fake_backward)
-    torch.library.register_autograd("fastuda::pixel_contrast_forward", _backward,
-                                    setup_context=_setup_context)
+def _supported(with_triton: bool) -> tuple[str, ...]:
+    """See Op.supported."""
+    return PIXEL_CONTRAST.supported(with_triton)

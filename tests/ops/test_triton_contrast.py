@@ -358,6 +358,20 @@ def test_bad_labels_and_shapes_raise():
 
 
 @interp
+def test_triton_ops_carry_the_compiled_names_and_schemas():
+    """One schema list (csrc/ops_schema.h): every Triton op is torch.ops.fastuda_triton.<name>
+    with exactly the schema of torch.ops.fastuda.<name>."""
+    names = ("proto_contrast_forward", "proto_contrast_backward", "dist_contrast_forward",
+             "dist_contrast_backward", "bank_contrast_forward", "bank_contrast_backward",
+             "pixel_contrast_forward", "pixel_contrast_backward")
+    for name in names:
+        triton_schema = str(getattr(torch.ops.fastuda_triton, name).default._schema)
+        compiled_schema = str(getattr(torch.ops.fastuda, name).default._schema)
+        assert triton_schema.removeprefix("fastuda_triton::") == \
+            compiled_schema.removeprefix("fastuda::"), name
+
+
+@interp
 def test_opcheck():
     gen = torch.Generator().manual_seed(14)
     B, D, P, C = 1, 16, 9, 3
@@ -365,8 +379,11 @@ def test_opcheck():
     y = torch.randint(0, C, (B, P), generator=gen)
     mu = torch.randn(C, D, generator=gen, requires_grad=True)
     var = torch.rand(C, D, generator=gen)
-    torch.library.opcheck(torch.ops.fastuda_triton.centroid_contrast_forward.default,
+    # the Triton ops carry the compiled ops' names and schemas (csrc/ops_schema.h)
+    torch.library.opcheck(torch.ops.fastuda_triton.dist_contrast_forward.default,
                           (f, y, mu, var, 0.5, 1.0, IGN, None))
+    torch.library.opcheck(torch.ops.fastuda_triton.proto_contrast_forward.default,
+                          (f, y, mu, 0.5, IGN, None))
     torch.library.opcheck(torch.ops.fastuda_triton.bank_contrast_forward.default,
                           (f, y, torch.randn(C, 2, D), torch.tensor([2, 0, 1]), 0.5, IGN))
     a = torch.rand(B, P, generator=gen, requires_grad=True)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bank_contrast import BANK_CONTRAST
 from . import _contrast_common as cc
 
 
@@ -195,7 +196,6 @@ def _class_means(bank: Tensor, bank_len: Tensor, acc: torch.dtype) -> Tensor:
             ).contiguous()
 
 
-@torch.library.custom_op("fastuda_triton::bank_contrast_forward", mutates_args=())
 def _bank_forward(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor, tau: float,
                   ignore_index: int) -> tuple[Tensor, Tensor]:
     B, D, P = feats.shape
@@ -215,14 +215,6 @@ def _bank_forward(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
     return loss, nlse
 
 
-@_bank_forward.register_fake
-def _bank_forward_fake(feats, labels, bank, bank_len, tau, ignore_index):
-    B, _, P = feats.shape
-    acc = cc.acc_torch_dtype(feats)
-    return feats.new_empty((B, P), dtype=acc), feats.new_empty((B, P), dtype=acc)
-
-
-@torch.library.custom_op("fastuda_triton::bank_contrast_backward", mutates_args=())
 def _bank_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, bank: Tensor,
                    bank_len: Tensor, nlse: Tensor, tau: float, ignore_index: int) -> Tensor:
     B, D, P = feats.shape
@@ -239,27 +231,10 @@ def _bank_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, bank: Tenso
     return grad_feats
 
 
-@_bank_backward.register_fake
-def _bank_backward_fake(grad_loss, feats, labels, bank, bank_len, nlse, tau, ignore_index):
-    return feats.new_empty(feats.shape)
-
-
-def _bank_setup_context(ctx, inputs, output) -> None:
-    feats, labels, bank, bank_len, tau, ignore_index = inputs
-    ctx.save_for_backward(feats, labels, bank, bank_len, output[1])
-    ctx.tau, ctx.ignore_index = tau, ignore_index
-
-
-def _bank_autograd_backward(ctx, grad_loss: Tensor, _grad_nlse: Tensor):
-    feats, labels, bank, bank_len, nlse = ctx.saved_tensors
-    grad_feats = None
-    if ctx.needs_input_grad[0]:
-        grad_feats = _bank_backward(grad_loss, feats, labels, bank, bank_len, nlse, ctx.tau,
-                                    ctx.ignore_index)
-    return grad_feats, None, None, None, None, None
-
-
-_bank_forward.register_autograd(_bank_autograd_backward, setup_context=_bank_setup_context)
+# the schemas of csrc/ops_schema.h as torch.ops.fastuda_triton.*, with the fake and autograd of
+# fastuda/ops/bank_contrast.py
+BANK_CONTRAST.define_triton({"bank_contrast_forward": _bank_forward,
+                             "bank_contrast_backward": _bank_backward})
 
 
 def bank_contrast_per_pixel(feats: Tensor, labels: Tensor, bank: Tensor, bank_len: Tensor,
@@ -281,4 +256,5 @@ def bank_contrast_per_pixel(feats: Tensor, labels: Tensor, bank: Tensor, bank_le
         raise TypeError(f"fastuda_triton.{op}: bank_len must be an integer tensor, "
                         f"got {bank_len.dtype}")
     cc.check_device(op, _bank_fwd_kernel, feats, labels, bank, bank_len)
-    return _bank_forward(feats, labels, bank, bank_len, float(tau), int(ignore_index))[0]
+    return torch.ops.fastuda_triton.bank_contrast_forward(feats, labels, bank, bank_len,
+                                                          float(tau), int(ignore_index))[0]

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..contrast import DIST_CONTRAST, PROTO_CONTRAST
 from . import _contrast_common as cc
 from .bank import bank_contrast_per_pixel
 from .pixel import pixel_contrast_per_pixel
@@ -276,9 +277,10 @@ def _cov_strides(covariance: Tensor | None) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Implementations of the proto/dist_contrast_forward/backward schemas (csrc/ops_schema.h),
+# registered as torch.ops.fastuda_triton.* by the op descriptors (fastuda/ops/contrast.py), which
+# also give them their fake and autograd implementations.
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastuda_triton::centroid_contrast_forward", mutates_args=())
 def _centroid_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: Tensor | None,
                       tau: float, lam: float, ignore_index: int, weights: Tensor | None
                       ) -> tuple[Tensor, Tensor]:
@@ -306,14 +308,6 @@ def _centroid_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covarian
     return loss, lse
 
 
-@_centroid_forward.register_fake
-def _centroid_forward_fake(feats, labels, centroids, covariance, tau, lam, ignore_index, weights):
-    B, _, P = feats.shape
-    acc = cc.acc_torch_dtype(feats)
-    return feats.new_empty((B, P), dtype=acc), feats.new_empty((B, P), dtype=acc)
-
-
-@torch.library.custom_op("fastuda_triton::centroid_contrast_backward", mutates_args=())
 def _centroid_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
                        covariance: Tensor | None, lse: Tensor, tau: float, lam: float,
                        ignore_index: int, weights: Tensor | None, stats_grad: bool
@@ -325,10 +319,12 @@ def _centroid_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroi
     acc = cc.acc_torch_dtype(feats)
     dev = feats.device
     grad_feats = torch.empty((B, D, P), dtype=feats.dtype, device=dev)
+    # empty class-table gradients as the compiled ops (and the shared fakes) give them
     grad_mu = (torch.zeros(centroids.shape, dtype=centroids.dtype, device=dev) if stats_grad
-               else feats.new_empty(0))
+               else centroids.new_empty(0))
     grad_cov = (torch.zeros(covariance.shape, dtype=covariance.dtype, device=dev)
-                if stats_grad and covariance is not None else feats.new_empty(0))
+                if stats_grad and covariance is not None
+                else (feats if covariance is None else covariance).new_empty(0))
     if B * P == 0 or D == 0:
         return grad_feats, grad_mu, grad_cov
     cov_kind = _cov_kind(covariance)
@@ -385,34 +381,23 @@ def _class_feature_sum(g: Tensor, feats: Tensor, C: int, square: bool, cfg: dict
     return partial.sum(0)
 
 
-@_centroid_backward.register_fake
-def _centroid_backward_fake(grad_loss, feats, labels, centroids, covariance, lse, tau, lam,
-                            ignore_index, weights, stats_grad):
-    grad_mu = centroids.new_empty(centroids.shape) if stats_grad else feats.new_empty(0)
-    grad_cov = (covariance.new_empty(covariance.shape)
-                if stats_grad and covariance is not None else feats.new_empty(0))
-    return feats.new_empty(feats.shape), grad_mu, grad_cov
+def _proto_forward(feats: Tensor, labels: Tensor, centroids: Tensor, tau: float,
+                   ignore_index: int, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _centroid_forward(feats, labels, centroids, None, tau, 0.0, ignore_index, weights)
 
 
-def _centroid_setup_context(ctx, inputs, output) -> None:
-    feats, labels, centroids, covariance, tau, lam, ignore_index, weights = inputs
-    ctx.save_for_backward(feats, labels, centroids, covariance, weights, output[1])
-    ctx.tau, ctx.lam, ctx.ignore_index = tau, lam, ignore_index
+def _proto_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
+                    lse: Tensor, tau: float, ignore_index: int, weights: Tensor | None,
+                    centroids_grad: bool) -> tuple[Tensor, Tensor]:
+    grad_feats, grad_mu, _ = _centroid_backward(grad_loss, feats, labels, centroids, None, lse,
+                                                tau, 0.0, ignore_index, weights, centroids_grad)
+    return grad_feats, grad_mu
 
 
-def _centroid_autograd_backward(ctx, grad_loss: Tensor, _grad_lse: Tensor):
-    feats, labels, centroids, covariance, weights, lse = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    stats_grad = bool(need[2] or need[3])
-    grad_feats, grad_mu, grad_cov = _centroid_backward(
-        grad_loss, feats, labels, centroids, covariance, lse, ctx.tau, ctx.lam,
-        ctx.ignore_index, weights, stats_grad)
-    return (grad_feats if need[0] else None, None, grad_mu if need[2] else None,
-            grad_cov if need[3] else None, None, None, None, None)
-
-
-_centroid_forward.register_autograd(_centroid_autograd_backward,
-                                    setup_context=_centroid_setup_context)
+PROTO_CONTRAST.define_triton({"proto_contrast_forward": _proto_forward,
+                              "proto_contrast_backward": _proto_backward})
+DIST_CONTRAST.define_triton({"dist_contrast_forward": _centroid_forward,
+                             "dist_contrast_backward": _centroid_backward})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,8 +410,8 @@ def proto_contrast_per_pixel(feats: Tensor, labels: Tensor, centroids: Tensor, t
     feats [B, D, P] (any strides), labels [B, P] integer, centroids [C, D], weights [B, P] or
     None. Differentiable w.r.t. feats and centroids."""
     _check_centroid_inputs("proto_contrast_per_pixel", feats, labels, centroids, None, weights)
-    return _centroid_forward(feats, labels, centroids, None, float(tau), 0.0, int(ignore_index),
-                             weights)[0]
+    return torch.ops.fastuda_triton.proto_contrast_forward(
+        feats, labels, centroids, float(tau), int(ignore_index), weights)[0]
 
 
 def dist_contrast_per_pixel(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: Tensor,
@@ -437,8 +422,9 @@ def dist_contrast_per_pixel(feats: Tensor, labels: Tensor, centroids: Tensor, co
     Differentiable w.r.t. feats, centroids and covariance."""
     _check_centroid_inputs("dist_contrast_per_pixel", feats, labels, centroids, covariance,
                            weights)
-    return _centroid_forward(feats, labels, centroids, covariance, float(tau), float(lam),
-                             int(ignore_index), weights)[0]
+    return torch.ops.fastuda_triton.dist_contrast_forward(
+        feats, labels, centroids, covariance, float(tau), float(lam), int(ignore_index),
+        weights)[0]
 
 
 def _check_centroid_inputs(op: str, feats: Tensor, labels: Tensor, centroids: Tensor,

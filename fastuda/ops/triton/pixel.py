@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..pixel_contrast import PIXEL_CONTRAST, positives_per_anchor
 from . import _contrast_common as cc
 
 
@@ -231,15 +232,16 @@ def _config(feats: Tensor) -> dict[str, object]:
     return {"BLOCK_N": block_n, "BLOCK_D": block_d, "DOT": dot, "num_warps": 8}
 
 
-@torch.library.custom_op("fastuda_triton::pixel_contrast_forward", mutates_args=())
 def _pixel_forward(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
                    weights: Tensor | None, pair_weights: Tensor | None
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, D, P = feats.shape
     acc = cc.acc_torch_dtype(feats)
     loss, nlse, pos_acc = (torch.empty((B, P), dtype=acc, device=feats.device) for _ in range(3))
+    # the kernel does not count positives: n_pos from the labels, as the schema asks
+    n_pos = positives_per_anchor(labels, ignore_index, acc)
     if B * P == 0:
-        return loss, nlse, pos_acc
+        return loss, nlse, pos_acc, n_pos
     cfg = _config(feats)
     _pixel_fwd_kernel[(triton.cdiv(B * P, cfg["BLOCK_N"]),)](
         feats, *feats.stride(), labels, *labels.stride(),
@@ -248,17 +250,9 @@ def _pixel_forward(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
         loss, nlse, pos_acc, B * P, P, D, ignore_index, 1.0 / tau,
         HAS_W=weights is not None, HAS_A=pair_weights is not None, ACC=cc.acc_tl_dtype(feats),
         PREC=cc.dot_precision(_pixel_fwd_kernel, feats), **cfg)
-    return loss, nlse, pos_acc
+    return loss, nlse, pos_acc, n_pos
 
 
-@_pixel_forward.register_fake
-def _pixel_forward_fake(feats, labels, tau, ignore_index, weights, pair_weights):
-    B, _, P = feats.shape
-    acc = cc.acc_torch_dtype(feats)
-    return tuple(feats.new_empty((B, P), dtype=acc) for _ in range(3))
-
-
-@torch.library.custom_op("fastuda_triton::pixel_contrast_backward", mutates_args=())
 def _pixel_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, nlse: Tensor,
                     pos_acc: Tensor, tau: float, ignore_index: int, weights: Tensor | None,
                     pair_weights: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -267,8 +261,9 @@ def _pixel_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, nlse: Tens
     acc = cc.acc_torch_dtype(feats)
     dev = feats.device
     grad_feats = torch.empty((B, D, P), dtype=feats.dtype, device=dev)
+    # without pair weights an empty fp32 tensor, as the compiled op (and the shared fake)
     grad_a = (torch.zeros((B, P), dtype=acc, device=dev) if pair_weights is not None
-              else feats.new_empty(0))
+              else feats.new_empty(0, dtype=torch.float32))
     if B * P == 0 or D == 0:
         return grad_feats, grad_a.to(pair_weights.dtype) if pair_weights is not None else grad_a
     cfg = _config(feats)
@@ -295,32 +290,10 @@ def _pixel_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, nlse: Tens
     return grad_feats, grad_a
 
 
-@_pixel_backward.register_fake
-def _pixel_backward_fake(grad_loss, feats, labels, nlse, pos_acc, tau, ignore_index, weights,
-                         pair_weights):
-    grad_a = (pair_weights.new_empty(pair_weights.shape) if pair_weights is not None
-              else feats.new_empty(0))
-    return feats.new_empty(feats.shape), grad_a
-
-
-def _pixel_setup_context(ctx, inputs, output) -> None:
-    feats, labels, tau, ignore_index, weights, pair_weights = inputs
-    ctx.save_for_backward(feats, labels, weights, pair_weights, output[1], output[2])
-    ctx.tau, ctx.ignore_index = tau, ignore_index
-
-
-def _pixel_autograd_backward(ctx, grad_loss: Tensor, _grad_nlse: Tensor, _grad_pos_acc: Tensor):
-    feats, labels, weights, pair_weights, nlse, pos_acc = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if not (need[0] or need[5]):
-        return None, None, None, None, None, None
-    grad_feats, grad_a = _pixel_backward(grad_loss, feats, labels, nlse, pos_acc, ctx.tau,
-                                         ctx.ignore_index, weights, pair_weights)
-    return (grad_feats if need[0] else None, None, None, None, None,
-            grad_a if need[5] else None)
-
-
-_pixel_forward.register_autograd(_pixel_autograd_backward, setup_context=_pixel_setup_context)
+# the schemas of csrc/ops_schema.h as torch.ops.fastuda_triton.*, with the fake and autograd of
+# fastuda/ops/pixel_contrast.py
+PIXEL_CONTRAST.define_triton({"pixel_contrast_forward": _pixel_forward,
+                              "pixel_contrast_backward": _pixel_backward})
 
 
 def pixel_contrast_per_pixel(feats: Tensor, labels: Tensor, tau: float, ignore_index: int,
@@ -337,4 +310,5 @@ def pixel_contrast_per_pixel(feats: Tensor, labels: Tensor, tau: float, ignore_i
     cc.check_pixel_map(op, "weights", weights, feats, integer=False)
     cc.check_pixel_map(op, "pair_weights", pair_weights, feats, integer=False)
     cc.check_device(op, _pixel_fwd_kernel, feats, labels, weights, pair_weights)
-    return _pixel_forward(feats, labels, float(tau), int(ignore_index), weights, pair_weights)[0]
+    return torch.ops.fastuda_triton.pixel_contrast_forward(
+        feats, labels, float(tau), int(ignore_index), weights, pair_weights)[0]

@@ -1,0 +1,148 @@
+// The CPU GEMM micro-kernel of the fused contrast kernels (csrc/cpu/contrast.cpp and any other
+// kernel that multiplies small cache-resident tiles): small dense products whose operands are
+// already in L1/L2, where a BLAS call's packing and dispatch overhead would dominate.
+//
+// Dense micro-kernel: Out[R][N] (+)= A[R][K] @ Bm[K][N], A addressed as A[r * a_rs + k * a_ks],
+// Bm rows contiguous (row stride ldb). An RB x NB block of Out stays in vector registers over
+// the K loop; each Bm row is loaded once per block and reused for the RB rows.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fastuda {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename T>
+struct SimdOf;
+template <>
+struct SimdOf<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct SimdOf<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+};
+
+template <typename T>
+inline typename SimdOf<T>::type load_vec(const T* p) {
+  typename SimdOf<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_vec(T* p, const typename SimdOf<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The unroll pragmas matter: fully unrolled, the accumulators become registers; left as loops,
+// GCC keeps them on the stack and reloads them at every step of k.
+// With kPrefetch, row k of `ahead` (same row stride as Bm) is requested while row k of Bm is
+// used: the features of a later tile stream in spread over the work instead of in one burst.
+// They go to L2 (a tile's rows fill all of L1 on their own).
+template <typename T, int RB, int NB, bool kPrefetch = false>
+inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
+                       T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
+  using V = typename SimdOf<T>::type;
+  constexpr int kLanes = kVecBytes / sizeof(T);
+  static_assert(NB % kLanes == 0, "the block width must be a whole number of vectors");
+  constexpr int NV = NB / kLanes;
+  V acc[RB][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    if constexpr (kPrefetch)
+      for (int j = 0; j < NB; j += 64 / sizeof(T))
+        __builtin_prefetch(ahead + k * ldb + j, /*rw=*/0, /*locality=*/2);
+    V b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) {
+      const T a = A[r * a_rs + k * a_ks];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store_vec(Out + r * ldo + j * kLanes, acc[r][j]);
+}
+
+// Columns that do not fill an NB block (N % NB of them)
+template <typename T>
+inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+  for (int64_t r = 0; r < R; ++r) {
+    T* o = Out + r * ldo;
+    if (!accumulate)
+      for (int64_t n = 0; n < N; ++n) o[n] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[r * a_rs + k * a_ks];
+      const T* b = Bm + k * ldb;
+      for (int64_t n = 0; n < N; ++n) o[n] += a * b[n];
+    }
+  }
+}
+
+// Rows per register block: RB rows x NB columns of accumulators must fit the vector registers
+// (32 with AVX-512, 16 with AVX2) next to the loaded row of Bm and the broadcast.
+template <typename T>
+constexpr int max_block_rows() {
+  constexpr int vectors_per_row = 32 * sizeof(T) / kVecBytes;
+  constexpr int acc_registers = kVecBytes == 64 ? 26 : 12;
+  return acc_registers / vectors_per_row > 0 ? acc_registers / vectors_per_row : 1;
+}
+
+// gemm_block for a run-time number of rows (1 .. RB)
+template <typename T, int NB, int RB, bool kPrefetch>
+inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate,
+                      const T* ahead) {
+  if constexpr (RB > 0) {
+    if (rows == RB)
+      return gemm_block<T, RB, NB, kPrefetch>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                              ahead);
+    gemm_rows<T, NB, RB - 1, kPrefetch>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                        ahead);
+  }
+}
+
+// Rows are split into equal register blocks (19 classes: 10 + 9, not 8 + 8 + 3), so every
+// block has enough independent accumulators to hide the FMA latency.
+// `ahead`: optional, as Bm but for a later tile; fetched into cache during the first row block.
+template <typename T>
+void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
+          int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
+  constexpr int kMaxRows = max_block_rows<T>();
+  constexpr int NB = 32;
+  const int64_t n_full = N - N % NB;
+  const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
+  for (int64_t n0 = 0; n0 < n_full; n0 += NB) {
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t r = R * blk / n_blocks;
+      const int64_t rows = R * (blk + 1) / n_blocks - r;
+      if (ahead != nullptr && blk == 0 && n_full == NB)
+        gemm_rows<T, NB, kMaxRows, true>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                         ahead);
+      else
+        gemm_rows<T, NB, kMaxRows, false>(rows, K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb,
+                                          Out + r * ldo + n0, ldo, accumulate, nullptr);
+    }
+  }
+  if (n_full < N)
+    gemm_tail<T>(R, K, N - n_full, A, a_rs, a_ks, Bm + n_full, ldb, Out + n_full, ldo,
+                 accumulate);
+}
+
+}  // namespace fastuda
