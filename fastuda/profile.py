@@ -11,8 +11,9 @@ backward, optimiser, EMA), images/s and peak memory, and next to the wall time t
 time and the machine's load average: on a shared machine (load above the core count) the wall
 times are upper bounds, while the CPU time per step changes less with the load. Then it runs
 ``--profile-iters`` more steps under ``torch.profiler`` to measure the share of time spent inside
-fastuda's kernels (the ``fastuda::*`` ops: statistics, contrast losses, label downscaling, forward and backward);
-``--trace DIR`` writes that profile as a trace for TensorBoard or Perfetto (ui.perfetto.dev).
+fastuda's kernels (the ``fastuda::*`` ops: statistics, contrast losses, label downscaling,
+forward and backward); ``--trace DIR`` writes that profile as a trace for TensorBoard or Perfetto
+(ui.perfetto.dev).
 
 On CUDA the stage timer synchronises at every stage boundary (each stage is charged its own
 kernels), which costs a little overlap: images/s is measured on the same synchronised steps.
