@@ -71,7 +71,8 @@ def equivalence_config(root: str) -> Config:
         "self_training.class_balanced_crop=false", "self_training.pseudo_threshold=0.01",
         "sepico.reg_weight=0.0", "self_training.downscale_min_ratio=0.01",
         "optim.warmup_iters=0",
-        "optim.lr=1e-3"])
+        "optim.lr=1e-3",
+        "model.output_stride=8"])  # the statistics' pixel counts below are computed for stride 8
 
 
 class RunningStatsBatchNorm(nn.BatchNorm2d):
