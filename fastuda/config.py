@@ -213,6 +213,10 @@ class SelfTrainingConfig:
     # ([] = none; the released HRDA/MIC Cityscapes setting: [30, 240, 30, 30])
     pseudo_margins: list[int] = field(default_factory=list)
     class_balanced_crop: bool = False  # SePiCo target crop
+    # after the crop, pseudo-labels made again by the teacher on the crop (SePiCo's released
+    # regen_pseudo = True, experiments.py#L274); false cuts the whole image's teacher logits to
+    # the crop instead, one teacher forward less per step (the CPU demos)
+    class_balanced_crop_regen: bool = True
     # labels brought to a feature grid by majority vote keep a class holding this share of the
     # cell (the methods' label downscaling; SePiCo, SPCL, BiPCL)
     downscale_min_ratio: float = 0.75
@@ -396,6 +400,17 @@ class Config:
             _check(isinstance(settings, registry[name].Settings), f"[{name}]",
                    type(settings).__name__, registry[name].Settings.__name__)
             registry[name].check_config(self)
+        if self.self_training.class_balanced_crop and not \
+                self.self_training.class_balanced_crop_regen:
+            from .methods.base import Method
+
+            # the reused crop carries the teacher's logits only: a method refining pseudo-labels
+            # from other teacher outputs (embeddings, depth) needs them made on the crop
+            refining = [n for n in self.methods
+                        if registry[n].refine_pseudo_labels is not Method.refine_pseudo_labels]
+            _check(not refining, "self_training.class_balanced_crop_regen", False,
+                   f"true with methods {refining} (they refine pseudo-labels from the teacher's "
+                   "outputs on the crop)")
 
     def settings(self, name: str) -> Any:
         """The ``[name]`` section of a method of this run."""

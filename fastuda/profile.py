@@ -7,10 +7,13 @@ Builds the run the config describes (as ``fastuda.train`` does, under torchrun t
 steps and then N timed steps from ``--at-iter`` on (default: the method's start_iter, so every loss
 is active; the warm-up steps fill the class statistics), and prints per-stage wall time (data wait,
 teacher forward, statistics, pseudo-labels, ClassMix, augmentation, student forward, losses,
-backward, optimiser, EMA), images/s and peak memory. Then it runs ``--profile-iters`` more steps
-under ``torch.profiler`` to measure the share of time spent inside fastuda's kernels (the
-``fastuda::*`` ops: statistics, contrast losses, label downscaling, forward and backward);
-``--trace DIR`` writes that profile as a trace for TensorBoard or Perfetto (ui.perfetto.dev).
+backward, optimiser, EMA), images/s and peak memory, and next to the wall time the process's CPU
+time and the machine's load average: on a shared machine (load above the core count) the wall
+times are upper bounds, while the CPU time per step changes less with the load. Then it runs
+``--profile-iters`` more steps under ``torch.profiler`` to measure the share of time spent inside
+fastuda's kernels (the ``fastuda::*`` ops: statistics, contrast losses, label downscaling,
+forward and backward); ``--trace DIR`` writes that profile as a trace for TensorBoard or Perfetto
+(ui.perfetto.dev).
 
 On CUDA the stage timer synchronises at every stage boundary (each stage is charged its own
 kernels), which costs a little overlap: images/s is measured on the same synchronised steps.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -140,11 +144,14 @@ def profile(cfg: Config, *, iters: int, warmup: int, at_iter: int | None = None,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            load_start = os.getloadavg()[0]
+            t0, c0 = time.perf_counter(), time.process_time()
             skipped = sum(not run.step().finite for _ in range(iters))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0  # this process's threads (not the loader workers)
+            load_end = os.getloadavg()[0]
             stages = timer.breakdown(wall, iters)
             memory = peak_memory(device)
             kernels = None
@@ -163,6 +170,8 @@ def profile(cfg: Config, *, iters: int, warmup: int, at_iter: int | None = None,
             "device": _device_name(device), "world_size": info.world_size,
             "threads": torch.get_num_threads(), "first_iter": start, "warmup": warmup,
             "iters": iters, "non_finite_steps": skipped, "ms_per_step": 1e3 * wall / iters,
+            "cpu_ms_per_step": 1e3 * cpu / iters, "cpu_count": os.cpu_count() or 1,
+            "load_average": [load_start, load_end],
             "images_per_s": images / wall, "stages": stages, "memory": memory,
             "kernels": kernels}
 
@@ -204,13 +213,21 @@ def _device_name(device: torch.device) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     c = report["config"]
+    load = report["load_average"]
     lines = [f"{c['model']}, {c['method']}, crop {c['crop_size'][0]}x{c['crop_size'][1]}, "
              f"batch {c['batch_size']} x {report['world_size']} rank(s), {c['precision']}, "
              f"ops backend {c['ops_backend']}; {report['device']}, {report['threads']} threads",
              f"{report['iters']} steps from iteration {report['first_iter']} after "
              f"{report['warmup']} warm-up steps: {report['ms_per_step']:.1f} ms/step, "
-             f"{report['images_per_s']:.2f} images/s (source + target)", "",
-             f"{'stage':<36}{'ms/step':>10}{'share':>8}"]
+             f"{report['images_per_s']:.2f} images/s (source + target)",
+             f"process CPU time {report['cpu_ms_per_step']:.1f} ms/step "
+             f"({report['cpu_ms_per_step'] / report['ms_per_step']:.2f} cores busy); 1-minute "
+             f"load average {load[0]:.2f} -> {load[1]:.2f} on {report['cpu_count']} CPUs", ""]
+    if max(load) > report["cpu_count"]:
+        # our own threads count too, so this fires only when the CPUs were oversubscribed
+        lines += ["warning: load average above the CPU count: other work shared the CPUs, the "
+                  "wall times are upper bounds", ""]
+    lines.append(f"{'stage':<36}{'ms/step':>10}{'share':>8}")
     for row in report["stages"]:
         lines.append(f"{row['label']:<36}{row['ms_per_step']:>10.1f}{100 * row['share']:>7.1f}%")
     lines.append("")

@@ -84,6 +84,9 @@ def test_profile_reports_every_stage_and_the_kernels(tiny_sets: list[str],
     assert all(stages[s]["ms_per_step"] > 0 for s in STEP_STAGES)
     assert report["images_per_s"] == pytest.approx(2 * 2 * 1000 / report["ms_per_step"])
     assert report["memory"]["peak_rss_mib"] > 0
+    # a process cannot use more CPU than all the cores for the whole wall time
+    assert 0 < report["cpu_ms_per_step"] <= report["ms_per_step"] * report["cpu_count"]
+    assert len(report["load_average"]) == 2 and min(report["load_average"]) >= 0
     assert report["first_iter"] == 0 and report["non_finite_steps"] == 0
     kernels = report["kernels"]
     if ops._backend.extension_available():  # backend "auto" runs the compiled CPU kernels
@@ -109,6 +112,20 @@ def test_cli_reference_backend_spends_nothing_in_kernels(tiny_sets: list[str], t
     assert report["config"]["ops_backend"] == "torch"
     assert report["kernels"]["share"] == 0.0 and report["kernels"]["ops"] == {}
     assert "contrast losses (method)" in capsys.readouterr().out
+
+
+def test_report_names_cpu_time_and_warns_under_load() -> None:
+    report = {"config": {"model": "deeplabv2/resnet18", "method": "sepico", "crop_size": [8, 8],
+                         "batch_size": 2, "precision": "fp32", "ops_backend": "auto"},
+              "world_size": 1, "device": "CPU", "threads": 2, "iters": 4, "first_iter": 0,
+              "warmup": 1, "ms_per_step": 800.0, "images_per_s": 5.0, "cpu_ms_per_step": 1200.0,
+              "cpu_count": 2, "load_average": [1.5, 2.0], "stages": [],
+              "memory": {"peak_rss_mib": 10.0}, "non_finite_steps": 0, "kernels": None}
+    text = format_report(report)
+    assert "process CPU time 1200.0 ms/step (1.50 cores busy)" in text  # 1200 / 800
+    assert "load average 1.50 -> 2.00 on 2 CPUs" in text and "upper bounds" not in text
+    report["load_average"] = [1.5, 5.25]  # above the 2 CPUs: someone else was running
+    assert "wall times are upper bounds" in format_report(report)
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture) -> None:

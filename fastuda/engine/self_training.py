@@ -291,9 +291,15 @@ class SelfTraining:
                                            tuple(tgt_img.shape[-2:]),
                                            (resize[1], resize[0]) if resize else None)
                 valid = valid.to(self.device)
+            crop_logits = None
             if st.class_balanced_crop:
-                tgt_img, valid = self._class_balanced_crop(tgt_img, valid)
-            plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img)
+                tgt_img, valid, crop_logits = self._class_balanced_crop(tgt_img, valid)
+            if crop_logits is None:
+                plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img)
+            else:  # class_balanced_crop_regen = false: the whole image's logits, cropped
+                teacher_out = {O.LOGITS: crop_logits}
+                plabel, pweight = pseudo_label(crop_logits, st.pseudo_threshold, st.ignore_top,
+                                               st.ignore_bottom)
             if valid is not None:
                 pweight = pweight * valid
             with torch.no_grad():
@@ -303,22 +309,27 @@ class SelfTraining:
         log["pseudo.weight"] = float(pweight.mean())
 
     def _class_balanced_crop(self, images: Tensor, valid: Tensor | None = None
-                             ) -> tuple[Tensor, Tensor | None]:
+                             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
-        keep the best per image (pseudo-labels are then made again on the crop); ``valid``
-        (the pseudo-label margins' mask) is cropped alike."""
+        keep the best per image; ``valid`` (the pseudo-label margins' mask) is cropped alike.
+        Returns (crops, cropped mask, cropped teacher logits): the logits are None with
+        ``class_balanced_crop_regen`` (pseudo-labels are made again on the crop, as released)."""
         ch, cw = self.cfg.data.crop_size
         if images.shape[-2] < ch or images.shape[-1] < cw:
             raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
                              f"{tuple(images.shape[-2:])}")
-        label, _, _ = self._teacher_pseudo_labels(images)
-        crops, masks = [], []
+        label, _, out = self._teacher_pseudo_labels(images)
+        keep_logits = not self.cfg.self_training.class_balanced_crop_regen
+        crops, masks, logits = [], [], []
         for b, (img, lbl) in enumerate(zip(images, label, strict=True)):
             top, left = class_balanced_crop(lbl.cpu(), (ch, cw), generator=self.generator)
             crops.append(img[:, top:top + ch, left:left + cw])
             if valid is not None:
                 masks.append(valid[b, top:top + ch, left:left + cw])
-        return torch.stack(crops), (torch.stack(masks) if valid is not None else None)
+            if keep_logits:
+                logits.append(out[O.LOGITS][b, :, top:top + ch, left:left + cw])
+        return (torch.stack(crops), (torch.stack(masks) if valid is not None else None),
+                torch.stack(logits) if keep_logits else None)
 
     # -- the passes -------------------------------------------------------------------------
     def _source_images(self, view: StepView) -> Tensor:
