@@ -66,7 +66,7 @@ def test_demo_config_trains_one_step_with_ops_backend_triton(tmp_path: Path) -> 
     assert out["used"]["class_stats"] == [["triton", "cpu"]]
     assert out["used"]["downscale_labels"] == [["triton", "cpu"]]
     logs = out["logs"]
-    assert logs and all(torch.isfinite(torch.tensor(x["tgt.contrast"])) for x in logs)
+    assert logs and all(torch.isfinite(torch.tensor(x["sepico.tgt.contrast"])) for x in logs)
 
 
 def test_triton_falls_back_only_for_ops_without_a_triton_kernel() -> None:
