@@ -249,3 +249,31 @@ def test_dark_zurich_test_server_format(run: dict, tmp_path: Path) -> None:
         high = conf > 0.2 * 65535 + 1
         assert low.any() and high.any()
         assert (invalid[low] == 255).all() and (invalid[high] == train[high]).all()
+
+
+def test_a_vit_predicts_images_of_any_size(tmp_path: Path) -> None:
+    """configs/demo_vit.toml (DINOv2 ViT-S/14, random weights): predict pads each image to the
+    patch grid and writes ids of the image's own size, equal to evaluate's inference."""
+    root = REPO / "data" / "synthetic"
+    ensure_synthetic(str(root))
+    config = REPO / "configs" / "demo_vit.toml"
+    sets = ["data.num_workers=0", "train.device='cpu'", f"data.val.root={str(root)!r}"]
+    cfg = load_config(config, sets)
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    ckpt = tmp_path / "weights.pt"
+    torch.save({"trainer": {"student": net.state_dict(), "teacher": net.state_dict()}}, ckpt)
+    src = Image.open(sorted((root / "target" / "leftImg8bit" / "val").glob("*/*.png"))[0])
+    inp = tmp_path / "in"
+    inp.mkdir()
+    src.convert("RGB").save(inp / "whole.png")  # 256 x 128: not a multiple of 14
+    src.convert("RGB").resize((75, 61)).save(inp / "odd.png")
+    out = tmp_path / "out"
+    assert main([str(config), "--checkpoint", str(ckpt), *(x for s in sets for x in ("--set", s)),
+                 "--input", str(inp), "--output", str(out)]) == 0
+    run = {"cfg": cfg, "net": net}
+    for name in ("whole", "odd"):
+        image = np.array(Image.open(inp / f"{name}.png"))
+        ids = np.array(Image.open(out / f"{name}_trainIds.png"))
+        assert ids.shape == image.shape[:2]
+        assert (ids == _reference(run, image).numpy()).all(), name
