@@ -235,14 +235,22 @@ def default_output(checkpoint: str | Path) -> Path:
     return base / "eval" / ckpt.stem
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastuda.evaluate", description=__doc__,
+def checkpoint_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The arguments evaluate, predict and export share: the run's config, a checkpoint, which of
+    its weights, and ``--set`` overrides (one spelling for all three commands)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="TOML config of the run")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt) to evaluate")
+    parser.add_argument("config", help="TOML config of the run that trained the checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt)")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="the student or the EMA teacher of the checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
-    parser.add_argument("--weights", choices=("student", "teacher"), default="student")
+                        help="override a config value (repeatable), e.g. eval.flip=true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = checkpoint_parser("python -m fastuda.evaluate", __doc__)
     parser.add_argument("--output", metavar="DIR",
                         help="folder for the confusion matrix and per-class table (default: "
                              "WORK_DIR/eval/<checkpoint name>)")

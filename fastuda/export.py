@@ -5,10 +5,10 @@ The exported graph takes ``image``: float32 [B, 3, H, W], RGB in 0..255 (the con
 normalisation is inside the graph), and returns ``logits``: float32 [B, num_classes, H, W], the
 model's logits bilinearly upsampled to the input size (argmax = the class). By default batch,
 height and width are dynamic; ``--size H W`` fixes the height and width (the batch stays
-dynamic). It is the whole-image
-forward of the student (``--teacher``: the EMA teacher); sliding windows and flips are left to the
-caller. An HRDA run exports its single-scale network (the model HRDA wraps, without the scale
-attention or the multi-resolution fusion), and says so.
+dynamic). It is the whole-image forward of the student (``--weights teacher``: the EMA
+teacher); sliding windows and flips are left to the caller. An HRDA run exports its
+single-scale network (the model HRDA wraps, without the scale attention or the multi-resolution
+fusion), and says so.
 
 ONNX uses torch.onnx's dynamo exporter (needs ``onnx`` and ``onnxscript``, the ``export`` extra)
 and only the standard ONNX operator set; with ``onnxruntime`` installed the export is run once on
@@ -18,7 +18,6 @@ is a trace (``torch.jit.load`` runs it without fastuda).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -150,18 +149,14 @@ def parity(net: InferenceNet, path: Path, fmt: str, size: tuple[int, int],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastuda.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="TOML config of the run that trained the checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt)")
+    from .evaluate import checkpoint_parser
+
+    parser = checkpoint_parser("python -m fastuda.export", __doc__)
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--output", required=True, metavar="FILE")
-    parser.add_argument("--teacher", action="store_true", help="export the EMA teacher")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                         help="fixed input height and width (default: dynamic; traced at "
                              "data.crop_size)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     cfg = load_cli_config(args.config, args.set)
     if cfg is None:
@@ -176,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(args.size) if args.size else tuple(cfg.data.crop_size)
     out = Path(args.output)
     try:
-        model = load_model(cfg, args.checkpoint, "teacher" if args.teacher else "student",
+        model = load_model(cfg, args.checkpoint, args.weights,
                            torch.device("cpu"), args.config)
         net, note = inference_net(cfg, model)
         if note:
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = "dynamic batch, height and width" if args.size is None and args.format == "onnx" \
         else (f"input {size[0]}x{size[1]}" if args.format == "onnx" else
               "traced; any batch and size")
-    print(f"exported {'teacher' if args.teacher else 'student'} to {out} ({args.format}, "
+    print(f"exported {args.weights} to {out} ({args.format}, "
           f"{shape}); input 'image' float32 [B, 3, H, W] RGB 0..255, output 'logits' "
           f"[B, {cfg.model.num_classes}, H, W]")
     if diff is None:

@@ -27,7 +27,6 @@ line naming it and is skipped (``--strict``: the run stops there); the exit code
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -326,16 +325,12 @@ def predict_images(cfg: Config, model: torch.nn.Module, items: list[InputImage],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastuda.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="TOML config of the run that trained the checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt)")
+    from .evaluate import checkpoint_parser
+
+    parser = checkpoint_parser("python -m fastuda.predict", __doc__)
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="image files, folders (recursive) or .txt lists of paths")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (repeatable), e.g. eval.flip=true")
-    parser.add_argument("--weights", choices=("student", "teacher"), default="student")
     parser.add_argument("--format", choices=FORMATS, default="default",
                         help="default: train ids, colours, overlay; cityscapes / darkzurich: "
                              "what those test servers read")

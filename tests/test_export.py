@@ -80,7 +80,7 @@ def test_torchscript_agrees_with_pytorch(name: str, tmp_path: Path,
     (_, teacher), ckpt = _checkpoint(tmp_path, sets, config)
     out = tmp_path / "model.pt"
     assert main([str(config), "--checkpoint", str(ckpt), "--format", "torchscript", "--output",
-                 str(out), "--teacher", *(x for s in sets for x in ("--set", s))]) == 0
+                 str(out), "--weights", "teacher", *(x for s in sets for x in ("--set", s))]) == 0
     assert "exported teacher" in capsys.readouterr().out
     traced = torch.jit.load(str(out))
     image = torch.rand(2, 3, 72, 120, generator=torch.Generator().manual_seed(4)) * 255
