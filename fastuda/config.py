@@ -117,8 +117,14 @@ class ModelConfig:
     grad_checkpointing: bool = False  # vit only: recompute each block in the backward
     layer_decay: float = 1.0  # vit only: block i of n at lr * layer_decay ** (n - 1 - i)
     # deeplabv2 only: the backbone's BatchNorm weights and biases are not trained (the
-    # normalisation still uses the batch statistics in training), as CorDA's release
+    # normalisation still uses the batch statistics in training), as CorDA's and DASS's releases
     freeze_bn_affine: bool = False
+    # deeplabv2 only: the backbone's BatchNorm layers stay in eval mode in training too, so they
+    # normalise with their (pretrained) running statistics and never update them; with
+    # freeze_bn_affine as well that is SPCL's FrozenBatchNorm2d (MODEL.FREEZE_BN,
+    # core/models/feature_extractor.py#L40-L46, core/models/layers.py#L6-L24). The EMA teacher's
+    # copies of these layers stay in eval mode whatever self_training.teacher_norm says
+    freeze_bn: bool = False
     # 0: the published stride (8 deeplabv2, 4 daformer); deeplabv2 also takes 16 (only the
     # last stage dilated: half the backbone's compute, for CPU demos)
     output_stride: int = 0
@@ -143,8 +149,9 @@ class ModelConfig:
                 _check(getattr(self, key) == default, f"model.{key}", getattr(self, key),
                        f"{default!r} for model.name = {self.name!r} (only 'vit' has it)")
         if self.name != "deeplabv2":
-            _check(not self.freeze_bn_affine, "model.freeze_bn_affine", self.freeze_bn_affine,
-                   f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
+            for key in ("freeze_bn_affine", "freeze_bn"):
+                _check(not getattr(self, key), f"model.{key}", getattr(self, key),
+                       f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
         strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
         _check(self.output_stride in strides, "model.output_stride", self.output_stride,
                f"one of {strides} for model.name = {self.name!r}")
@@ -152,12 +159,21 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    # "adamw" (the DAFormer/SePiCo lineage) or "sgd" (SGD with momentum, no Nesterov: the
+    # DeepLab-V2 releases SPCL train_ours.py#L75-L80, DASS trainer/damnet_trainer.py#L182-L187,
+    # CorDA trainUDA_gta.py#L344-L350); both with the head multiplier and no-decay rule below
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 6e-5
     head_lr_mult: float = 10.0
     weight_decay: float = 0.01
     warmup_iters: int = 1500
     poly_power: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # the poly horizon: lr * (1 - it / poly_iters) ** poly_power; 0 = train.max_iters. SPCL's
+    # release decays over MAX_ITER 62 500 but stops at STOP_ITER 40 000
+    # (configs/deeplabv2_r101_cl.yaml#L17-L18), so its lr never reaches 0
+    poly_iters: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    momentum: float = 0.9  # sgd only
     # parameters without weight decay: "mmseg" as the released DAFormer/SePiCo configs (names
     # containing norm/pos_block outside the heads: MiT's LayerNorms), "1d" every 1-D parameter
     # (fastuda's rule before issue 13); the ViT models keep their own (1-D) rule
@@ -175,6 +191,10 @@ class OptimConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                self.betas, "two numbers in [0, 1)")
         _check(self.warmup_iters >= 0, "optim.warmup_iters", self.warmup_iters, ">= 0")
+        _check(self.poly_iters >= 0, "optim.poly_iters", self.poly_iters,
+               ">= 0 (0: train.max_iters)")
+        _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "optim.momentum",
+               self.momentum, "in [0, 1)")
         _check(math.isfinite(self.poly_power) and self.poly_power > 0, "optim.poly_power",
                self.poly_power, "a finite number > 0")
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
@@ -384,6 +404,10 @@ class Config:
                f"({self.data.source.num_classes})")
         if self.hrda.enabled:
             self.hrda.check_against(self.model.name, self.data.crop_size)
+        # past the horizon the poly factor (1 - it / poly_iters) would turn negative
+        _check(self.optim.poly_iters == 0 or self.optim.poly_iters >= self.train.max_iters,
+               "optim.poly_iters", self.optim.poly_iters,
+               f"0 or >= train.max_iters ({self.train.max_iters})")
         registry = method_registry()
         for name in self.methods:
             _check(name in registry, "methods", self.methods,

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, OptimConfig
 from ..data import class_balanced_crop
 from ..data.classes import IGNORE_INDEX
 from ..methods.base import MethodStack
 from ..models import outputs as O
+from ..models.base import frozen_norm_layers
 from .context import Losses, MethodContext, Outputs, Pass, StepView
 from .distributed import all_ranks_true, average_grads
 from .guard import guarded_step
@@ -85,11 +86,13 @@ def set_teacher_mode(teacher: nn.Module, norm: str) -> nn.Module:
     That is the released teacher (SePiCo sepico.py#L244-L248, DAFormer dacs.py#L264-L268: the EMA
     model stays in train mode and only ``_DropoutNd`` and ``DropPath`` are switched off): BatchNorm
     is the only other layer kind whose train and eval modes differ. ``"running"``: all of it in
-    eval mode (the EMA-averaged running statistics)."""
+    eval mode (the EMA-averaged running statistics). The layers ``model.freeze_bn`` freezes in
+    the student stay in eval mode here too: the teacher normalises as the student does."""
     teacher.eval()
     if norm == "batch":
+        frozen = {id(m) for m in frozen_norm_layers(teacher)}
         for m in teacher.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen:
                 m.train()
     return teacher
 
@@ -165,6 +168,22 @@ def pseudo_margin_mask(metas: list[dict], margins: list[int], crop_hw: tuple[int
     return out
 
 
+def build_optimizer(o: OptimConfig, groups: list[dict], device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """``optim.name``'s optimiser over ``groups`` (each with its own lr and weight decay).
+    SGD is PyTorch's with momentum, dampening 0 and no Nesterov, as the DeepLab-V2 releases
+    build it (SPCL train_ours.py#L75-L80, DASS trainer/damnet_trainer.py#L182-L187, CorDA
+    trainUDA_gta.py#L344-L350)."""
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
+                               weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        fused = o.fused and (device.type == "cuda" or device.type == "cpu")
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+                                 weight_decay=o.weight_decay, fused=fused)
+    raise ValueError(f"unknown optim.name {o.name!r}; expected 'adamw' or 'sgd'")
+
+
 def lr_factor(it: int, max_iters: int, warmup_iters: int, power: float) -> float:
     """Poly decay with a linear warm-up (warm-up starts at 1e-6 of the poly value)."""
     poly = (1.0 - it / max_iters) ** power
@@ -214,9 +233,7 @@ class SelfTraining:
                            "weight_decay": o.weight_decay})
         for g in groups:
             g["initial_lr"] = g["lr"]
-        fused = o.fused and (device.type == "cuda" or device.type == "cpu")
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay, fused=fused)
+        self.optimizer = build_optimizer(o, groups, device)
         prec = cfg.train.precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec == "fp16")
@@ -396,7 +413,8 @@ class SelfTraining:
 
     def set_lr(self, it: int) -> float:
         o = self.cfg.optim
-        f = lr_factor(it, self.cfg.train.max_iters, o.warmup_iters, o.poly_power)
+        # the poly horizon: optim.poly_iters, or the run's length
+        f = lr_factor(it, o.poly_iters or self.cfg.train.max_iters, o.warmup_iters, o.poly_power)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         return self.optimizer.param_groups[0]["lr"]
@@ -484,5 +502,6 @@ class SelfTraining:
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["SelfTraining", "StepResult", "classmix_masks", "ema_alpha", "ema_update", "lr_factor",
-           "pseudo_label", "segmentation_losses", "set_teacher_mode", "weighted_ce"]
+__all__ = ["SelfTraining", "StepResult", "build_optimizer", "classmix_masks", "ema_alpha",
+           "ema_update", "lr_factor", "pseudo_label", "segmentation_losses", "set_teacher_mode",
+           "weighted_ce"]

@@ -55,6 +55,7 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> SegModel:
                          f"'vit'")
     model.pretrained_report = (load_pretrained(model, cfg.pretrained)
                                if cfg.pretrained and load_weights else None)
+    model.freeze_bn = cfg.freeze_bn  # SPCL's release: backbone BN in eval mode (SegModel.train)
     if cfg.freeze_bn_affine:  # CorDA's release: backbone BN weights/biases fixed, stats not
         for m in model.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -37,12 +37,26 @@ def mmseg_no_decay(name: str) -> bool:
     return False
 
 
+def frozen_norm_layers(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers (SyncBatchNorm too) that ``model.freeze_bn`` keeps in eval mode: those
+    of the backbone of every ``SegModel`` inside ``module`` whose ``freeze_bn`` is set. Looked up
+    when asked, so a SyncBatchNorm conversion after building is covered."""
+    out: list[nn.Module] = []
+    for sub in module.modules():
+        if isinstance(sub, SegModel) and sub.freeze_bn:
+            out += [m for m in sub.backbone.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return out
+
+
 class SegModel(nn.Module):
     """Base class; subclasses set ``backbone``, heads and the three size attributes."""
 
     # which parameters get no weight decay (optim.no_decay; build_network sets it): "mmseg" the
     # released name rule (``mmseg_no_decay``), "1d" every one-dimensional parameter
     no_decay: str = "mmseg"
+    # model.freeze_bn (build_model sets it): the backbone's BatchNorm layers stay in eval mode
+    freeze_bn: bool = False
 
     output_stride: int
     embed_dim: int  # channels of "embeddings"; 0 when the model has no projection head
@@ -52,6 +66,15 @@ class SegModel(nn.Module):
     def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
         self.channels_last = channels_last
+
+    def train(self, mode: bool = True) -> SegModel:
+        """``nn.Module.train``, except that with ``freeze_bn`` the backbone's BatchNorm layers stay
+        in eval mode: they normalise with their running statistics and never update them (every
+        training step calls ``train()``, so the freeze has to live here)."""
+        super().train(mode)
+        for m in frozen_norm_layers(self):
+            m.eval()
+        return self
 
     def _prepare(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
