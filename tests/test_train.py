@@ -274,3 +274,39 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     final_a = [e for e in evals_a if e["iter"] == 6][-1]
     final_b = [e for e in evals_b if e["iter"] == 6][-1]
     assert final_a["mIoU"] == final_b["mIoU"] and final_a["IoU"] == final_b["IoU"]
+
+
+def test_resume_with_sgd_is_exact(synthetic_root: str, tmp_path: Path) -> None:
+    """The SPCL preset (SGD with momentum, poly horizon 62 500, frozen BN) resumed from its
+    iteration-2 snapshot ends where the uninterrupted run ends: the momentum buffers are part of
+    the checkpoint (loaded with weights_only=True) and the schedule continues."""
+    path = REPO / "configs" / "spcl" / "deeplabv2_gta2cs.toml"
+    sets = tiny_overrides(synthetic_root, path) + [
+        "train.max_iters=4", "train.checkpoint_interval=2", "train.eval_interval=4",
+        "train.deterministic=true", "train.keep_checkpoints=0", "data.batch_size=2"]
+    cfg = load_config(path, sets)
+    assert cfg.optim.name == "sgd" and cfg.model.freeze_bn
+    train(cfg, tmp_path / "whole")
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
+    train(load_config(path, sets), tmp_path / "resumed",
+          resume=str(tmp_path / "whole" / "checkpoints" / "iter_2.pt"))
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "latest.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    momentum = [s["momentum_buffer"] for s in a["trainer"]["optimizer"]["state"].values()]
+    assert momentum and all(isinstance(m, torch.Tensor) for m in momentum)
+
+    def assert_same(x: object, y: object, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{where} differs after resume"
+        elif isinstance(x, dict):
+            assert set(x) == set(y), where
+            for k in x:
+                assert_same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list | tuple):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                assert_same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    for part in ("student", "teacher", "methods", "optimizer"):
+        assert_same(a["trainer"][part], b["trainer"][part], part)
