@@ -214,3 +214,121 @@ def test_the_target_stream_never_reads_labels_whatever_the_preset() -> None:
     for preset in PRESETS:
         cfg = load_config(CONFIGS / preset)
         assert crop_settings(cfg.data, cfg.data.target, stream=TARGET_STREAM).cat_max_ratio == 1.0
+
+
+# -- the DeepLab-V2 releases' optimiser, schedule, BN and geometry (docs/recipes.md sections 7-9;
+# snapshots BinhuiXie/SPCL 9e5bab7, cvlab-yonsei/DASS f544686, qinenergy/corda 2904cc6) ----------
+SGD_RELEASES: dict[str, dict[str, Any]] = {
+    "spcl/deeplabv2_gta2cs.toml": {
+        "optim.name": "sgd",  # SPCL train_ours.py#L75-L80 (torch.optim.SGD)
+        "optim.lr": 2.5e-4,  # configs/deeplabv2_r101_cl.yaml#L15
+        "optim.head_lr_mult": 10.0,  # train_ours.py#L79, #L139-L140 (classifier at 10x)
+        "optim.momentum": 0.9,  # core/configs/defaults.py#L54
+        "optim.weight_decay": 5e-4,  # core/configs/defaults.py#L56
+        "optim.warmup_iters": 0,  # core/solver/build.py#L4-L9: poly from iteration 0
+        "optim.poly_power": 0.9,  # core/configs/defaults.py#L52
+        "optim.poly_iters": 62500,  # MAX_ITER, configs/deeplabv2_r101_cl.yaml#L17
+        "train.max_iters": 40000,  # STOP_ITER, configs/deeplabv2_r101_cl.yaml#L18
+        "model.freeze_bn": True,  # FREEZE_BN: True, configs/deeplabv2_r101_cl.yaml#L4
+        # FrozenBatchNorm2d: affine fixed too (core/models/layers.py#L6-L24)
+        "model.freeze_bn_affine": True,
+        "data.batch_size": 4,  # BATCH_SIZE 8 = 4 source + 4 target (train_ours.py#L56-L59)
+        "data.ratio_range": [1.0, 1.0],  # INPUT_SCALES_TRAIN (core/configs/defaults.py#L18)
+        "data.flip_prob": 0.0,  # HORIZONTAL_FLIP_PROB_TRAIN (core/configs/defaults.py#L32)
+        "data.rcs": False,  # shuffled loaders (train_ours.py#L97-L108)
+        # exact Resize((h, w)) (core/datasets/transform.py#L53-L68, build.py#L16-L17)
+        "data.source.resize": [1280, 720],  # core/configs/defaults.py#L15
+        "data.source.keep_ratio": False,
+        "data.target.resize": [1024, 512],  # core/configs/defaults.py#L16
+        "data.target.keep_ratio": False,
+        "data.val.resize": [1024, 512],  # core/configs/defaults.py#L17
+        "data.val_labels": "original",  # resize_label=False (core/datasets/build.py#L36)
+        "eval.mode": "whole",  # test.py#L29-L41: one forward of the whole image
+        "eval.flip": False,  # test.py#L110
+    },
+    "bipcl/deeplabv2_gta2cs.toml": {
+        "optim.name": "sgd",  # DASS trainer/damnet_trainer.py#L182-L187
+        "optim.lr": 7.5e-5,  # config/damnet_config.yml#L40
+        "optim.head_lr_mult": 10.0,  # model/DeeplabV2.py#L227-L228; utils/optimize.py#L11
+        "optim.momentum": 0.9,  # config/damnet_config.yml#L44
+        "optim.weight_decay": 5e-4,  # config/damnet_config.yml#L43
+        "optim.warmup_iters": 0,  # utils/optimize.py#L4-L8
+        "optim.poly_power": 0.9,  # config/damnet_config.yml#L45
+        # a round decays over 6/5 of the steps it trains (utils/optimize.py#L8), kept over 40k
+        "optim.poly_iters": 48000,
+        # fixbn (config/damnet_config.yml#L7) freezes BN parameters only
+        # (model/model_builder.py#L6-L10); the model trains in train mode (damnet_trainer.py#L198)
+        "model.freeze_bn_affine": True,
+        "model.freeze_bn": False,
+        "data.batch_size": 2,  # config/damnet_config.yml#L61
+        "data.crop_size": [730, 730],  # config/damnet_config.yml#L67-L68
+        "data.ratio_range": [0.8, 1.2],  # config/damnet_config.yml#L70-L71 (see recipes.md s. 8)
+        "data.flip_prob": 0.5,  # mirror: True (#L69); dataset/joint_transforms.py#L260
+        "data.cat_max_ratio": 1.0,  # plain RandomCrop (dataset/joint_transforms.py#L410)
+        "data.rcs": False,  # dataset/dataset.py#L164-L168
+        # shorter edge 850 (config/damnet_config.yml#L65-L66; joint_transforms.py#L424-L430)
+        "data.source.resize": [4000, 850],
+        "data.source.keep_ratio": True,
+        "data.target.resize": [4000, 850],
+        "data.target.keep_ratio": True,
+        "data.val.resize": [1460, 730],  # dataset/dataset.py#L257-L266
+        # logits upsampled to 1024x2048 (trainer/damnet_trainer.py#L359-L369)
+        "data.val_labels": "original",
+        "eval.mode": "whole",
+        "eval.flip": False,
+    },
+    **{f"corda/deeplabv2_{d}.toml": {
+        "optim.name": "sgd",  # CorDA trainUDA_gta.py#L344-L350 (also trainUDA_synthia.py)
+        "optim.lr": 2.5e-4,  # configs/configUDA_gta2city.json#L12
+        "optim.head_lr_mult": 10.0,  # model/deeplabv2_gta.py#L315-L317; trainUDA_gta.py#L114
+        "optim.momentum": 0.9,  # configs/configUDA_gta2city.json#L10
+        "optim.weight_decay": 5e-4,  # configs/configUDA_gta2city.json#L15
+        "optim.warmup_iters": 0,  # trainUDA_gta.py#L107-L111
+        "optim.poly_power": 0.9,  # configs/configUDA_gta2city.json#L14
+        "optim.poly_iters": 0,  # the horizon is num_iterations (trainUDA_gta.py#L111)
+        "train.max_iters": 250000,  # configs/configUDA_gta2city.json#L11
+        "model.freeze_bn_affine": True,  # model/deeplabv2_gta.py#L72-L83
+        "model.freeze_bn": False,  # batch statistics (synchronised BN, json#L16)
+        "data.batch_size": 2,  # configs/configUDA_gta2city.json#L7
+        "data.crop_size": [512, 512],  # configs/configUDA_gta2city.json#L22
+        "data.ratio_range": [1.0, 1.0],  # "scale": false, json#L23
+        "data.flip_prob": 0.0,  # the crop alone (trainUDA_gta.py#L286, #L324); json#L32
+        "data.cat_max_ratio": 1.0,  # data/augmentations.py#L70-L154: plain random crops
+        "data.rcs": False,  # shuffled loaders (trainUDA_gta.py#L333-L334)
+        "data.source.resize": [1280, 720],  # trainUDA_gta.py#L331 (trainUDA_synthia.py#L331)
+        "data.source.keep_ratio": False,  # PIL resize to (1280, 720): data/gta5_dataset.py#L61
+        "data.target.resize": [1024, 512],  # RandomCrop_city halves (augmentations.py#L97-L99)
+        "data.target.keep_ratio": False,
+        # shells/eval_gta2city.sh --full-resolution: 1024x512 input, labels 1024x2048
+        # (evaluateUDA.py#L151-L154, #L251-L252)
+        "data.val.resize": [1024, 512],
+        "data.val_labels": "original",
+        "eval.mode": "whole",
+        "eval.flip": False,
+    } for d in ("gta2cs", "synthia2cs")},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(SGD_RELEASES))
+def test_deeplabv2_releases_optimiser_schedule_bn_and_geometry(preset: str) -> None:
+    cfg = load_config(CONFIGS / preset)
+    wrong = {key: (resolved(cfg, key), want) for key, want in SGD_RELEASES[preset].items()
+             if not _same(resolved(cfg, key), want)}
+    assert not wrong, f"{preset}: key: (resolved, released) {wrong}"
+
+
+def test_deeplabv2_release_sizes_resolve_as_released() -> None:
+    """The resizes above give the released image sizes: BiPCL's shorter edge 850 (GTA
+    1914x1052 -> int(1914 * 850 / 1052) = 1546 wide, dataset/joint_transforms.py#L424-L434),
+    SPCL's and CorDA's exact 1280x720 GTA."""
+    from fastuda.data.loaders import SOURCE_STREAM, crop_settings
+    from fastuda.data.transforms import scaled_size
+
+    bipcl = load_config(CONFIGS / "bipcl/deeplabv2_gta2cs.toml").data
+    s = crop_settings(bipcl, bipcl.source, stream=SOURCE_STREAM)
+    assert scaled_size((1052, 1914), s.resize_wh, 1.0, s.keep_ratio) == (850, 1546)
+    assert scaled_size((1024, 2048), (4000, 850), 1.0, bipcl.target.keep_ratio) == (850, 1700)
+    for preset in ("spcl/deeplabv2_gta2cs.toml", "corda/deeplabv2_gta2cs.toml"):
+        data = load_config(CONFIGS / preset).data
+        s = crop_settings(data, data.source, stream=SOURCE_STREAM)
+        assert scaled_size((1052, 1914), s.resize_wh, 1.0, s.keep_ratio) == (720, 1280)
