@@ -2,8 +2,8 @@
 parameters are checked after it, so NaN/Inf never reach a checkpoint unnoticed.
 
 A finite loss does not imply finite gradients (an overflow inside a backward), and finite
-gradients with a finite learning rate give a finite AdamW update; the parameter check after the
-step is the last line: a non-finite parameter stops the run before anything is saved.
+gradients with a finite learning rate give a finite AdamW or SGD update; the parameter check
+after the step is the last line: a non-finite parameter stops the run before anything is saved.
 """
 
 from __future__ import annotations
