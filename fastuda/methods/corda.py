@@ -7,8 +7,10 @@ wrapping any fastuda model) reads the shared feature (``"features"``: DeepLab-V2
 channels). Per task (segmentation S, depth D) two residual Bottleneck blocks 2048 -> 256 (the
 first with a 1x1-conv+BN shortcut) make the task features (model/deeplabv2_gta.py#L327-L364,
 BottleneckPad #L128-L167). Initial predictions: S is the wrapped model's own classifier on the
-shared feature (DeepLab-V2: ASPP on 2048 channels, Classifier_Module2048 #L169-L184, #L346), D and
-D_src 1x1 convs on the depth feature (#L348-L351). Cross-task exchange f_S += SA(f_D),
+shared feature (DeepLab-V2: ASPP on 2048 channels, Classifier_Module2048 #L169-L184, #L346; the
+SYNTHIA release instead has a 1x1 conv on the segmentation task feature,
+model/deeplabv2_synthia.py#L330, #L343: ``initial_seg_head = "task"``), D and D_src 1x1 convs on
+the depth feature (#L348-L351). Cross-task exchange f_S += SA(f_D),
 f_D += SA(f_S), SA(x) = conv(x) * sigmoid(conv'(x)), bias-free 3x3 convs (#L367-L388,
 model/layers.py#L24-L35). Final predictions: ASPP heads on 256 channels for S, D and D_src
 (#L111-L126, #L212-L215, #L264-L269). All are supervised (trainUDA_gta.py):
@@ -21,7 +23,7 @@ model/layers.py#L24-L35). Final predictions: ASPP heads on 256 channels for S, D
   + [d_mix invalid], 0, 1) from the student's final D_src and D heads on the mixed image and the
   ground-truth mixed depth d_mix (invalid: the release's value 1, NaN here);
 - pseudo-labels from the teacher's initial S for the first 25 001 iterations, then from S
-  (#L435-L439; ``initial_pseudo_iters``).
+  (#L435-L439; ``initial_pseudo_iters``; trainUDA_synthia.py#L435 always uses S: 0).
 The released ASPP returns inside its loop, so it sums only the dilation 6 and 12 branches
 (#L122-L126, #L180-L184); fastuda sums all four (``aspp_dilations``; ``[6, 12]`` restores the
 release: docs/recipes.md section 11).
@@ -65,6 +67,9 @@ class CorDASettings:
 
     formulation: Literal["released", "fastuda"] = "released"
     channels: int = 256  # task features (released: 2048 -> 256)
+    # "released": the initial S head: "model", the wrapped model's classifier on the shared
+    # feature (GTA release); "task", a 1x1 conv on the segmentation task feature (SYNTHIA's)
+    initial_seg_head: Literal["model", "task"] = "model"
     # dilations of every CorDA ASPP (released: [6, 12] through an early return, see above)
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     source_depth_weight: float = 0.01  # trainUDA_gta.py#L416
@@ -177,7 +182,8 @@ class CorDAModel(SegModel):
 
     def __init__(self, net: SegModel, num_classes: int, channels: int = 256,
                  formulation: str = "released",
-                 aspp_dilations: tuple[int, ...] | list[int] = (6, 12, 18, 24)) -> None:
+                 aspp_dilations: tuple[int, ...] | list[int] = (6, 12, 18, 24),
+                 initial_seg_head: str = "model") -> None:
         super().__init__(getattr(net, "channels_last", False))
         if formulation not in ("released", "fastuda"):
             raise ValueError(f"unknown CorDA formulation {formulation!r}")
@@ -186,13 +192,16 @@ class CorDAModel(SegModel):
         released = formulation == "released"
         # the initial S of the release is the model's own classifier on the shared feature;
         # its ASPP gets the same dilations as CorDA's (Classifier_Module2048 has the same bug)
-        if released and isinstance(getattr(net, "decode_head", None), ASPPClassifier):
+        if released and initial_seg_head == "model" \
+                and isinstance(getattr(net, "decode_head", None), ASPPClassifier):
             net.decode_head = aspp_with_dilations(net.decode_head, dilations)
         self.net = net
         width = net.feature_channels
         if released:
             self.seg_task = task_block(width, channels)
             self.depth_task = task_block(width, channels)
+            self.initial_seg = (nn.Conv2d(channels, num_classes, 1)
+                                if initial_seg_head == "task" else None)
             self.initial_depth_source = nn.Conv2d(channels, 1, 1)
             self.initial_depth_target = nn.Conv2d(channels, 1, 1)
             self.depth_to_seg = SelfAttention(channels, bias=False)
@@ -226,7 +235,8 @@ class CorDAModel(SegModel):
         shared = out[O.FEATURES]
         f_seg, f_depth = self.seg_task(shared), self.depth_task(shared)
         if self.formulation == "released":
-            out[O.LOGITS_INITIAL] = out[O.LOGITS]
+            out[O.LOGITS_INITIAL] = (out[O.LOGITS] if self.initial_seg is None
+                                     else self.initial_seg(f_seg))
             out[O.DEPTH_SOURCE_INITIAL] = self.initial_depth_source(f_depth)[:, 0]
             out[O.DEPTH_TARGET_INITIAL] = self.initial_depth_target(f_depth)[:, 0]
         f_seg, f_depth = f_seg + self.depth_to_seg(f_depth), f_depth + self.seg_to_depth(f_seg)
@@ -343,7 +353,8 @@ class CorDA(Method):
         if isinstance(model, CorDAModel):
             return model
         s = self.settings
-        return CorDAModel(model, self.num_classes, s.channels, s.formulation, s.aspp_dilations)
+        return CorDAModel(model, self.num_classes, s.channels, s.formulation, s.aspp_dilations,
+                          s.initial_seg_head)
 
     def start_step(self, view: StepView) -> None:
         for key, batch in (("source", view.source), ("target", view.target)):
