@@ -489,3 +489,14 @@ def test_demo_trains(formulation: str, synthetic_root: str, tmp_path: Path) -> N
     assert own | {"src.ce", "mix.ce"} <= set(logged)
     assert not any(k.endswith("_initial") for k in logged) or formulation == "released"
     assert all(math.isfinite(logged[k]) for k in own)
+    # evaluate/predict/export load the checkpoint into the network CorDA trained (its wrapper)
+    from fastuda.engine.checkpoint import any_checkpoint
+    from fastuda.evaluate import load_model
+
+    cfg = load_config(DEMO, sets)
+    for weights in ("student", "teacher"):
+        model = load_model(cfg, any_checkpoint(tmp_path / "run"), weights, torch.device("cpu"))
+        assert isinstance(model, CorDAModel) and model.formulation == formulation
+        with torch.no_grad():
+            logits = model(torch.zeros(1, 3, 64, 64))[O.LOGITS]
+        assert logits.shape[:2] == (1, cfg.model.num_classes)
