@@ -228,6 +228,9 @@ CORDA_METHOD: dict[str, Any] = {
     "corda.aspp_dilations": [6, 12, 18, 24],
     "corda.berhu_ratio": 0.2,  # utils/loss.py#L182 (c = 0.2 max |e|)
     "corda.depth_weighting": True,  # trainUDA_gta.py#L513-L523
+    # fixed: the release's [B, H, W] x [B, 1, H, W] broadcast (trainUDA_gta.py#L523) gives each
+    # image the batch's mean depth weight; corda.depth_weight_images = "batch_mean" restores it
+    "corda.depth_weight_images": "own",
     # ColorJitter(s=0.25) when u > 0.2, blur when u > 0.5, no flip: utils/transformsgpu.py#L7-L30,
     # configs/configUDA_gta2city.json#L32-L34
     "self_training.color_jitter_strength": 0.25,

@@ -21,7 +21,11 @@ model/layers.py#L24-L35). Final predictions: ASPP heads on 256 channels for S, D
 - the pixel weights of the mixed CE (#L511-L523): the ClassMixed pseudo weights (1 on pasted
   pixels, q elsewhere) times w / mean(w), w = clip(relu(1 - |D_src - D| / d_mix) + 1e-3
   + [d_mix invalid], 0, 1) from the student's final D_src and D heads on the mixed image and the
-  ground-truth mixed depth d_mix (invalid: the release's value 1, NaN here);
+  ground-truth mixed depth d_mix (invalid: the release's value 1, NaN here). The release
+  multiplies the [B, H, W] pseudo weights by the [B, 1, H, W] depth weight, which broadcasts to
+  [B, B, H, W]: every image's pixel gets the batch's mean depth weight at that position
+  (#L523, #L529-L530, utils/loss.py#L40-L43); fastuda gives each image its own
+  (``depth_weight_images = "batch_mean"`` restores the release);
 - pseudo-labels from the teacher's initial S for the first 25 001 iterations, then from S
   (#L435-L439; ``initial_pseudo_iters``; trainUDA_synthia.py#L435 always uses S: 0).
 The released ASPP returns inside its loop, so it sums only the dilation 6 and 12 branches
@@ -76,6 +80,9 @@ class CorDASettings:
     mix_depth_weight: float = 0.001  # trainUDA_gta.py#L533
     berhu_ratio: float = 0.2  # c = ratio * max |error| (utils/loss.py#L182)
     depth_weighting: bool = True
+    # "released": whose depth weight a mixed image's pixels get: "own" (the fix) or "batch_mean",
+    # the mean over the batch's images at that pixel (the release's [B, B, H, W] broadcast)
+    depth_weight_images: Literal["own", "batch_mean"] = "own"
     # "released": the teacher's pseudo-labels come from the initial S head while it < this
     # (trainUDA_gta.py#L435: i_iter < 25001); 0: always from S. Unused by "fastuda" (no initial
     # heads)
@@ -421,6 +428,9 @@ class CorDA(Method):
         size = depth.shape[-2:]
         w = released_depth_weight(_up(out[O.DEPTH_SOURCE], size), _up(out[O.DEPTH_TARGET], size),
                                   depth)
+        if self.settings.depth_weight_images == "batch_mean":
+            # mean_ij(ce_j pw_j w_i) = mean_j(ce_j pw_j mean_i(w_i)): the release's broadcast
+            w = w.mean(0, keepdim=True).expand_as(w)
         return mixed_weight * w
 
     def _mixed_depth(self, out: Outputs, source_key: str, target_key: str, size: torch.Size

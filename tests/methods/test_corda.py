@@ -382,6 +382,37 @@ def test_released_depth_weight_by_hand() -> None:
     assert fastuda.reweight_mixed(out, torch.zeros(1, 2, 2), weight, 0) is weight
 
 
+def test_depth_weight_images_key_reproduces_the_release_broadcast() -> None:
+    # trainUDA_gta.py#L512-L523: pixelWiseWeight [B, H, W] * depth_weight [B, 1, H, W] is
+    # [B, B, H, W]; CrossEntropyLoss2dPixelWiseWeighted (utils/loss.py#L40-L43) then takes
+    # mean(ce [B, H, W] * that): the release's loss, computed literally here
+    g = torch.Generator().manual_seed(4)
+    src_depth = torch.rand(2, 1, 3, generator=g) + 0.5
+    tgt_depth = torch.rand(2, 1, 3, generator=g) + 0.5
+    mask = torch.tensor([[[True, False, False]], [[False, True, False]]])
+    depth_u = torch.where(mask, src_depth, tgt_depth)
+    out = {O.DEPTH_SOURCE: depth_u + 0.3 * torch.rand(2, 1, 3, generator=g),
+           O.DEPTH_TARGET: depth_u - 0.3 * torch.rand(2, 1, 3, generator=g)}
+    logits = torch.randn(2, 3, 1, 3, generator=g)
+    label = torch.randint(0, 3, (2, 1, 3), generator=g)
+    pw = torch.where(mask, 1.0, 0.4)  # ClassMixed: 1 pasted, q = 0.4
+    diff = (out[O.DEPTH_SOURCE] - out[O.DEPTH_TARGET]).abs()[:, None]
+    dw = (torch.relu(1.0 - diff / depth_u[:, None]) + 1e-3).clamp(0, 1)  # [B, 1, H, W]
+    ce = F.cross_entropy(logits, label, reduction="none")
+    released = torch.mean(ce * (pw * dw / torch.mean(dw)))
+    assert (pw * dw).shape == (2, 2, 1, 3)  # the broadcast
+    for images, same in (("batch_mean", True), ("own", False)):
+        method = _released(depth_weight_images=images)
+        _step(method, src_depth, tgt_depth)
+        method.on_mix(mask, 0)
+        w = method.reweight_mixed(out, label, pw, 0)
+        got = (_ce_by_hand(logits, label) * w).mean()  # the loop's weighted CE
+        assert math.isclose(float(got), float(released), rel_tol=1e-5) == same, images
+    # "own": each image its own weight, the release's formula without the broadcast
+    own = (pw * dw[:, 0] / torch.mean(dw))
+    assert torch.allclose(w, own, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # In the loop
 # ----------------------------------------------------------------------------------------------
