@@ -61,20 +61,19 @@ from ..models.base import SegModel
 from ..models.heads import ASPPClassifier, ConvBNReLU
 from .base import Losses, Method, Outputs
 
-RELEASED_ASPP_DILATIONS = [6, 12]  # what the release's early return computes
-
 
 @dataclass
 class CorDASettings:
     """``[corda]``: the network, depth losses and depth-aware weights; defaults are the
-    release's (qinenergy/corda) with its ASPP fixed."""
+    release's (qinenergy/corda) with its ASPP and depth-weight broadcast fixed."""
 
     formulation: Literal["released", "fastuda"] = "released"
     channels: int = 256  # task features (released: 2048 -> 256)
     # "released": the initial S head: "model", the wrapped model's classifier on the shared
     # feature (GTA release); "task", a 1x1 conv on the segmentation task feature (SYNTHIA's)
     initial_seg_head: Literal["model", "task"] = "model"
-    # dilations of every CorDA ASPP (released: [6, 12] through an early return, see above)
+    # dilations of every CorDA ASPP (the release computes [6, 12]: an early
+    # return, see the module docstring)
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     source_depth_weight: float = 0.01  # trainUDA_gta.py#L416
     mix_depth_weight: float = 0.001  # trainUDA_gta.py#L533
