@@ -219,9 +219,12 @@ class CorDAModel(SegModel):
             self.depth_task = ConvBNReLU(width, channels, 3)
             self.depth_to_seg = SelfAttention(channels)
             self.seg_to_depth = SelfAttention(channels)
+            # this order of construction keeps the draws of its initialisation as before
+            self.classifier = ASPPClassifier(channels, num_classes, tuple(dilations))
             self.depth_source = DepthHead(channels)
             self.depth_target = DepthHead(channels)
-        self.classifier = ASPPClassifier(channels, num_classes, tuple(dilations))
+        if released:
+            self.classifier = ASPPClassifier(channels, num_classes, tuple(dilations))
         if released:  # the release's init of every conv, BN weight 1, bias 0 (#L218-L224)
             for name, m in self.named_modules():
                 if name.startswith("net"):
