@@ -117,6 +117,20 @@ def autocast_for(cfg: Config, device: torch.device) -> AbstractContextManager:
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def wrap_for_methods(cfg: Config, model: nn.Module) -> nn.Module:
+    """``model`` inside the wrappers of the run's methods whose heads change the predictions
+    (CorDA's ``wrap_model``), as training built it: its checkpoints hold the wrapper's weights."""
+    from .engine.context import MethodContext
+    from .methods import METHODS, Method
+
+    for name in cfg.methods:
+        cls = METHODS[name]
+        if cls.wrap_model is not Method.wrap_model:  # only these need an instance
+            ctx = MethodContext(num_classes=cfg.model.num_classes, model=cfg.model)
+            model = cls(cfg.settings(name), ctx).wrap_model(model)
+    return model
+
+
 def load_model(cfg: Config, checkpoint: str | Path, weights: str, device: torch.device,
                config_path: str | Path = "the config") -> nn.Module:
     """The network ``cfg`` describes (HRDA-wrapped when enabled) with the ``weights``
@@ -128,7 +142,7 @@ def load_model(cfg: Config, checkpoint: str | Path, weights: str, device: torch.
     from .models import build_network
 
     # the checkpoint sets every weight: model.pretrained is not read (a missing file is no error)
-    model = build_network(cfg, load_weights=False)
+    model = wrap_for_methods(cfg, build_network(cfg, load_weights=False))
     state = load_checkpoint(checkpoint)
     # a training checkpoint holds {"trainer": {"student": ..., "teacher": ...}}; a bare state
     # dict of the model is accepted too

@@ -332,3 +332,57 @@ def test_deeplabv2_release_sizes_resolve_as_released() -> None:
         data = load_config(CONFIGS / preset).data
         s = crop_settings(data, data.source, stream=SOURCE_STREAM)
         assert scaled_size((1052, 1914), s.resize_wh, 1.0, s.keep_ratio) == (720, 1280)
+# -- CorDA's own values (section 9): qinenergy/corda 2904cc6 --------------------------------------
+# the network, losses, depth weight, pseudo-labels and strong augmentation (the optimiser,
+# schedule, crop and evaluation rows are pinned with the loop's)
+CORDA_METHOD: dict[str, Any] = {
+    "methods": ["corda"],
+    "corda.formulation": "released",  # fastuda/methods/corda.py (the release's formulation)
+    "corda.channels": 256,  # model/deeplabv2_gta.py#L331 (intermediate_channels=256)
+    # fixed: the released ASPPs declare [6, 12, 18, 24] (#L214, #L346) but return after the
+    # 12 branch (#L122-L126, #L180-L184); corda.aspp_dilations = [6, 12] restores it
+    "corda.aspp_dilations": [6, 12, 18, 24],
+    "corda.berhu_ratio": 0.2,  # utils/loss.py#L182 (c = 0.2 max |e|)
+    "corda.depth_weighting": True,  # trainUDA_gta.py#L513-L523
+    # fixed: the release's [B, H, W] x [B, 1, H, W] broadcast (trainUDA_gta.py#L523) gives each
+    # image the batch's mean depth weight; corda.depth_weight_images = "batch_mean" restores it
+    "corda.depth_weight_images": "own",
+    # ColorJitter(s=0.25) when u > 0.2, blur when u > 0.5, no flip: utils/transformsgpu.py#L7-L30,
+    # configs/configUDA_gta2city.json#L32-L34
+    "self_training.color_jitter_strength": 0.25,
+    "self_training.color_jitter_prob": 0.8,
+    "self_training.blur_prob": 0.5,
+    "self_training.blur_sigma": [0.15, 1.15],  # utils/transformsgpu.py#L24
+    "self_training.ignore_top": 0,  # pseudo weight q on every pixel: trainUDA_gta.py#L511-L512
+    "self_training.ignore_bottom": 0,
+    "self_training.source_ce_average": "valid",  # CrossEntropy2d, utils/loss.py#L25-L31
+    "self_training.pseudo_threshold": 0.968,  # trainUDA_gta.py#L511
+    "self_training.quality_weight": "batch",  # one q per batch: trainUDA_gta.py#L511
+}
+CORDA_PRESETS: dict[str, dict[str, Any]] = {
+    "corda/deeplabv2_gta2cs.toml": {
+        **CORDA_METHOD,
+        "corda.source_depth_weight": 0.01,  # trainUDA_gta.py#L416
+        "corda.mix_depth_weight": 0.001,  # trainUDA_gta.py#L533
+        "corda.initial_seg_head": "model",  # Classifier_Module2048 on layer 4, #L346, #L363
+        "corda.initial_pseudo_iters": 25001,  # trainUDA_gta.py#L435 (i_iter < 25001)
+    },
+    "corda/deeplabv2_synthia2cs.toml": {
+        **CORDA_METHOD,
+        "corda.source_depth_weight": 0.01,  # trainUDA_synthia.py#L416
+        "corda.mix_depth_weight": 0.001,  # trainUDA_synthia.py#L529
+        # a 1x1 conv on the segmentation task feature: model/deeplabv2_synthia.py#L330, #L343
+        "corda.initial_seg_head": "task",
+        "corda.initial_pseudo_iters": 0,  # trainUDA_synthia.py#L435: always out_tar["S"]
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CORDA_PRESETS))
+def test_corda_presets_resolve_to_the_released_corda_values(preset: str) -> None:
+    assert {str(p.relative_to(CONFIGS)) for p in (CONFIGS / "corda").glob("*.toml")} \
+        == set(CORDA_PRESETS)
+    cfg = load_config(CONFIGS / preset)
+    wrong = {key: (resolved(cfg, key), want) for key, want in CORDA_PRESETS[preset].items()
+             if not _same(resolved(cfg, key), want)}
+    assert not wrong, f"{preset}: key: (resolved, released) {wrong}"

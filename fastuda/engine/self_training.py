@@ -285,14 +285,18 @@ class SelfTraining:
             self.scaler.scale(total).backward()
         return True
 
-    def _teacher_pseudo_labels(self, images: Tensor) -> tuple[Tensor, Tensor, Outputs]:
-        """(label, weight, teacher outputs with the logits upsampled to the image size)."""
+    def _teacher_pseudo_labels(self, images: Tensor, it: int) -> tuple[Tensor, Tensor, Outputs]:
+        """(label, weight, teacher outputs with the logits upsampled to the image size); the
+        label comes from the output the methods name (``pseudo_label_logits``: the logits, or
+        CorDA's initial head early on), upsampled alike."""
         st = self.cfg.self_training
         with torch.no_grad(), self.autocast():
             out = dict(self.teacher(images))
-        out[O.LOGITS] = F.interpolate(out[O.LOGITS].float(), size=images.shape[-2:],
-                                      mode="bilinear", align_corners=False)
-        label, weight = pseudo_label(out[O.LOGITS], st.pseudo_threshold, st.ignore_top,
+        key = self.methods.pseudo_label_logits(it)
+        for k in dict.fromkeys((O.LOGITS, key)):
+            out[k] = F.interpolate(out[k].float(), size=images.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        label, weight = pseudo_label(out[key], st.pseudo_threshold, st.ignore_top,
                                      st.ignore_bottom, st.quality_weight)
         return label, weight, out
 
@@ -310,9 +314,9 @@ class SelfTraining:
                 valid = valid.to(self.device)
             crop_logits = None
             if st.class_balanced_crop:
-                tgt_img, valid, crop_logits = self._class_balanced_crop(tgt_img, valid)
+                tgt_img, valid, crop_logits = self._class_balanced_crop(tgt_img, view.it, valid)
             if crop_logits is None:
-                plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img)
+                plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img, view.it)
             else:  # class_balanced_crop_regen = false: the whole image's logits, cropped
                 teacher_out = {O.LOGITS: crop_logits}
                 plabel, pweight = pseudo_label(crop_logits, st.pseudo_threshold, st.ignore_top,
@@ -325,7 +329,7 @@ class SelfTraining:
         view.target_image, view.pseudo_label, view.pseudo_weight = tgt_img, plabel, pweight
         log["pseudo.weight"] = float(pweight.mean())
 
-    def _class_balanced_crop(self, images: Tensor, valid: Tensor | None = None
+    def _class_balanced_crop(self, images: Tensor, it: int, valid: Tensor | None = None
                              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
         keep the best per image; ``valid`` (the pseudo-label margins' mask) is cropped alike.
@@ -335,7 +339,8 @@ class SelfTraining:
         if images.shape[-2] < ch or images.shape[-1] < cw:
             raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
                              f"{tuple(images.shape[-2:])}")
-        label, _, out = self._teacher_pseudo_labels(images)
+        label, _, out = self._teacher_pseudo_labels(images, it)
+        key = self.methods.pseudo_label_logits(it)
         keep_logits = not self.cfg.self_training.class_balanced_crop_regen
         crops, masks, logits = [], [], []
         for b, (img, lbl) in enumerate(zip(images, label, strict=True)):
@@ -344,7 +349,7 @@ class SelfTraining:
             if valid is not None:
                 masks.append(valid[b, top:top + ch, left:left + cw])
             if keep_logits:
-                logits.append(out[O.LOGITS][b, :, top:top + ch, left:left + cw])
+                logits.append(out[key][b, :, top:top + ch, left:left + cw])
         return (torch.stack(crops), (torch.stack(masks) if valid is not None else None),
                 torch.stack(logits) if keep_logits else None)
 
@@ -386,6 +391,9 @@ class SelfTraining:
         return self._augment(mixed)
 
     def _mixed_losses(self, out: Outputs, view: StepView) -> Losses:
+        with torch.no_grad():  # weights from the student's mixed outputs (CorDA's depth weight)
+            view.mixed_weight = self.methods.reweight_mixed(out, view.mixed_label,
+                                                            view.mixed_weight, view.it)
         losses = self._seg_losses("mix", out, view.mixed_label, view.mixed_weight)
         with self.timer("method_losses"):
             losses.update(self.methods.mixed_losses(out, view.mixed_label, view.mixed_weight,

@@ -14,11 +14,13 @@ of ``state_dict`` so checkpoints capture them.
 Order of the hooks in one step (fastuda/engine/self_training.py):
     start_step(view)                                      the raw batches (e.g. "depth")
     update_state(teacher(source), source label)           if wants_teacher_source
+    pseudo_label_logits(it)                               which teacher output (default logits)
     refine_pseudo_labels(teacher(target), label, weight)  -> the label/weight the loop uses
         (before the source pass when any method has pseudo_labels_first, else after it)
     pass "src":  source_losses(student(source), label)
     pass "tgt":  target_losses(student(aug target), label, weight)   if wants_student_target
-    pass "mix":  on_mix(mask), mixed_losses(student(aug mixed), label, weight)
+    pass "mix":  on_mix(mask), reweight_mixed(student(aug mixed), label, weight) [no grad],
+                 then the loop's CE and mixed_losses(..., label, reweighted weight)
     the methods' own passes (extra_passes), in the order of ``methods``
 """
 
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from ..engine.context import Losses, MethodContext, Outputs, Pass, StepView
+from ..models import outputs as O
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -78,6 +81,11 @@ class Method(nn.Module):
     def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
         """Update statistics/banks/prototypes from the teacher's source outputs (no grad)."""
 
+    def pseudo_label_logits(self, it: int) -> str | None:
+        """The teacher output (a key of fastuda/models/outputs.py) this step's pseudo-labels
+        are made from; None: ``"logits"`` (CorDA: its initial head for the first iterations)."""
+        return None
+
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
         """Adjust the pseudo-labels [B, H, W] and weights [B, H, W] from the teacher's target
@@ -98,6 +106,13 @@ class Method(nn.Module):
 
     def on_mix(self, mask: Tensor, it: int) -> None:
         """The ClassMix mask [B, H, W] (True: source pixel) of this step, before mixed_losses."""
+
+    def reweight_mixed(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
+                       it: int) -> Tensor:
+        """The mixed CE's pixel weights [B, H, W] from the student's outputs on the mixed image
+        (CorDA's released depth-aware weight); runs under no_grad before the loop's mixed CE,
+        which (and ``mixed_losses``) then uses the returned weights."""
+        return mixed_weight
 
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:
@@ -164,6 +179,15 @@ class MethodStack(nn.Module):
             if m.wants_teacher_source(it):
                 m.update_state(teacher_source, source_label, it)
 
+    def pseudo_label_logits(self, it: int) -> str:
+        """The teacher output the pseudo-labels come from: ``"logits"`` unless a method names
+        another; two methods naming different ones is an error."""
+        keys = {k for m in self if (k := m.pseudo_label_logits(it)) is not None}
+        if len(keys) > 1:
+            raise ValueError(f"methods {self.names} ask for pseudo-labels from different "
+                             f"teacher outputs: {sorted(keys)}")
+        return keys.pop() if keys else O.LOGITS
+
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
         for m in self:
@@ -195,6 +219,12 @@ class MethodStack(nn.Module):
     def on_mix(self, mask: Tensor, it: int) -> None:
         for m in self:
             m.on_mix(mask, it)
+
+    def reweight_mixed(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
+                       it: int) -> Tensor:
+        for m in self:
+            mixed_weight = m.reweight_mixed(out, mixed_label, mixed_weight, it)
+        return mixed_weight
 
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:

@@ -27,7 +27,12 @@ DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixel
 # CorDA (fastuda/methods/corda.py)
 DEPTH_SOURCE = "depth_source"  # [B, h, w] inverse depth, the source-domain head
 DEPTH_TARGET = "depth_target"  # [B, h, w] inverse depth, the target-domain head
+# CorDA's released deep supervision: the initial predictions, before the cross-task exchange
+LOGITS_INITIAL = "logits_initial"  # [B, num_classes, h, w], the wrapped model's logits
+DEPTH_SOURCE_INITIAL = "depth_source_initial"  # [B, h, w]
+DEPTH_TARGET_INITIAL = "depth_target_initial"  # [B, h, w]
 
 __all__ = ["ASPP_BRANCHES", "ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE",
-           "DEPTH_SOURCE", "DEPTH_TARGET", "DETAIL_BOX", "EMBEDDINGS", "FEATURES",
-           "FEATURES_DETAIL", "LOGITS", "LOGITS_CONTEXT", "LOGITS_DETAIL"]
+           "DEPTH_SOURCE", "DEPTH_SOURCE_INITIAL", "DEPTH_TARGET", "DEPTH_TARGET_INITIAL",
+           "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL", "LOGITS", "LOGITS_CONTEXT",
+           "LOGITS_DETAIL", "LOGITS_INITIAL"]
