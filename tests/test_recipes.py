@@ -42,6 +42,9 @@ LOOP: dict[str, Any] = {
     # teacher in train mode, only dropout / DropPath off: SePiCo mmseg/models/uda/sepico.py
     # #L244-L248, DAFormer mmseg/models/uda/dacs.py#L264-L268; EMA of parameters, #L135-L144
     "self_training.teacher_norm": "batch",
+    # the EMA after step it uses alpha(it + 1): the update at the start of iteration t > 0 with
+    # alpha(t), SePiCo sepico.py#L226-L227; DAFormer mmseg/models/uda/dacs.py#L217-L218
+    "self_training.ema_alpha_step": "next",
     "self_training.quality_weight": "batch",  # sepico.py#L254-L256; DAFormer dacs.py#L274-L277
     # mmseg v0.16 CE: reduction 'none' then a plain mean (cross_entropy_loss.py#L21-L32)
     "self_training.source_ce_average": "all",
