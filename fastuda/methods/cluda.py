@@ -139,8 +139,9 @@ def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[i
 
 class CLUDA(Method):
     """In HRDA mode (``ctx.multi_resolution``) CLUDA builds the multi-resolution pair-weight
-    head (``weight_head``) on the ``ctx.feature_channels``-channel features it contrasts;
-    single resolution: no head, no parameters."""
+    head (``weight_head``): released, a 1-channel head of the decode head's type on the context
+    decode-head input; "three_term", a SigmoidMapHead on the ``ctx.feature_channels``-channel
+    features it contrasts. Single resolution: no head, no parameters."""
 
     name = "cluda"
     Settings = CLUDASettings
