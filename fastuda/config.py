@@ -219,6 +219,10 @@ class SelfTrainingConfig:
     # #L244-L248; DAFormer dacs.py#L264-L268) or "running" (eval mode: EMA-averaged running
     # statistics, fastuda before issue 13)
     teacher_norm: Literal["batch", "running"] = "batch"
+    # which alpha the EMA after step `it` uses: "next" = alpha(it + 1) (released: the update at
+    # the start of iteration t > 0 with alpha(t), SePiCo sepico.py#L133-L134, #L226-L227; DAFormer
+    # dacs.py#L104-L105, #L217-L218) or "same" = alpha(it) (fastuda before issue 13)
+    ema_alpha_step: Literal["next", "same"] = "next"
     # the pseudo-labels' quality weight q: "batch" (released: one scalar per batch, confident
     # pixels of all rows over all pixels, the ignored rows zeroed afterwards; SePiCo
     # sepico.py#L254-L256, DAFormer dacs.py#L274-L286) or "image" (one per image, counted

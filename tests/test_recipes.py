@@ -42,6 +42,9 @@ LOOP: dict[str, Any] = {
     # teacher in train mode, only dropout / DropPath off: SePiCo mmseg/models/uda/sepico.py
     # #L244-L248, DAFormer mmseg/models/uda/dacs.py#L264-L268; EMA of parameters, #L135-L144
     "self_training.teacher_norm": "batch",
+    # the EMA after step it uses alpha(it + 1): the update at the start of iteration t > 0 with
+    # alpha(t), SePiCo sepico.py#L226-L227; DAFormer mmseg/models/uda/dacs.py#L217-L218
+    "self_training.ema_alpha_step": "next",
     "self_training.quality_weight": "batch",  # sepico.py#L254-L256; DAFormer dacs.py#L274-L277
     # mmseg v0.16 CE: reduction 'none' then a plain mean (cross_entropy_loss.py#L21-L32)
     "self_training.source_ce_average": "all",
@@ -149,6 +152,22 @@ HRDA_GTA = {"data.source.resize": [2560, 1440]}  # data #L15
 # HRDA configs/_base_/datasets/uda_synthiaHR_to_cityscapesHR_1024x1024.py#L15
 HRDA_SYNTHIA = {"data.source.resize": [2560, 1520]}
 
+# -- CLUDA on HRDA (section 4): user0407/CLUDA bad6ed0 ----------------------------------------
+CLUDA_HR: dict[str, Any] = {
+    "cluda.grid": [65, 65],  # mmseg/models/uda/dacs.py#L258 (fm_size)
+    # no temperature in multi_resolution_cl: plain cosines (contrastive_loss.py#L9-L47)
+    "cluda.tau": 1.0,
+    # 0.5 * mean per batch (contrastive_loss.py#L98), added with weight 1 (dacs.py#L340-L343)
+    "cluda.weight": 1.0,
+    # feat_weighter channels = attention_embed_dim 256 (hrda_head.py#L51, #L72-L73)
+    "cluda.head_channels": 256,
+    "cluda.multires_loss": "released",  # contrastive_loss.py#L49-L99
+    # the release's bugs stay fixed (docs/recipes.md section 11; a key restores each):
+    "cluda.ignore_as_class": False,  # released true: contrastive_loss.py#L23
+    "cluda.pixel_major_features": False,  # released true: contrastive_loss.py#L11 vs #L53
+    "cluda.box_test": "box",  # released "label_nonzero": dacs.py#L330-L333
+}
+
 # -- MIC (section 6): lhoyer/MIC seg/experiments.py -------------------------------------------
 MIC_HR = {"mic.mask_ratio": 0.7, "mic.block_size": 64}  # experiments.py#L398-L400 (exp 80)
 MIC_LR = {"mic.mask_ratio": 0.7, "mic.block_size": 32}  # experiments.py#L427, #L445-L450 (exp 81)
@@ -166,13 +185,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # no single-resolution CLUDA release: the DAFormer setting it builds on
     "cluda/daformer_gta2cs.toml": {**LOOP, **DAFORMER},
     "cluda/daformer_synthia2cs.toml": {**LOOP, **DAFORMER_DATA, **DAFORMER_SYNTHIA},
-    "cluda/hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA},
-    "cluda/hrda_daformer_synthia2cs.toml": {**LOOP, **HRDA, **HRDA_SYNTHIA},
+    "cluda/hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA, **CLUDA_HR},
+    "cluda/hrda_daformer_synthia2cs.toml": {**LOOP, **HRDA, **HRDA_SYNTHIA, **CLUDA_HR},
     # MIC exp 81 on DAFormer: gta/cityscapes '512x512', inference 'whole' (#L445-L450)
     "mic/daformer_gta2cs.toml": {**LOOP, **DAFORMER, **MIC_LR},
     "mic/hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA, **MIC_HR},
     "mic/hrda_daformer_synthia2cs.toml": {**LOOP, **HRDA, **HRDA_SYNTHIA, **MIC_HR},
-    "combos/cluda_mic_hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA, **MIC_HR},
+    "combos/cluda_mic_hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA, **MIC_HR,
+                                                   **CLUDA_HR},
     "combos/sepico_dist_mic_hrda_daformer_gta2cs.toml": {**LOOP, **HRDA, **HRDA_GTA, **MIC_HR},
 }
 

@@ -217,7 +217,9 @@ def test_resume_after_sigkill_is_exact(synthetic_root: str, tmp_path: Path) -> N
     sets = tiny_overrides(synthetic_root, cfg_path)
     sets += ["train.max_iters=6", "train.checkpoint_interval=1", "train.eval_interval=3",
              "train.log_interval=1", "train.deterministic=true", "sepico.start_iter=2",
-             "data.num_workers=1", "train.keep_checkpoints=1"]
+             "data.num_workers=1", "train.keep_checkpoints=1",
+             # the released EMA rule (the demos keep "same"): alpha(it + 1) after step it
+             "self_training.ema_alpha_step=\"next\""]
     args = ["configs/demo_sepico_mic.toml", *(x for s in sets for x in ("--set", s))]
 
     whole = _run([*args, "--work-dir", str(tmp_path / "whole")])

@@ -57,6 +57,9 @@ class MethodContext:
     # the run's model section: a method that needs another network of the same kind builds it
     # from this (fdist's frozen ImageNet model, from the same model.pretrained file)
     model: ModelConfig | None = None
+    # the network's decode head (HRDA: the wrapped model's): CLUDA's released pair-weight head is
+    # a head of the same type (fastuda/models/hrda.py scale_attention_head)
+    decode_head: Any = None
 
     @classmethod
     def from_config(cls, cfg: Config, network: Any, device: torch.device) -> MethodContext:
@@ -70,7 +73,8 @@ class MethodContext:
                    downscale_min_ratio=cfg.self_training.downscale_min_ratio,
                    detail_loss_weight=cfg.hrda.detail_loss_weight,
                    self_training=cfg.self_training, mean=list(cfg.data.mean),
-                   std=list(cfg.data.std), model=cfg.model)
+                   std=list(cfg.data.std), model=cfg.model,
+                   decode_head=getattr(getattr(network, "model", network), "decode_head", None))
 
     def augment(self, images: Tensor) -> Tensor:
         """The strong augmentation (colour jitter, blur) of normalised images, drawn from the

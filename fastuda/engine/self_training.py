@@ -491,7 +491,9 @@ class SelfTraining:
                 return StepResult(log, finite=False)
         if cfg.self_training.enabled:
             with self.timer("ema"):
-                ema_update(self.teacher, self.student, ema_alpha(it, cfg.self_training.ema_alpha),
+                # the release updates at the start of iteration it + 1 with alpha(it + 1)
+                t = it + 1 if cfg.self_training.ema_alpha_step == "next" else it
+                ema_update(self.teacher, self.student, ema_alpha(t, cfg.self_training.ema_alpha),
                            buffers=cfg.self_training.teacher_norm == "running")
         return StepResult(log, finite=True)
 

@@ -61,7 +61,9 @@ Outputs (a dict, like every SegModel): the context view's own outputs ("features
 - ``attention_context`` the head's output on the context grid (never masked)
 - training only: ``attention_detail`` (``attention`` inside the box, [B, A, dh/s, dw/s]),
   ``features_detail`` (the detail view's features), ``detail_box`` (int64 [4]: y1, y2,
-  x1, x2 in input pixels; labels are cropped alike).
+  x1, x2 in input pixels; labels are cropped alike), ``context_head_input`` (the decode head's
+  input of the context view, what the attention head reads: CLUDA's pair-weight head reads it
+  too, as released).
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ class HRDAModel(nn.Module):
         size = (round(H * self.context_scale), round(W * self.context_scale))
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
-    def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The context view's outputs and its scale attention (sigmoid, on the logits' grid)."""
+    def _context(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor | list]:
+        """The context view's outputs, its scale attention (sigmoid, on the logits' grid) and the
+        decode head's input (what the attention head read)."""
         ctx = self.context_view(images)
         inputs: list = []
         # the attention reads the main head's own input (backbone features after the neck): a
@@ -169,7 +172,7 @@ class HRDAModel(nn.Module):
             att = to_grid(att, tuple(ctx.shape[-2:]))
         elif att.shape[-2:] != out[O.LOGITS].shape[-2:]:
             att = resize(att, out[O.LOGITS].shape[-2:])
-        return out, torch.sigmoid(att)
+        return out, torch.sigmoid(att), inputs[0]
 
     def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
                  ) -> tuple[int, int, int, int]:
@@ -213,7 +216,7 @@ class HRDAModel(nn.Module):
                 or y2 > H or x2 > W:
             raise ValueError(f"HRDAModel: detail box {box} must lie inside {H}x{W} with its "
                              f"corner on multiples of {s} and its sides of {al} pixels")
-        out, att_c = self._context(images)
+        out, att_c, head_input = self._context(images)
         detail = self.model(images[:, :, y1:y2, x1:x2])
         grid = (H // s, W // s)
         cy1, cy2, cx1, cx2 = y1 // s, y2 // s, x1 // s, x2 // s
@@ -231,7 +234,7 @@ class HRDAModel(nn.Module):
         att_box = att[:, :, cy1:cy2, cx1:cx2]
         out.update({O.LOGITS: fused, O.LOGITS_CONTEXT: out[O.LOGITS], O.LOGITS_DETAIL: logits_d,
                     O.ATTENTION: att, O.ATTENTION_CONTEXT: att_c, O.ATTENTION_DETAIL: att_box,
-                    O.FEATURES_DETAIL: detail[O.FEATURES],
+                    O.FEATURES_DETAIL: detail[O.FEATURES], O.CONTEXT_HEAD_INPUT: head_input,
                     O.DETAIL_BOX: torch.tensor([y1, y2, x1, x2], dtype=torch.int64)})
         return out
 
@@ -254,7 +257,7 @@ class HRDAModel(nn.Module):
         s, al = self.output_stride, self.align
         Hp, Wp = math.ceil(H / al) * al, math.ceil(W / al) * al
         x = F.pad(images, (0, Wp - W, 0, Hp - H)) if (Hp, Wp) != (H, W) else images
-        out, att_c = self._context(x)
+        out, att_c, _ = self._context(x)
         grid = (Hp // s, Wp // s)
         B = images.shape[0]
         acc = images.new_zeros((B, self.num_classes, *grid), dtype=torch.float32)

@@ -23,6 +23,9 @@ ATTENTION_CONTEXT = "attention_context"  # the attention head's output on the co
 ATTENTION_DETAIL = "attention_detail"  # training: the attention inside the detail box
 FEATURES_DETAIL = "features_detail"  # training: the detail view's features
 DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixels
+# training: the decode head's input of the context view (a tensor, or the list of backbone stages
+# a DAFormer head reads); the scale attention and CLUDA's pair-weight head read it
+CONTEXT_HEAD_INPUT = "context_head_input"
 
 # CorDA (fastuda/methods/corda.py)
 DEPTH_SOURCE = "depth_source"  # [B, h, w] inverse depth, the source-domain head
@@ -33,6 +36,6 @@ DEPTH_SOURCE_INITIAL = "depth_source_initial"  # [B, h, w]
 DEPTH_TARGET_INITIAL = "depth_target_initial"  # [B, h, w]
 
 __all__ = ["ASPP_BRANCHES", "ATTENTION", "ATTENTION_CONTEXT", "ATTENTION_DETAIL", "BACKBONE",
-           "DEPTH_SOURCE", "DEPTH_SOURCE_INITIAL", "DEPTH_TARGET", "DEPTH_TARGET_INITIAL",
-           "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL", "LOGITS", "LOGITS_CONTEXT",
-           "LOGITS_DETAIL", "LOGITS_INITIAL"]
+           "CONTEXT_HEAD_INPUT", "DEPTH_SOURCE", "DEPTH_SOURCE_INITIAL", "DEPTH_TARGET",
+           "DEPTH_TARGET_INITIAL", "DETAIL_BOX", "EMBEDDINGS", "FEATURES", "FEATURES_DETAIL",
+           "LOGITS", "LOGITS_CONTEXT", "LOGITS_DETAIL", "LOGITS_INITIAL"]

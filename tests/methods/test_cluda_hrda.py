@@ -109,7 +109,8 @@ def test_cluda_reads_hrda_outputs() -> None:
     labels = torch.randint(0, 3, (B, 8, 8), generator=g)
     weight = torch.rand(B, 8, 8, generator=g)
     torch.manual_seed(0)
-    m = CLUDA(CLUDASettings(grid=list(grid), tau=0.7, weight=2.0, head_channels=3),
+    m = CLUDA(CLUDASettings(grid=list(grid), tau=0.7, weight=2.0, head_channels=3,
+                            multires_loss="three_term"),
               MethodContext(num_classes=3, backend="torch", feature_channels=4,
                             multi_resolution=True))
     feats = torch.cat([out["features"], out["features_detail"]])
@@ -145,7 +146,7 @@ def test_contrast_trains_the_weight_head_not_the_fusion_attention() -> None:
     net = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", num_classes=3,
                                   projection=False))
     model = HRDAModel(net, HRDAConfig(enabled=True, detail_crop=[32, 32], attention_channels=8))
-    m = CLUDA(CLUDASettings(grid=[4, 4], head_channels=8),
+    m = CLUDA(CLUDASettings(grid=[4, 4], head_channels=8, multires_loss="three_term"),
               MethodContext(num_classes=3, backend="torch",
                             feature_channels=model.feature_channels, multi_resolution=True))
     out = model.train()(torch.randn(2, 3, 64, 64), box=(16, 48, 0, 32))

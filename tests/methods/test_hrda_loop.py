@@ -112,6 +112,9 @@ def test_cluda_needs_the_feature_channels_of_the_hrda_head() -> None:
     from fastuda.methods.cluda import CLUDA, CLUDASettings
 
     with pytest.raises(ValueError, match="feature_channels"):
+        CLUDA(CLUDASettings(multires_loss="three_term"),
+              MethodContext(num_classes=19, multi_resolution=True))
+    with pytest.raises(ValueError, match="decode head"):  # the released head's type
         CLUDA(CLUDASettings(), MethodContext(num_classes=19, multi_resolution=True))
     cfg = load_config(REPO / "configs" / "demo_cluda_hrda.toml")
     assert build_methods(cfg, build_network(cfg), torch.device("cpu"))["cluda"].weight_head \

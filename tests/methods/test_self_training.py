@@ -247,3 +247,38 @@ def test_source_ce_averages_over_all_pixels_as_released() -> None:
     up = F.interpolate(logits[:, :, :1], size=(1, 2), mode="bilinear", align_corners=False)
     assert float(losses["src.ce_detail"]) == pytest.approx(
         0.1 * float(-torch.log_softmax(up[0, :, 0, 0], 0)[0]) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("step_rule", ["next", "same"])
+def test_teacher_after_the_first_steps_is_the_released_ema(step_rule: str) -> None:
+    """The teacher after steps 0, 1, 2 against an EMA computed here from the student's
+    parameters after each step. Released (SePiCo sepico.py#L133-L134, #L222-L227; DAFormer
+    dacs.py#L104-L105, #L213-L218): the teacher starts as a copy, and the update at the start of
+    iteration t > 0 uses alpha(t) = min(1 - 1/(t + 1), 0.999), i.e. 1/2, 2/3, 3/4 after steps
+    0, 1, 2. "same" (fastuda before issue 13): alpha(it) after step it: 0, 1/2, 2/3."""
+    from fastuda.config import load_config
+    from fastuda.engine.self_training import SelfTraining
+    from fastuda.methods import build_methods
+    from fastuda.models import build_network
+
+    cfg = load_config(REPO / "configs" / "demo_daformer.toml", [
+        "data.crop_size=[32, 32]", "self_training.teacher_norm=\"batch\"",
+        f"self_training.ema_alpha_step=\"{step_rule}\""])
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    trainer = SelfTraining(cfg, model, build_methods(cfg, model, torch.device("cpu")),
+                           torch.device("cpu"))
+    expected = [p.detach().clone() for p in trainer.teacher.parameters()]
+    alphas = {"next": [1 / 2, 2 / 3, 3 / 4], "same": [0.0, 1 / 2, 2 / 3]}[step_rule]
+    g = torch.Generator().manual_seed(1)
+    for it, a in enumerate(alphas):
+        src = {"image": torch.randn(2, 3, 32, 32, generator=g),
+               "label": torch.randint(0, 4, (2, 32, 32), generator=g)}
+        assert trainer.step(src, {"image": torch.randn(2, 3, 32, 32, generator=g)}, it).finite
+        student = [p.detach() for p in trainer.student.parameters()]
+        expected = [a * e + (1 - a) * s for e, s in zip(expected, student, strict=True)]
+        teacher = list(trainer.teacher.parameters())
+        assert all(torch.allclose(t, e, atol=1e-6, rtol=1e-5)
+                   for t, e in zip(teacher, expected, strict=True)), (step_rule, it)
+        if a > 0:  # the student moved away from the teacher: they differ
+            assert not all(torch.equal(t, s) for t, s in zip(teacher, student, strict=True))
