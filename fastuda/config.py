@@ -427,6 +427,10 @@ class Config:
             settings = self.method_settings.setdefault(name, registry[name].Settings())
             _check(isinstance(settings, registry[name].Settings), f"[{name}]",
                    type(settings).__name__, registry[name].Settings.__name__)
+            if registry[name].needs_self_training and not self.self_training.enabled:
+                raise ConfigError(f"methods = [..., {name!r}] adapts with the self-training "
+                                  "loop (the EMA teacher's pseudo-labels): set "
+                                  "self_training.enabled = true")
             registry[name].check_config(self)
         if self.self_training.class_balanced_crop and not \
                 self.self_training.class_balanced_crop_regen:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fastuda.config import Config, ConfigError, from_dict, load_config, to_toml
+from fastuda.config import Config, ConfigError, from_dict, load_config, method_registry, to_toml
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.toml"))
 
@@ -112,3 +112,15 @@ def test_extends_merges_bases_underneath(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('extends = "missing.toml"\n')
     with pytest.raises(ConfigError, match="missing.toml"):
         load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("config, name", [("demo_bipcl", "bipcl"), ("demo_cluda", "cluda"),
+                                          ("demo_corda", "corda"), ("demo_mic", "mic"),
+                                          ("demo_spcl", "spcl")])
+def test_pseudo_label_methods_need_the_self_training_loop(config: str, name: str) -> None:
+    # one check for every method that declares needs_self_training (config.py), one message
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(ConfigError, match=rf"\[\.\.\., '{name}'\].*self_training.enabled = true"):
+        load_config(root / f"{config}.toml", ["self_training.enabled=false"])
+    needing = {n for n, m in method_registry().items() if m.needs_self_training}
+    assert needing == {"bipcl", "cluda", "corda", "mic", "spcl"}

@@ -50,6 +50,8 @@ class Method(nn.Module):
     # run the teacher on the target (and refine_pseudo_labels) before the student's source pass,
     # for methods whose source loss needs target information (BiPCL's target prototypes)
     pseudo_labels_first: ClassVar[bool] = False
+    # the method adapts through the EMA teacher's pseudo-labels: self_training.enabled must be on
+    needs_self_training: ClassVar[bool] = False
     # what the training batches must carry for this method (the loaders read it: "depth")
     batch_keys: ClassVar[tuple[str, ...]] = ()
 

@@ -169,6 +169,7 @@ def pair_contrast(emb: Tensor, labels: Tensor, prototypes: Tensor, usable: Tenso
 class BiPCL(Method):
     name = "bipcl"
     Settings = BiPCLSettings
+    needs_self_training = True
     pseudo_labels_first = True
 
     @classmethod
@@ -180,9 +181,6 @@ class BiPCL(Method):
         if feature == "aspp" and cfg.model.name != "deeplabv2":
             raise ConfigError(f"bipcl.feature = 'aspp' needs model.name = 'deeplabv2' (got "
                               f"{cfg.model.name!r}): set bipcl.feature = 'embeddings'")
-        if not cfg.self_training.enabled:
-            raise ConfigError("methods = [..., 'bipcl'] adapts with the self-training loop: "
-                              "set self_training.enabled = true")
 
     def __init__(self, settings: BiPCLSettings, ctx: MethodContext) -> None:
         super().__init__(settings, ctx)

@@ -145,12 +145,10 @@ class CLUDA(Method):
 
     name = "cluda"
     Settings = CLUDASettings
+    needs_self_training = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if not cfg.self_training.enabled:
-            raise ConfigError("methods = [..., 'cluda'] adapts with the self-training loop: set "
-                              "self_training.enabled = true")
         if cfg.self_training.mix != "classmix":
             raise ConfigError("methods = [..., 'cluda'] contrasts the mixed batch: set "
                               "self_training.mix = 'classmix'")

@@ -336,13 +336,11 @@ def _up(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 class CorDA(Method):
     name = "corda"
     Settings = CorDASettings
+    needs_self_training = True
     batch_keys = ("depth",)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if not cfg.self_training.enabled:
-            raise ConfigError("methods = [..., 'corda'] adapts with the self-training loop: set "
-                              "self_training.enabled = true")
         if cfg.self_training.class_balanced_crop:
             raise ConfigError("methods = [..., 'corda'] reads depth crops made by the loader: "
                               "set self_training.class_balanced_crop = false")

@@ -64,12 +64,10 @@ def block_mask(batch: int, height: int, width: int, *, block_size: int, ratio: f
 class MIC(Method):
     name = "mic"
     Settings = MICSettings
+    needs_self_training = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if not cfg.self_training.enabled:
-            raise ConfigError("methods = [..., 'mic'] trains on the teacher's pseudo-labels: set "
-                              "self_training.enabled = true")
         crop = min(cfg.data.crop_size)
         if cfg.settings("mic").block_size > crop:
             raise ConfigError(f"invalid value for mic.block_size: "

@@ -155,6 +155,7 @@ def histogram_thresholds(hist: Tensor, cap: float) -> Tensor:
 class SPCL(Method):
     name = "spcl"
     Settings = SPCLSettings
+    needs_self_training = True
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -168,9 +169,6 @@ class SPCL(Method):
             raise ConfigError(f"spcl.feature = 'backbone' (the released DeepLab-V2 layer 4) needs "
                               f"model.name = 'deeplabv2' without HRDA, got {cfg.model.name!r}: "
                               "use spcl.feature = 'embeddings'")
-        if not cfg.self_training.enabled:
-            raise ConfigError("methods = [..., 'spcl'] adapts with the self-training loop: set "
-                              "self_training.enabled = true")
 
     def __init__(self, settings: SPCLSettings, ctx: MethodContext) -> None:
         super().__init__(settings, ctx)
