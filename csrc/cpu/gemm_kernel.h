@@ -12,10 +12,16 @@
 
 namespace fastuda {
 
+// The vector width the target has registers for. A GCC vector wider than that (32 bytes in a
+// portable build, FASTUDA_NATIVE=0, which targets SSE2) is split into halves and passed through
+// memory between functions: the portable build ran the contrast kernels 10-12x slower than the
+// native AVX2 one, far below scalar speed.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-#else
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
 #endif
 
 template <typename T>
