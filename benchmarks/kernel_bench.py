@@ -3,6 +3,7 @@ formulation (``benchmarks/sepico_style.py``) and the lean PyTorch formulation
 (``backend="torch"``).
 
     python benchmarks/kernel_bench.py [--quick] [--json results.json] [--device cpu|cuda]
+                                      [--contend N]
 
 Scales: DAFormer (N = 51200, D = 256) and DeepLab-V2 (N = 12800, D = 512), C = 19, plus a sweep over
 N and D. Times are medians of repeated runs (forward + backward for the losses). Extra peak memory
@@ -13,6 +14,13 @@ are ratios within the same run. Roofline columns: the bytes and flops a case nee
 (``min_work``) over its time, as a percentage of the device's copy bandwidth and fp32 matmul rate,
 measured at the start together with the bf16 matmul rate. For every op and scale the JSON's
 "auto" list names the backend ``backend="auto"`` resolves to and the fastest one measured.
+
+``--contend N`` times every fastuda backend a second time with N busy processes beside it (pure
+CPU spinners, as data-loader workers sharing the cores in training) and reports the ratio to the
+quiet time, next to the fair-share ratio (what the time would be if the kernel got exactly its
+share of the cores: (threads + N) / cores when threads = cores): a ratio far above the fair one
+means threads wait for a descheduled thread. The load average (``os.getloadavg``) at the start
+and the end goes into the JSON, since "quiet" means "nothing started by this benchmark".
 """
 
 from __future__ import annotations
@@ -130,6 +138,35 @@ def time_case(run: Callable[[], object], device: str, reps: int, budget_s: float
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class Busy:
+    """N processes that spin on the CPU while the ``with`` block runs (started and stopped by
+    this process, by their own pids)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Busy:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(self.n)]
+        time.sleep(0.3)  # interpreter start-up: spinning before the timing starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+def fair_share_ratio(threads: int, cores: int, busy: int) -> float:
+    """Time with ``busy`` spinning processes over the quiet time for a kernel that scales
+    perfectly over its threads and gets exactly its share of the cores (fair scheduling)."""
+    quiet_cores = min(threads, cores)
+    busy_cores = cores * threads / (threads + busy) if threads + busy > cores else quiet_cores
+    return quiet_cores / min(busy_cores, quiet_cores)
 
 
 def cuda_extra_peak_mb(run: Callable[[], object]) -> float:
@@ -274,6 +311,19 @@ def min_work(op: str, shape: tuple[int, ...]) -> tuple[float, float]:
     raise ValueError(op)
 
 
+def cpu_vector_flags() -> list[str]:
+    """The AVX-family flags of this CPU (Linux /proc/cpuinfo; empty elsewhere): which ISA the
+    numbers were taken on."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return sorted(f for f in line.split(":", 1)[1].split() if f.startswith("avx"))
+    return []
+
+
 def available_backends(device: str) -> list[str]:
     out = []
     if device == "cpu" and ops.extension_available():
@@ -293,8 +343,18 @@ def main() -> None:
     p.add_argument("--json", default="bench_results/kernel_bench.json")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset")
+    p.add_argument("--contend", type=int, default=0, metavar="N",
+                   help="also time the fastuda backends with N busy processes beside them")
     args = p.parse_args()
     dev = args.device
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+          f"CPU vector flags: {' '.join(cpu_vector_flags()) or 'unknown'}")
+    cores = os.cpu_count() or 1
+    fair = fair_share_ratio(torch.get_num_threads(), cores, args.contend)
+    if args.contend:
+        print(f"--contend {args.contend}: fair-share ratio {fair:.2f} "
+              f"({torch.get_num_threads()} threads, {cores} cores)")
     if dev == "cpu" and not torch.cuda.is_available():
         print("no GPU present: CUDA and Triton backends are not measured on this machine")
     ceilings = measure_ceilings(dev)
@@ -307,7 +367,8 @@ def main() -> None:
     rows = []
     autos = []
     header = f"{'op':<18} {'scale':<10} {'shape B,D,H,W':<18} {'impl':<10} {'ms':>9} " \
-             f"{'x published':>12} {'x lean':>8} {'extra MB':>9} {'%copy':>6} {'%mm':>5}"
+             f"{'x published':>12} {'x lean':>8} {'extra MB':>9} {'%copy':>6} {'%mm':>5}" + \
+             (f" {'busy ms':>9} {'x quiet':>7}" if args.contend else "")
     print(header)
     print("-" * len(header))
     for op in args.ops.split(","):
@@ -329,6 +390,10 @@ def main() -> None:
                     print(f"{op:<18} {scale:<10} {impl:<10} unavailable: {err}")
                     continue
                 results[impl] = ms
+                busy_ms = None
+                if args.contend and impl not in ("published", "lean"):
+                    with Busy(args.contend):
+                        busy_ms = 1000 * time_case(run, dev, reps, budget)
                 if args.no_memory:
                     mem = float("nan")
                 elif dev == "cuda":
@@ -346,12 +411,17 @@ def main() -> None:
                 row["achieved_gflop_s"] = flops / ms / 1e6
                 row["pct_of_copy"] = 100 * row["achieved_gb_s"] / ceilings["copy_gb_s"]
                 row["pct_of_matmul"] = 100 * row["achieved_gflop_s"] / ceilings["matmul_gflop_s"]
+                if busy_ms is not None:
+                    row.update(contend=args.contend, contended_ms=busy_ms,
+                               contended_ratio=busy_ms / ms, fair_share_ratio=fair)
                 rows.append(row)
                 sp = f"{row['speedup_vs_published']:.1f}" if pub else "-"
                 sl = f"{row['speedup_vs_lean']:.1f}" if lean else "-"
                 print(f"{op:<18} {scale:<10} {','.join(map(str, shape)):<18} {impl:<10} "
                       f"{ms:9.2f} {sp:>12} {sl:>8} {mem:9.1f} {row['pct_of_copy']:6.1f} "
-                      f"{row['pct_of_matmul']:5.1f}", flush=True)
+                      f"{row['pct_of_matmul']:5.1f}"
+                      + (f" {busy_ms:9.2f} {busy_ms / ms:7.2f}" if busy_ms is not None else ""),
+                      flush=True)
             if results:
                 autos.append(auto_summary(op, scale, auto_choice(op, x), results))
                 a = autos[-1]
@@ -377,8 +447,11 @@ def main() -> None:
                 f"{k}={v:.2f}" for k, v in entry.items() if k.endswith("_ms")))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    load_end = os.getloadavg()
+    print(f"load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     meta = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "ceilings": ceilings,
+            "ceilings": ceilings, "loadavg_start": list(load_start), "loadavg_end": list(load_end),
+            "contend": args.contend, "cpu_flags": cpu_vector_flags(),
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
     out.write_text(json.dumps({"meta": meta, "rows": rows, "auto": autos}, indent=1))

@@ -48,3 +48,36 @@ def test_small_run_writes_table_and_json(tmp_path: Path) -> None:
         assert row["ms"] > 0 and row["achieved_gb_s"] > 0
         assert row["pct_of_copy"] > 0
     assert impls["cpu"]["speedup_vs_lean"] > 1  # one pass vs a [B, C + 1, H, W] one-hot
+
+
+def test_fair_share_ratio_hand_counts() -> None:
+    bench = load_bench()
+    assert bench.fair_share_ratio(2, 2, 2) == 2.0  # 4 runnable on 2 cores: half of each
+    assert bench.fair_share_ratio(2, 2, 0) == 1.0
+    assert bench.fair_share_ratio(1, 2, 1) == 1.0  # a free core for the one thread
+    assert abs(bench.fair_share_ratio(1, 2, 2) - 1.5) < 1e-12  # 3 on 2 cores: 2/3 of one
+    assert abs(bench.fair_share_ratio(4, 8, 6) - 1.25) < 1e-12  # 10 on 8: 3.2 of 4 cores
+
+
+def test_contend_run_reports_ratio_and_stops_its_processes(tmp_path: Path) -> None:
+    out = tmp_path / "kb.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--no-memory", "--contend", "1",
+                           "--ops", "downscale_labels", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "x quiet" in proc.stdout and "load average at start" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["contend"] == 1 and len(data["meta"]["loadavg_start"]) == 3
+    cpu = next(r for r in data["rows"] if r["impl"] == "cpu")
+    assert cpu["contended_ms"] > 0
+    assert abs(cpu["contended_ratio"] - cpu["contended_ms"] / cpu["ms"]) < 1e-9
+    lean = next(r for r in data["rows"] if r["impl"] == "lean")
+    assert "contended_ms" not in lean  # only the fastuda backends are timed twice
+
+
+def test_busy_processes_spin_and_are_stopped() -> None:
+    bench = load_bench()
+    with bench.Busy(2) as busy:
+        procs = list(busy.procs)
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)  # running
+    assert all(p.poll() is not None for p in procs)  # killed and reaped on exit

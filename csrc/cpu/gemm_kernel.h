@@ -12,10 +12,16 @@
 
 namespace fastuda {
 
+// The vector width the target has registers for. A GCC vector wider than that (32 bytes in a
+// portable build, FASTUDA_NATIVE=0, which targets SSE2) is split into halves and passed through
+// memory between functions: the portable build ran the contrast kernels 10-12x slower than the
+// native AVX2 one, far below scalar speed.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
-#else
+#elif defined(__AVX__)
 constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
 #endif
 
 template <typename T>
@@ -43,12 +49,13 @@ inline void store_vec(T* p, const typename SimdOf<T>::type& v) {
 
 // The unroll pragmas matter: fully unrolled, the accumulators become registers; left as loops,
 // GCC keeps them on the stack and reloads them at every step of k.
-// With kPrefetch, row k of `ahead` (same row stride as Bm) is requested while row k of Bm is
-// used: the features of a later tile stream in spread over the work instead of in one burst.
-// They go to L2 (a tile's rows fill all of L1 on their own).
+// With kPrefetch, columns [0, ahead_cols) of row k of `ahead` (same row stride as Bm) are
+// requested while row k of Bm is used: the features of a later tile stream in spread over the work
+// instead of in one burst. They go to L2 (a tile's rows fill all of L1 on their own).
 template <typename T, int RB, int NB, bool kPrefetch = false>
 inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
-                       T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
+                       T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr,
+                       int64_t ahead_cols = 0) {
   using V = typename SimdOf<T>::type;
   constexpr int kLanes = kVecBytes / sizeof(T);
   static_assert(NB % kLanes == 0, "the block width must be a whole number of vectors");
@@ -61,7 +68,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
       acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (kPrefetch)
-      for (int j = 0; j < NB; j += 64 / sizeof(T))
+      for (int64_t j = 0; j < ahead_cols; j += 64 / sizeof(T))
         __builtin_prefetch(ahead + k * ldb + j, /*rw=*/0, /*locality=*/2);
     V b[NV];
 #pragma GCC unroll 8
@@ -79,7 +86,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
     for (int j = 0; j < NV; ++j) store_vec(Out + r * ldo + j * kLanes, acc[r][j]);
 }
 
-// Columns that do not fill an NB block (N % NB of them)
+// Columns that do not fill a vector (N % lanes of them)
 template <typename T>
 inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
                       const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
@@ -95,54 +102,73 @@ inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs,
   }
 }
 
-// Rows per register block: RB rows x NB columns of accumulators must fit the vector registers
-// (32 with AVX-512, 16 with AVX2) next to the loaded row of Bm and the broadcast.
 template <typename T>
-constexpr int max_block_rows() {
-  constexpr int vectors_per_row = 32 * sizeof(T) / kVecBytes;
+constexpr int kLanesOf = kVecBytes / sizeof(T);
+
+// Register blocks are RB rows x NB columns, NB two vectors wide (one for the last columns). The
+// accumulators plus the loaded vectors of Bm and the broadcast must fit the vector registers (32
+// with AVX-512, 16 with AVX2): with AVX2, 6 x 2 accumulators + 2 + 1 = 15. A 3 x 4-vector block
+// (17 registers) made GCC re-load Bm from memory into every FMA, load-bound on AVX2.
+template <typename T>
+constexpr int block_rows(int vectors_per_row) {
   constexpr int acc_registers = kVecBytes == 64 ? 26 : 12;
-  return acc_registers / vectors_per_row > 0 ? acc_registers / vectors_per_row : 1;
+  return acc_registers / vectors_per_row;
 }
 
 // gemm_block for a run-time number of rows (1 .. RB)
 template <typename T, int NB, int RB, bool kPrefetch>
 inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
                       const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate,
-                      const T* ahead) {
+                      const T* ahead, int64_t ahead_cols) {
   if constexpr (RB > 0) {
     if (rows == RB)
       return gemm_block<T, RB, NB, kPrefetch>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                              ahead);
+                                              ahead, ahead_cols);
     gemm_rows<T, NB, RB - 1, kPrefetch>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                        ahead);
+                                        ahead, ahead_cols);
   }
 }
 
-// Rows are split into equal register blocks (19 classes: 10 + 9, not 8 + 8 + 3), so every
-// block has enough independent accumulators to hide the FMA latency.
-// `ahead`: optional, as Bm but for a later tile; fetched into cache during the first row block.
+// All R rows of one column block of width NB, in equal register blocks (19 classes: 5 + 5 + 5 +
+// 4, not 6 + 6 + 6 + 1), so every block has enough independent accumulators to hide the FMA
+// latency. With `ahead`, the first row block also prefetches ahead_cols columns of it.
+template <typename T, int NB>
+inline void gemm_column(int64_t R, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
+                        int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead,
+                        int64_t ahead_cols) {
+  constexpr int kMaxRows = block_rows<T>(NB / kLanesOf<T>);
+  const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t r = R * blk / n_blocks;
+    const int64_t rows = R * (blk + 1) / n_blocks - r;
+    if (ahead != nullptr && blk == 0)
+      gemm_rows<T, NB, kMaxRows, true>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
+                                       ahead, ahead_cols);
+    else
+      gemm_rows<T, NB, kMaxRows, false>(rows, K, A + r * a_rs, a_rs, a_ks, Bm, ldb, Out + r * ldo,
+                                        ldo, accumulate, nullptr, 0);
+  }
+}
+
+// Out[R][N] (+)= A[R][K] @ Bm[K][N]. `ahead`: optional, as Bm but for a later tile; its first N
+// columns are fetched into cache during the first row block.
 template <typename T>
 void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
           int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
-  constexpr int kMaxRows = max_block_rows<T>();
-  constexpr int NB = 32;
-  const int64_t n_full = N - N % NB;
-  const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
-  for (int64_t n0 = 0; n0 < n_full; n0 += NB) {
-    for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t r = R * blk / n_blocks;
-      const int64_t rows = R * (blk + 1) / n_blocks - r;
-      if (ahead != nullptr && blk == 0 && n_full == NB)
-        gemm_rows<T, NB, kMaxRows, true>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                         ahead);
-      else
-        gemm_rows<T, NB, kMaxRows, false>(rows, K, A + r * a_rs, a_rs, a_ks, Bm + n0, ldb,
-                                          Out + r * ldo + n0, ldo, accumulate, nullptr);
-    }
+  constexpr int kLanes = kLanesOf<T>;
+  constexpr int NB = 2 * kLanes;
+  int64_t n0 = 0;
+  for (; n0 + NB <= N; n0 += NB) {
+    gemm_column<T, NB>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate,
+                       n0 == 0 ? ahead : nullptr, N);
   }
-  if (n_full < N)
-    gemm_tail<T>(R, K, N - n_full, A, a_rs, a_ks, Bm + n_full, ldb, Out + n_full, ldo,
-                 accumulate);
+  if (n0 + kLanes <= N) {
+    gemm_column<T, kLanes>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate,
+                           n0 == 0 ? ahead : nullptr, N);
+    n0 += kLanes;
+  }
+  if (n0 < N)
+    gemm_tail<T>(R, K, N - n0, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate);
 }
 
 }  // namespace fastuda

@@ -102,6 +102,34 @@ def test_more_classes_odd_sizes(kind: str, tau: float) -> None:
     assert all(torch.isfinite(t).all() for t in out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [1, 7, 8, 9, 16, 17, 19, 25, 33])
+def test_class_counts_across_gemm_blocks(C: int, dtype: torch.dtype) -> None:
+    """The CPU GEMM's column blocks (two vectors, one vector, scalar tail) and row blocks (equal
+    splits of C or D): class counts on both sides of each boundary, D = 29 off every block, and
+    P = 4 * 37 so whole in-place tiles (with the prefetch of the tile after next) and a partial
+    one are both used. Diagonal covariance and ProtoCL (no covariance), all gradients."""
+    D = 29
+    feats = _feats((2, D, 4, 37), dtype=dtype)
+    labels = _labels((2, 4, 37), C, ignore_frac=0.1)
+    mu, cov = _centroids(C, D, dtype=dtype), _covariance("diag", C, D, dtype=dtype)
+    kernel = _run("cpu", feats, labels, mu, cov, lam=0.7, reduction="sum")
+    reference = _run("torch", feats, labels, mu, cov, lam=0.7, reduction="sum")
+    for k, r in zip(kernel, reference, strict=True):
+        torch.testing.assert_close(k, r.to(k.dtype), rtol=2e-4, atol=2e-4)
+    f = feats.detach().clone().requires_grad_(True)
+    m = mu.detach().clone().requires_grad_(True)
+    got = proto_contrast(f, labels, m, tau=TAU, reduction="sum", backend="cpu")
+    got.backward()
+    f_ref = feats.detach().clone().requires_grad_(True)
+    m_ref = mu.detach().clone().requires_grad_(True)
+    want = proto_contrast(f_ref, labels, m_ref, tau=TAU, reduction="sum", backend="torch")
+    want.backward()
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(f.grad, f_ref.grad, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(m.grad, m_ref.grad, rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("kind", ["diag", "full"])
 def test_zero_covariance_is_proto_contrast(kind: str) -> None:
     feats = _feats((2, 8, 5, 6))
