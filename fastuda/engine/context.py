@@ -57,6 +57,9 @@ class MethodContext:
     # the run's model section: a method that needs another network of the same kind builds it
     # from this (fdist's frozen ImageNet model, from the same model.pretrained file)
     model: ModelConfig | None = None
+    # per-class factors of every pass's segmentation CE; None: unweighted. Set by a method
+    # whose release weights the decode head's loss (SePiCo's Dark Zurich variant, "daynight")
+    ce_class_weight: Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, network: Any, device: torch.device) -> MethodContext:
@@ -103,7 +106,8 @@ class MethodContext:
         ``{prefix}.ce_detail``)."""
         return segmentation_losses(prefix, out, label, weight,
                                    detail_weight=self.detail_loss_weight,
-                                   average=self.self_training.source_ce_average)
+                                   average=self.self_training.source_ce_average,
+                                   class_weight=self.ce_class_weight)
 
 
 @dataclass

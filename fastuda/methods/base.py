@@ -14,6 +14,8 @@ of ``state_dict`` so checkpoints capture them.
 Order of the hooks in one step (fastuda/engine/self_training.py):
     start_step(view)                                      the raw batches (e.g. "depth")
     update_state(teacher(source), source label)           if wants_teacher_source
+    fuse_pseudo_probs(teacher softmax, view, boxes, teacher_probs)  -> the map pseudo-labels
+        are taken from (for the class-balanced crop's choice too); SePiCo's Dark Zurich variant
     refine_pseudo_labels(teacher(target), label, weight)  -> the label/weight the loop uses
         (before the source pass when any method has pseudo_labels_first, else after it)
     pass "src":  source_losses(student(source), label)
@@ -24,6 +26,7 @@ Order of the hooks in one step (fastuda/engine/self_training.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -77,6 +80,16 @@ class Method(nn.Module):
 
     def update_state(self, teacher_source: Outputs, source_label: Tensor, it: int) -> None:
         """Update statistics/banks/prototypes from the teacher's source outputs (no grad)."""
+
+    def fuse_pseudo_probs(self, prob: Tensor, view: StepView,
+                          boxes: list[tuple[int, int]] | None,
+                          teacher_probs: Callable[[Tensor], Tensor]) -> Tensor:
+        """The teacher's softmax [B, C, H, W] on the step's target images, before the
+        pseudo-labels (argmax), their confidence (max) and the class-balanced crop's choice are
+        taken from it. ``boxes``: the (top, left) of each image's class-balanced crop in the
+        whole target image, None for the whole image; ``teacher_probs(images)``: the teacher's
+        softmax on other images of that size (no grad). Runs under no_grad."""
+        return prob
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
@@ -163,6 +176,13 @@ class MethodStack(nn.Module):
         for m in self:
             if m.wants_teacher_source(it):
                 m.update_state(teacher_source, source_label, it)
+
+    def fuse_pseudo_probs(self, prob: Tensor, view: StepView,
+                          boxes: list[tuple[int, int]] | None,
+                          teacher_probs: Callable[[Tensor], Tensor]) -> Tensor:
+        for m in self:
+            prob = m.fuse_pseudo_probs(prob, view, boxes, teacher_probs)
+        return prob
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:

@@ -15,13 +15,28 @@ What is here (the parts of the variant that are pure functions of tensors):
 - ``reweight_test_probs``: the test-time re-weighting: the softmax of the test logits times the
   test class weights, then argmax (encoder_decoder_projector.py#L301-L330).
 
-Not wired into the loop yet (issue 13; see docs/recipes.md section 2b).
+The plug-in ``DayNight`` (``methods = ["sepico", "daynight"]``, section ``[daynight]``) runs
+them in the loop as released (mmseg/models/uda/sepico_dark.py#L315-L360): the target batches
+carry each night image's day partner (``batch_keys = ("day",)``, fastuda/data/day.py); at every
+pseudo-labelling (the class-balanced crop's choice on the whole image, then the regenerated
+labels on the crop) the teacher also sees the day image, cropped with the night crop's box, and
+the pseudo-labels, their confidence and the quality weight come from the fused, class-weighted
+map (``fuse_pseudo_probs``); the loop's segmentation CE of every pass is class-weighted
+(``MethodContext.ce_class_weight``; the release sets the decode head's ``loss_decode.class_weight``,
+experiments.py#L134-L138). The test-time re-weighting is ``reweight_test_probs``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
+
+from ..config import Config, ConfigError, _check
+from ..engine.context import MethodContext, StepView
+from .base import Method
 
 # Cityscapes class frequencies the release hard-codes, in train-id order
 # (BIT-DA/SePiCo experiments.py#L487-L490, the same list at #L533-L536 and
@@ -66,6 +81,85 @@ def reweight_test_probs(logits: Tensor, class_weight: Tensor) -> Tensor:
                                                                                   None]
 
 
+@dataclass
+class DayNightSettings:
+    """``[daynight]``; the defaults are the released values (BIT-DA/SePiCo experiments.py)."""
+
+    day_ratio: float = DAY_RATIO  # #L259
+    day_confidence: float = DAY_CONFIDENCE  # sepico_dark.py#L236
+    # half-open train-id ranges [start, stop) whose day prediction is trusted (#L257)
+    shift_insensitive_classes: list[list[int]] = field(
+        default_factory=lambda: [list(r) for r in SHIFT_INSENSITIVE_CLASSES])
+    frequencies: list[float] = field(default_factory=lambda: list(RELEASED_FREQUENCIES))
+    class_weight_std: float = TRAIN_CLASS_WEIGHT_STD  # #L491
+    ce_class_weight: bool = True  # the decode head's CE class weight (#L135-L137)
+    pseudo_class_weight: bool = True  # the fused map's class weight (#L138, sepico_dark #L239)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.day_ratio <= 1.0, "daynight.day_ratio", self.day_ratio, "in [0, 1]")
+        _check(0.0 <= self.day_confidence <= 1.0, "daynight.day_confidence",
+               self.day_confidence, "in [0, 1]")
+        for r in self.shift_insensitive_classes:
+            _check(isinstance(r, list) and len(r) == 2 and 0 <= r[0] < r[1],
+                   "daynight.shift_insensitive_classes", self.shift_insensitive_classes,
+                   "[[start, stop], ...] with 0 <= start < stop")
+        _check(len(self.frequencies) > 1 and all(f > 0 for f in self.frequencies),
+               "daynight.frequencies", self.frequencies, "two or more values > 0")
+        _check(self.class_weight_std >= 0, "daynight.class_weight_std", self.class_weight_std,
+               ">= 0")
+
+
+class DayNight(Method):
+    """SePiCo's Cityscapes->Dark Zurich variant: day/night pseudo-label fusion, class weights."""
+
+    name = "daynight"
+    Settings = DayNightSettings
+    batch_keys = ("day",)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        s: DayNightSettings = cfg.settings(cls.name)
+        if not cfg.self_training.enabled:
+            raise ConfigError("methods = [..., 'daynight'] fuses pseudo-labels: set "
+                              "self_training.enabled = true")
+        n = cfg.model.num_classes
+        _check(len(s.frequencies) == n, "daynight.frequencies", f"{len(s.frequencies)} values",
+               f"one per class (model.num_classes = {n})")
+        for r in s.shift_insensitive_classes:
+            _check(r[1] <= n, "daynight.shift_insensitive_classes",
+                   s.shift_insensitive_classes, f"ranges within the {n} classes")
+        if cfg.self_training.class_balanced_crop:
+            _check(cfg.self_training.class_balanced_crop_regen,
+                   "self_training.class_balanced_crop_regen", False,
+                   "true with methods ['daynight'] (the day crop is labelled on the crop)")
+
+    def __init__(self, settings: DayNightSettings, ctx: MethodContext) -> None:
+        super().__init__(settings, ctx)
+        self.classes = tuple((int(a), int(b)) for a, b in settings.shift_insensitive_classes)
+        weight = released_class_weight(settings.frequencies, settings.class_weight_std)
+        self.register_buffer("class_weight", weight, persistent=False)
+        if settings.ce_class_weight:
+            if ctx.ce_class_weight is not None:
+                raise ValueError("two methods set the segmentation CE's class weights")
+            ctx.ce_class_weight = weight
+
+    def fuse_pseudo_probs(self, prob: Tensor, view: StepView,
+                          boxes: list[tuple[int, int]] | None,
+                          teacher_probs: Callable[[Tensor], Tensor]) -> Tensor:
+        day = view.target["day"].to(prob.device, non_blocking=True)
+        h, w = prob.shape[-2:]
+        if boxes is not None:  # the night crop's window (sepico_dark.py#L246-L271)
+            day = torch.stack([d[:, t:t + h, x:x + w] for d, (t, x) in
+                               zip(day, boxes, strict=True)])
+        if day.shape[-2:] != (h, w):
+            raise ValueError(f"day images {tuple(day.shape[-2:])} do not match the target "
+                             f"images {(h, w)}")
+        s = self.settings
+        return mix_day_night_probs(teacher_probs(day), prob, self.classes, s.day_ratio,
+                                   s.day_confidence,
+                                   self.class_weight if s.pseudo_class_weight else None)
+
+
 __all__ = ["DAY_CONFIDENCE", "DAY_RATIO", "RELEASED_FREQUENCIES", "SHIFT_INSENSITIVE_CLASSES",
-           "TEST_CLASS_WEIGHT_STD", "TRAIN_CLASS_WEIGHT_STD", "mix_day_night_probs",
-           "released_class_weight", "reweight_test_probs"]
+           "TEST_CLASS_WEIGHT_STD", "TRAIN_CLASS_WEIGHT_STD", "DayNight", "DayNightSettings",
+           "mix_day_night_probs", "released_class_weight", "reweight_test_probs"]

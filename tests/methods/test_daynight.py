@@ -4,9 +4,18 @@ cases: the released class weights, the DANNet day/night fusion, the test-time re
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 
+from fastuda.config import ConfigError, load_config
+from fastuda.data import class_balanced_crop
+from fastuda.engine.context import StepView
+from fastuda.engine.losses import weighted_ce
+from fastuda.engine.self_training import SelfTraining
+from fastuda.methods import build_methods
 from fastuda.methods.daynight import (
     RELEASED_FREQUENCIES,
     SHIFT_INSENSITIVE_CLASSES,
@@ -14,6 +23,7 @@ from fastuda.methods.daynight import (
     released_class_weight,
     reweight_test_probs,
 )
+from fastuda.models import build_network
 
 
 def _pixels(*probs: list[float]) -> torch.Tensor:
@@ -72,3 +82,102 @@ def test_test_time_reweighting_by_hand() -> None:
     out = reweight_test_probs(logits, torch.tensor([2.5, 1.0, 1.0]))
     torch.testing.assert_close(out.flatten(), torch.tensor([0.625, 0.5, 0.25]))
     assert int(logits.argmax(1)) == 1 and int(out.argmax(1)) == 0
+
+
+# -- in the loop ----------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+CROP = 32
+
+
+def make_trainer(*sets: str) -> SelfTraining:
+    cfg = load_config(REPO / "configs" / "demo.toml", [
+        f"data.crop_size=[{CROP}, {CROP}]", "model.embed_dim=16",
+        'methods=["sepico", "daynight"]', "self_training.class_balanced_crop_regen=true", *sets])
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    return SelfTraining(cfg, model, build_methods(cfg, model, torch.device("cpu")),
+                        torch.device("cpu"))
+
+
+def teacher_probs(trainer: SelfTraining, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = trainer.teacher(images)["logits"]
+    return torch.softmax(F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                                       align_corners=False), 1)
+
+
+def test_loop_fuses_day_and_night_for_the_crop_and_the_pseudo_labels() -> None:
+    """As released (sepico_dark.py#L324-L360): the crop is chosen on the fused labels of the
+    whole images, the day image is cropped with the night crop's box, and the pseudo-labels and
+    the quality weight come from the fused, class-weighted map of the two crops."""
+    trainer = make_trainer()
+    g = torch.Generator().manual_seed(3)
+    night = torch.randn(2, 3, 2 * CROP, 4 * CROP, generator=g)
+    day = torch.randn(2, 3, 2 * CROP, 4 * CROP, generator=g)
+    view = StepView(it=0, source={}, target={"image": night, "day": day, "meta": [{}, {}]},
+                    source_image=torch.zeros(2, 3, CROP, CROP),
+                    source_label=torch.zeros(2, CROP, CROP, dtype=torch.long))
+    w = released_class_weight()
+    whole = mix_day_night_probs(teacher_probs(trainer, day), teacher_probs(trainer, night),
+                                class_weight=w)
+    thr = float(whole.amax(1).median())  # about half the pixels confident
+    trainer.cfg.self_training.pseudo_threshold = thr
+    expected_gen = torch.Generator().set_state(trainer.generator.get_state())
+    boxes = [class_balanced_crop(lbl, (CROP, CROP), generator=expected_gen)
+             for lbl in whole.argmax(1)]
+    seen: list[torch.Tensor] = []
+    trainer.teacher.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    trainer._make_pseudo_labels(view, {})
+    assert [tuple(x.shape) for x in seen] == [tuple(night.shape), tuple(day.shape),
+                                              (2, 3, CROP, CROP), (2, 3, CROP, CROP)]
+    night_crop = torch.stack([night[b, :, t:t + CROP, x:x + CROP]
+                              for b, (t, x) in enumerate(boxes)])
+    day_crop = torch.stack([day[b, :, t:t + CROP, x:x + CROP] for b, (t, x) in enumerate(boxes)])
+    assert torch.equal(view.target_image, night_crop)
+    assert torch.equal(seen[2], night_crop) and torch.equal(seen[3], day_crop)
+    fused = mix_day_night_probs(teacher_probs(trainer, day_crop),
+                                teacher_probs(trainer, night_crop), class_weight=w)
+    conf, label = fused.max(1)
+    assert torch.equal(view.pseudo_label, label)
+    q = float((conf >= thr).float().mean())
+    torch.testing.assert_close(view.pseudo_weight, torch.full_like(view.pseudo_weight, q))
+    # the fusion changed something: the night-only labels differ
+    assert not torch.equal(label, teacher_probs(trainer, night_crop).argmax(1))
+
+
+def test_segmentation_ce_is_class_weighted_as_mmseg() -> None:
+    """mmseg: F.cross_entropy(weight=class_weight, reduction='none'), then the plain mean
+    (BIT-DA/SePiCo mmseg/models/losses/cross_entropy_loss.py#L21-L32). Zero logits over 2
+    classes: every pixel's CE is ln 2. Labels (0, 1, 255), weights (1, 3): 'all' mean
+    (ln2 + 3 ln2 + 0) / 3; 'valid' (ln2 + 3 ln2) / 2; pixel weights (0.5, 1, 1):
+    (0.5 ln2 + 3 ln2) / 3."""
+    logits = torch.zeros(1, 2, 1, 3)
+    label = torch.tensor([[[0, 1, 255]]])
+    cw = torch.tensor([1.0, 3.0])
+    ln2 = math.log(2.0)
+    torch.testing.assert_close(weighted_ce(logits, label, None, "all", cw),
+                               torch.tensor(4 * ln2 / 3))
+    torch.testing.assert_close(weighted_ce(logits, label, None, "valid", cw),
+                               torch.tensor(4 * ln2 / 2))
+    torch.testing.assert_close(weighted_ce(logits, label, torch.tensor([[[0.5, 1.0, 1.0]]]),
+                                           "all", cw), torch.tensor(3.5 * ln2 / 3))
+    # in the loop: the method sets the context's weights; every pass's CE uses them (the
+    # released mean over all pixels; the demo base keeps "valid")
+    trainer = make_trainer('self_training.source_ce_average="all"')
+    torch.testing.assert_close(trainer.ctx.ce_class_weight, released_class_weight())
+    out = {"logits": torch.zeros(1, 19, 1, 3)}
+    lab = torch.tensor([[[0, 17, 255]]])
+    ce = trainer.ctx.segmentation_loss("src", out, lab)["src.ce"]
+    w = released_class_weight()
+    torch.testing.assert_close(ce, (w[0] + w[17]) * math.log(19.0) / 3)
+    off = make_trainer("daynight.ce_class_weight=false")
+    assert off.ctx.ce_class_weight is None
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="daynight.day_ratio"):
+        make_trainer("daynight.day_ratio=1.5")
+    with pytest.raises(ConfigError, match="daynight.frequencies"):
+        make_trainer("daynight.frequencies=[0.5, 0.5]")
+    with pytest.raises(ConfigError, match="class_balanced_crop_regen"):
+        make_trainer("self_training.class_balanced_crop_regen=false")
