@@ -50,6 +50,44 @@ def tiny_pretrained(name: str, backbone: str) -> Path:
     return path
 
 
+def fake_dark_zurich(synthetic: str, n_train: int = 6, n_val: int = 2) -> str:
+    """A Dark Zurich tree (layout of fastuda/data/datasets.py, with the correspondence lists and
+    day images of SePiCo's day/night variant) made of the synthetic pair: night images of the
+    synthetic night domain, each paired with a synthetic (day) target image of the same size;
+    val: night val images with their labels. Written once per test session."""
+    out = Path(tempfile.gettempdir()) / f"fastuda_tests_dark_zurich_{os.getuid()}"
+    if (out / "done").is_file():
+        return str(out)
+    src = Path(synthetic)
+    nights = sorted((src / "night" / "leftImg8bit" / "train").glob("*/*.png"))[:n_train]
+    days = sorted((src / "target" / "leftImg8bit" / "train").glob("*/*.png"))[:n_train]
+    lines = []
+    for i, (night, day) in enumerate(zip(nights, days, strict=True)):
+        for kind, image in (("night", night), ("day", day)):
+            seq = "GOPR0356" if kind == "night" else "GOPR0351"
+            dst = out / "rgb_anon" / "train" / kind / seq / f"{seq}_frame_{i:06d}_rgb_anon.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, dst)
+        lines.append(f"train/night/GOPR0356/GOPR0356_frame_{i:06d},"
+                     f"train/day/GOPR0351/GOPR0351_frame_{i:06d}\n")
+    (out / "corresp" / "train" / "night").mkdir(parents=True, exist_ok=True)
+    (out / "corresp" / "train" / "night" / "GOPR0356.csv").write_text("".join(lines))
+    vals = sorted((src / "night" / "leftImg8bit" / "val").glob("*/*.png"))[:n_val]
+    for i, image in enumerate(vals):
+        stem = image.name[: -len("_leftImg8bit.png")]
+        label = (src / "night" / "gtFine" / "val" / image.parent.name /
+                 f"{stem}_gtFine_labelTrainIds.png")
+        name = f"GOPR0356_frame_{i:06d}"
+        for dst, f in ((out / "rgb_anon" / "val" / "night" / "GOPR0356" /
+                        f"{name}_rgb_anon.png", image),
+                       (out / "gt" / "val" / "night" / "GOPR0356" /
+                        f"{name}_gt_labelTrainIds.png", label)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+    (out / "done").write_text("")
+    return str(out)
+
+
 def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
     cfg = load_config(cfg_path)
     small = {"deeplabv2": "resnet18", "daformer": "mit_b0", "vit": "dinov2_vits14"}[cfg.model.name]
@@ -74,6 +112,10 @@ def tiny_overrides(root: str, cfg_path: Path) -> list[str]:
         resize = "[96, 64]" if dom == "target" else "[]"
         sets += [f"data.{dom}.name={name!r}", f"data.{dom}.root={root!r}",
                  f"data.{dom}.resize={resize}", f"data.{dom}.split={split!r}"]
+    if "daynight" in cfg.methods:  # night target images with day partners (a Dark Zurich tree)
+        dz = fake_dark_zurich(root)
+        sets += [f"data.{dom}.{k}={v!r}" for dom in ("target", "val")
+                 for k, v in (("name", "dark_zurich"), ("root", dz))]
     return sets
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fastuda.config import DataConfig, DatasetConfig
 from fastuda.data import DataError, build_dataset
-from fastuda.data.loaders import TARGET_STREAM, build_train_iterator
+from fastuda.data.loaders import TARGET_STREAM, build_train_iterator, dali_available
 
 H, W = 24, 40
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -71,14 +71,17 @@ def test_dataset_pairs_each_night_image_with_its_listed_day_image(tmp_path: Path
     assert "day_path" not in plain[0][2]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_target_batches_carry_the_day_crop_of_each_night_crop(tmp_path: Path,
+@pytest.mark.parametrize("loader, workers", [("torch", 0), ("torch", 1), ("dali", 1)])
+def test_target_batches_carry_the_day_crop_of_each_night_crop(tmp_path: Path, loader: str,
                                                               workers: int) -> None:
     """No resize, 16x24 crops of 24x40 images, random flips: the day crop is the day image's
     window at the night crop's box, flipped alike, normalised like the image: night + day = 255
     pixel for pixel, so (x_night * std + mean) + (x_day * std + mean) = 255."""
+    if loader == "dali" and not dali_available():
+        pytest.skip("DALI is not installed")
     expected = make_pairs(tmp_path)
-    it = build_train_iterator(_cfg(tmp_path, num_workers=workers), _cfg(tmp_path).target,
+    it = build_train_iterator(_cfg(tmp_path, num_workers=workers, loader=loader),
+                              _cfg(tmp_path).target,
                               stream=TARGET_STREAM, seed=3, day=True)
     flips = set()
     for _ in range(4):
