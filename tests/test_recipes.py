@@ -107,6 +107,10 @@ SEPICO_DZ = {
     "daynight.class_weight_std": 0.05,  # experiments.py#L491-L492
     "daynight.ce_class_weight": True,  # experiments.py#L135-L137 (decode head class_weight)
     "daynight.pseudo_class_weight": True,  # experiments.py#L138 (uda class_weight)
+    # test-time re-weighting of every *_rgb_anon.png image, std 0.16
+    # (mmseg/models/segmentors/encoder_decoder_projector.py#L303-L308)
+    "daynight.test_reweight": True,
+    "daynight.test_class_weight_std": 0.16,
 }
 # no SePiCo SYNTHIA release: the DAFormer lineage's SYNTHIA setting (lhoyer/DAFormer)
 DAFORMER_SYNTHIA = {

@@ -12,8 +12,9 @@ What is here (the parts of the variant that are pure functions of tensors):
   0.4 and ``1 - day_ratio`` elsewhere; every other class takes the night probability only; the
   fused map is then multiplied by the class weights (sepico_dark.py#L232-L243). Pseudo-labels
   are the argmax of the fused map, the confidence its max (#L335-L338);
-- ``reweight_test_probs``: the test-time re-weighting: the softmax of the test logits times the
-  test class weights, then argmax (encoder_decoder_projector.py#L301-L330).
+- ``eval_class_weight``: the test-time re-weighting's weights (std 0.16): evaluation and
+  prediction multiply the softmax of the test logits by them, then argmax
+  (encoder_decoder_projector.py#L301-L330; ``fastuda.evaluate.predict(..., class_weight)``).
 
 The plug-in ``DayNight`` (``methods = ["sepico", "daynight"]``, section ``[daynight]``) runs
 them in the loop as released (mmseg/models/uda/sepico_dark.py#L315-L360): the target batches
@@ -22,8 +23,10 @@ pseudo-labelling (the class-balanced crop's choice on the whole image, then the 
 labels on the crop) the teacher also sees the day image, cropped with the night crop's box, and
 the pseudo-labels, their confidence and the quality weight come from the fused, class-weighted
 map (``fuse_pseudo_probs``); the loop's segmentation CE of every pass is class-weighted
-(``MethodContext.ce_class_weight``; the release sets the decode head's ``loss_decode.class_weight``,
-experiments.py#L134-L138). The test-time re-weighting is ``reweight_test_probs``.
+(``MethodContext.ce_class_weight``; the release sets the decode head's
+``loss_decode.class_weight``,
+experiments.py#L134-L138); ``[daynight] test_reweight`` (default true, as released) turns the
+test-time re-weighting on in ``fastuda.evaluate`` and ``fastuda.predict``.
 """
 
 from __future__ import annotations
@@ -75,12 +78,6 @@ def mix_day_night_probs(day: Tensor, night: Tensor,
     return fused
 
 
-def reweight_test_probs(logits: Tensor, class_weight: Tensor) -> Tensor:
-    """The test-time class re-weighting: softmax over classes, times the weights [C]."""
-    return torch.softmax(logits.float(), dim=1) * class_weight.to(logits.device)[None, :, None,
-                                                                                  None]
-
-
 @dataclass
 class DayNightSettings:
     """``[daynight]``; the defaults are the released values (BIT-DA/SePiCo experiments.py)."""
@@ -94,6 +91,10 @@ class DayNightSettings:
     class_weight_std: float = TRAIN_CLASS_WEIGHT_STD  # #L491
     ce_class_weight: bool = True  # the decode head's CE class weight (#L135-L137)
     pseudo_class_weight: bool = True  # the fused map's class weight (#L138, sepico_dark #L239)
+    # evaluation and prediction: the softmax times the weights of std 0.16 before the argmax
+    # (encoder_decoder_projector.py#L301-L330); false: the plain argmax
+    test_reweight: bool = True
+    test_class_weight_std: float = TEST_CLASS_WEIGHT_STD
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.day_ratio <= 1.0, "daynight.day_ratio", self.day_ratio, "in [0, 1]")
@@ -107,6 +108,19 @@ class DayNightSettings:
                "daynight.frequencies", self.frequencies, "two or more values > 0")
         _check(self.class_weight_std >= 0, "daynight.class_weight_std", self.class_weight_std,
                ">= 0")
+        _check(self.test_class_weight_std >= 0, "daynight.test_class_weight_std",
+               self.test_class_weight_std, ">= 0")
+
+
+def eval_class_weight(cfg: Config) -> Tensor | None:
+    """The test-time class weights of a run (evaluation, prediction): those of
+    ``[daynight]`` when the run uses the method with ``test_reweight``, else None."""
+    if "daynight" not in cfg.methods:
+        return None
+    s: DayNightSettings = cfg.settings("daynight")
+    if not s.test_reweight:
+        return None
+    return released_class_weight(s.frequencies, s.test_class_weight_std)
 
 
 class DayNight(Method):
@@ -162,4 +176,4 @@ class DayNight(Method):
 
 __all__ = ["DAY_CONFIDENCE", "DAY_RATIO", "RELEASED_FREQUENCIES", "SHIFT_INSENSITIVE_CLASSES",
            "TEST_CLASS_WEIGHT_STD", "TRAIN_CLASS_WEIGHT_STD", "DayNight", "DayNightSettings",
-           "mix_day_night_probs", "released_class_weight", "reweight_test_probs"]
+           "mix_day_night_probs", "released_class_weight", "eval_class_weight"]

@@ -10,20 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastuda.config import ConfigError, load_config
+from fastuda.config import ConfigError, EvalConfig, load_config
 from fastuda.data import class_balanced_crop
 from fastuda.engine.context import StepView
 from fastuda.engine.losses import weighted_ce
 from fastuda.engine.self_training import SelfTraining
+from fastuda.evaluate import predict
 from fastuda.methods import build_methods
 from fastuda.methods.daynight import (
     RELEASED_FREQUENCIES,
     SHIFT_INSENSITIVE_CLASSES,
+    eval_class_weight,
     mix_day_night_probs,
     released_class_weight,
-    reweight_test_probs,
 )
 from fastuda.models import build_network
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pixels(*probs: list[float]) -> torch.Tensor:
@@ -75,17 +78,53 @@ def test_fusion_rule_by_hand() -> None:
     assert weighted.argmax(1).flatten().tolist() == [1, 0]
 
 
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.logits.expand(images.shape[0], -1, -1, -1)}
+
+
 def test_test_time_reweighting_by_hand() -> None:
     """logits (0, ln 2, 0): softmax (0.25, 0.5, 0.25); weights (2.5, 1, 1): (0.625, 0.5, 0.25):
-    the prediction moves from class 1 to class 0."""
+    the prediction moves from class 1 to class 0 (encoder_decoder_projector.py#L314-L330)."""
     logits = torch.tensor([0.0, math.log(2.0), 0.0]).view(1, 3, 1, 1)
-    out = reweight_test_probs(logits, torch.tensor([2.5, 1.0, 1.0]))
+    model = FixedLogits(logits)
+    cfg = EvalConfig(mode="whole")
+    images = torch.zeros(1, 3, 1, 1)
+    out = predict(model, images, cfg, 3, class_weight=torch.tensor([2.5, 1.0, 1.0]))
     torch.testing.assert_close(out.flatten(), torch.tensor([0.625, 0.5, 0.25]))
-    assert int(logits.argmax(1)) == 1 and int(out.argmax(1)) == 0
+    assert int(predict(model, images, cfg, 3).argmax(1)) == 1 and int(out.argmax(1)) == 0
+
+
+def test_test_time_reweighting_resizes_the_weighted_scores() -> None:
+    """As released: softmax at image size, times the weights, then the bilinear resize to the
+    label's size (not the logits resized first)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2, generator=g) * 3
+    w = torch.tensor([2.0, 1.0, 0.5])
+    out = predict(FixedLogits(logits), torch.zeros(1, 3, 2, 2), EvalConfig(mode="whole"), 3,
+                  (4, 4), w)
+    want = F.interpolate(torch.softmax(logits, 1) * w.view(1, 3, 1, 1), size=(4, 4),
+                         mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, want)
+
+
+def test_preset_turns_the_test_time_weights_on() -> None:
+    cfg = load_config(REPO / "configs" / "sepico" / "daformer_dist_cs2darkzurich.toml")
+    w = eval_class_weight(cfg)
+    assert w is not None
+    torch.testing.assert_close(w, released_class_weight(std=0.16))
+    assert abs(float(w.std()) - 0.16) < 1e-6
+    off = load_config(REPO / "configs" / "sepico" / "daformer_dist_cs2darkzurich.toml",
+                      ["daynight.test_reweight=false"])
+    assert eval_class_weight(off) is None
+    assert eval_class_weight(load_config(REPO / "configs" / "demo.toml")) is None
 
 
 # -- in the loop ----------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[2]
 CROP = 32
 
 
