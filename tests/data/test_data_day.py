@@ -140,3 +140,30 @@ def test_conflicting_pairs_and_other_datasets_are_errors(tmp_path: Path) -> None
         build_dataset(DatasetConfig(name="dark_zurich", root=str(tmp_path)), day=True)
     with pytest.raises(DataError, match="only for 'dark_zurich'"):
         build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path)), day=True)
+
+
+def test_training_a_day_night_preset_without_the_lists_stops_with_one_error_line(
+        tmp_path: Path, synthetic_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The released variant's preset on a Dark Zurich tree without corresp/: exit status 1 and
+    one ``error:`` line naming the missing folder, before any training step."""
+    from fastuda.train import main
+
+    make_pairs(tmp_path / "dz")
+    folder = tmp_path / "dz" / "corresp" / "train" / "night"
+    (folder / "GOPR0356.csv").unlink()
+    preset = Path(__file__).resolve().parents[2] / "configs" / "sepico" / \
+        "deeplabv2_dist_cs2darkzurich.toml"
+    sets = ["model.backbone='resnet18'", "model.embed_dim=16", "train.device='cpu'",
+            "data.num_workers=0", "data.rcs_min_pixels=10", "data.crop_size=[16, 16]",
+            "data.source.name='synthetic_source'", f"data.source.root='{synthetic_root}'",
+            "data.source.resize=[]", f"data.target.root='{tmp_path / 'dz'}'",
+            "data.target.resize=[40, 24]", f"data.val.root='{tmp_path / 'dz'}'",
+            "data.val.split='train'", "data.val.resize=[]"]
+    rc = main([str(preset), "--work-dir", str(tmp_path / "run"),
+               *[x for s in sets for x in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert rc == 1 and len(errors) == 1 and "no correspondence list" in errors[0]
+    assert str(folder) in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or \
+        '"type": "train"' not in (tmp_path / "run" / "metrics.jsonl").read_text()
