@@ -515,4 +515,5 @@ class SelfTraining:
 
 
 __all__ = ["SelfTraining", "StepResult", "classmix_masks", "ema_alpha", "ema_update", "lr_factor",
-           "pseudo_label", "segmentation_losses", "set_teacher_mode", "weighted_ce"]
+           "pseudo_label", "pseudo_label_from_probs", "segmentation_losses", "set_teacher_mode",
+           "weighted_ce"]
