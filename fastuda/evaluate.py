@@ -80,11 +80,24 @@ def _slide_scores(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, cfg: EvalConfig, num_classes: int,
-            out_size: tuple[int, int] | None = None) -> Tensor:
+            out_size: tuple[int, int] | None = None, class_weight: Tensor | None = None
+            ) -> Tensor:
     """Class probabilities [B, C, H, W] at image resolution, or at ``out_size`` (the label's
     size when ``data.val_labels = "original"``): the softmax of the logits (whole image, or the
     windows' average), resized to the label before it, as mmseg's inference; with ``eval.flip``
-    the mean of the image's and its mirror's probabilities (mmseg's aug_test)."""
+    the mean of the image's and its mirror's probabilities (mmseg's aug_test).
+
+    ``class_weight`` [C] (SePiCo's Dark Zurich test-time re-weighting,
+    fastuda/methods/daynight.py): the probabilities at image resolution times the weights, then
+    resized to ``out_size`` (bilinear), as released (encoder_decoder_projector.py#L313-L329):
+    class scores, not probabilities."""
+    if class_weight is not None:
+        prob = predict(model, images, cfg, num_classes)
+        prob = prob * class_weight.to(prob)[None, :, None, None]
+        if out_size is not None and tuple(out_size) != tuple(prob.shape[-2:]):
+            prob = F.interpolate(prob, size=tuple(out_size), mode="bilinear",
+                                 align_corners=False)
+        return prob
     if cfg.mode == "whole":
         return _logits(model, images, cfg.flip, out_size)
     prob = _slide_scores(model, images, cfg, num_classes, out_size).softmax(1)
@@ -185,6 +198,9 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
     if teacher is not None:
         teacher.eval()
     conf = ConfusionMatrix(num_classes)
+    from .methods.daynight import eval_class_weight
+
+    class_weight = eval_class_weight(cfg)  # None unless SePiCo's Dark Zurich variant asks
     vis_rows: list = []
     seen = 0
     for batch in loader:
@@ -195,7 +211,8 @@ def evaluate_split(model: nn.Module, loader: Iterable[dict], cfg: Config, device
         labels = batch["label"].to(device)
         with autocast or nullcontext():
             # scored at the labels' size: the original files' with data.val_labels = "original"
-            prob = predict(model, images, cfg.eval, num_classes, tuple(labels.shape[-2:]))
+            prob = predict(model, images, cfg.eval, num_classes, tuple(labels.shape[-2:]),
+                           class_weight)
         pred = prob.argmax(1)
         conf.update(pred, labels)
         if vis_path is not None and len(vis_rows) < cfg.eval.num_vis:

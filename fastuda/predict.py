@@ -258,6 +258,9 @@ def predict_images(cfg: Config, model: torch.nn.Module, items: list[InputImage],
         raise PredictError(f"{len(existing)} output file(s) already exist in {out_dir} (first: "
                            f"{existing[0]}); pass --overwrite to replace them")
 
+    from .methods.daynight import eval_class_weight
+
+    class_weight = eval_class_weight(cfg)  # SePiCo's Dark Zurich test-time re-weighting
     summary = Summary(failed={})
     failed = summary.failed
     assert failed is not None
@@ -313,7 +316,9 @@ def predict_images(cfg: Config, model: torch.nn.Module, items: list[InputImage],
             x = torch.from_numpy(np.stack([im for _, im in good])).permute(0, 3, 1, 2)
             x = normalise(x.to(device), cfg.data.mean, cfg.data.std)
             with autocast_for(cfg, device):
-                prob = predict(model, x, cfg.eval, num_classes)
+                prob = predict(model, x, cfg.eval, num_classes, class_weight=class_weight)
+            if class_weight is not None:  # the re-weighted scores, normalised: same argmax
+                prob = prob / prob.sum(1, keepdim=True)
             for b, (item, image) in enumerate(good):
                 write_outputs(out_dir, files[item], image, prob[b].float(), opacity=opacity,
                               invalid_below=invalid_below, label_ids=label_ids)

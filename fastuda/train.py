@@ -82,13 +82,14 @@ class Run:
         model, ddp = wrap_student(methods.wrap_model(model), info, device)
         self.trainer = SelfTraining(cfg, model, methods, device, ddp_model=ddp)
         depth = any("depth" in m.batch_keys for m in methods)  # loaded by the loaders' workers
+        day = any("day" in m.batch_keys for m in methods)  # Dark Zurich's day partners
         # without SyncBatchNorm (CPU) each rank's BatchNorm running statistics follow its own
         # batches: they are averaged after every step, so that student (evaluated by every rank,
         # checkpointed by rank 0) and teacher (pseudo-labels, statistics) match on every rank
         self.sync_buffers = info.enabled and device.type != "cuda"
         self.source, self.target = build_train_iterators(
             cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-            depth=depth)
+            depth=depth, day=day)
         if cfg.self_training.class_balanced_crop and cfg.self_training.enabled:
             # whole (resized) target images: the step picks the crop from their pseudo-labels
             size = cfg.data.target.resize  # checked by check_before_start
@@ -96,7 +97,8 @@ class Run:
                                         ratio_range=[1.0, 1.0], cat_max_ratio=1.0)
             self.target = build_train_iterator(whole, cfg.data.target, stream=TARGET_STREAM,
                                                seed=cfg.train.seed, rank=info.rank,
-                                               world_size=info.world_size, depth=depth)
+                                               world_size=info.world_size, depth=depth,
+                                               day=day)
         self.val_loader = build_val_loader(cfg.data, rank=info.rank, world_size=info.world_size)
         self.iteration = 0
         self.bad_steps = 0

@@ -123,4 +123,4 @@ def test_pseudo_label_methods_need_the_self_training_loop(config: str, name: str
     with pytest.raises(ConfigError, match=rf"\[\.\.\., '{name}'\].*self_training.enabled = true"):
         load_config(root / f"{config}.toml", ["self_training.enabled=false"])
     needing = {n for n, m in method_registry().items() if m.needs_self_training}
-    assert needing == {"bipcl", "cluda", "corda", "mic", "spcl"}
+    assert needing == {"bipcl", "cluda", "corda", "daynight", "mic", "spcl"}

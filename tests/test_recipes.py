@@ -94,6 +94,26 @@ SEPICO_DZ = {
     "data.val.resize": [1280, 720],  # uda_cityscapes_to_dark_zurich_640x640_no_crop.py#L40
     "self_training.ignore_top": 0,  # experiments.py#L466 (plcrop = False)
     "self_training.ignore_bottom": 0,
+    # the day/night variant (uda = 'sepico_dark', experiments.py#L465, #L510)
+    "methods": ["sepico", "daynight"],
+    "train.max_iters": 60000,  # experiments.py#L467, #L512
+    "train.seed": 42,  # experiments.py#L457, #L502
+    "train.eval_interval": 1000,  # experiments.py#L167
+    "daynight.day_ratio": 0.8,  # experiments.py#L259
+    "daynight.day_confidence": 0.4,  # mmseg/models/uda/sepico_dark.py#L236
+    "daynight.shift_insensitive_classes": [[0, 5], [8, 11]],  # experiments.py#L257
+    # experiments.py#L487-L490 (the same list at #L533-L536)
+    "daynight.frequencies": [
+        0.36869696, 0.06084986, 0.22824049, 0.00655399, 0.00877272, 0.01227341, 0.00207795,
+        0.0055127, 0.15928651, 0.01157818, 0.04018982, 0.01218957, 0.00135122, 0.06994545,
+        0.00267456, 0.00235192, 0.00232904, 0.00098658, 0.00413907],
+    "daynight.class_weight_std": 0.05,  # experiments.py#L491-L492
+    "daynight.ce_class_weight": True,  # experiments.py#L135-L137 (decode head class_weight)
+    "daynight.pseudo_class_weight": True,  # experiments.py#L138 (uda class_weight)
+    # test-time re-weighting of every *_rgb_anon.png image, std 0.16
+    # (mmseg/models/segmentors/encoder_decoder_projector.py#L303-L308)
+    "daynight.test_reweight": True,
+    "daynight.test_class_weight_std": 0.16,
 }
 # no SePiCo SYNTHIA release: the DAFormer lineage's SYNTHIA setting (lhoyer/DAFormer)
 DAFORMER_SYNTHIA = {

@@ -201,5 +201,7 @@ class DaliTrainBatches:
                     "skipped": [tuple(s) for s in json.loads(np.array(skipped[b]).tobytes())]}
             if f.depth is not None:
                 meta["depth_path"] = f.depth
+            if f.day is not None:  # the day crop is read by TrainIterator (fastuda/data/day.py)
+                meta["day_path"] = f.day
             metas.append(plan_meta(plan, g, meta))
         return {"image": _to_torch(image), "label": _to_torch(label).long(), "meta": metas}

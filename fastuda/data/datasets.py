@@ -10,7 +10,9 @@ Layouts (ROOT = ``cfg.root``):
   ``gtFine/<split>/<city>/*_gtFine_labelIds.png`` (or ``*_gtFine_labelTrainIds.png``)
 - synthia: ``RGB/*.png``, ``GT/LABELS/*.png`` (16-bit PNG, class id in the red channel)
 - dark_zurich: ``rgb_anon/<split>/night/<seq>/*_rgb_anon.png``,
-  ``gt/<split>/night/<seq>/*_gt_labelTrainIds.png`` (the train split has no labels)
+  ``gt/<split>/night/<seq>/*_gt_labelTrainIds.png`` (the train split has no labels); with
+  ``day=True`` (SePiCo's day/night variant) also ``corresp/<split>/night/*.csv`` and the day images
+  ``rgb_anon/<split>/day/<seq>/*_rgb_anon.png`` they name (fastuda/data/day.py)
 - folder: ``<image_dir>/<split>/**/*<image_suffix>`` and ``<label_dir>/<split>/**/*<label_suffix>``
   (``split = ""`` for flat folders), raw ids mapped by ``label_map`` (empty: already train ids)
 - synthetic_source / synthetic_target / synthetic_night: the generated pair (fastuda.data.synthetic)
@@ -26,7 +28,7 @@ file is read instead of converting the raw ids on every load.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,9 @@ LAYOUTS: dict[str, str] = {
     "dark_zurich": (
         "ROOT/\n"
         "  rgb_anon/{split}/night/<sequence>/<name>_rgb_anon.png\n"
-        "  gt/{split}/night/<sequence>/<name>_gt_labelTrainIds.png   (val only; train has none)"),
+        "  gt/{split}/night/<sequence>/<name>_gt_labelTrainIds.png   (val only; train has none)\n"
+        "  corresp/{split}/night/<sequence>.csv   (day/night variant) 'night,day' name pairs\n"
+        "  rgb_anon/{split}/day/<sequence>/<name>_rgb_anon.png   (day/night variant) day images"),
     "folder": (
         "ROOT/\n"
         "  {image_dir}/{split}/**/<name>{image_suffix}\n"
@@ -96,6 +100,7 @@ class SampleFiles:
     raw_label: str | None = None  # the downloaded label (for prepare), when it is not train ids
     prepared_label: str | None = None  # where prepare writes the train-id PNG for raw_label
     depth: str | None = None  # inverse-depth PNG (synthetic pair), when present
+    day: str | None = None  # Dark Zurich: the paired daytime image (fastuda/data/day.py)
 
 
 class SegDataset:
@@ -156,6 +161,8 @@ class SegDataset:
                 "has_label": f.label is not None, "orig_size": tuple(image.shape[:2])}
         if f.depth is not None:
             meta["depth_path"] = f.depth
+        if f.day is not None:
+            meta["day_path"] = f.day
         return image, label, meta
 
     def load_or_skip(self, i: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -280,15 +287,21 @@ def _cityscapes(root: Path, split: str, layout: str, with_depth: bool = True
     return files
 
 
-def _dark_zurich(root: Path, split: str, layout: str) -> list[SampleFiles]:
+def _dark_zurich(root: Path, split: str, layout: str, day: bool = False) -> list[SampleFiles]:
     _require_dir(root / "rgb_anon", "rgb_anon", layout)
     images = root / "rgb_anon" / split / "night"
     _require_dir(images, f"rgb_anon/{split}/night", layout)
     files = []
-    for p in _sorted(images.glob("*/*_rgb_anon.png")):
+    paths = _sorted(images.glob("*/*_rgb_anon.png"))
+    for p in paths:
         stem = p.name[: -len("_rgb_anon.png")]
         label = root / "gt" / split / "night" / p.parent.name / f"{stem}_gt_labelTrainIds.png"
         files.append(_pair(p, label, None, True))
+    if day and paths:
+        from fastuda.data.day import day_partners
+
+        days = day_partners(root, split, paths)
+        files = [replace(f, day=d) for f, d in zip(files, days, strict=True)]
     return files
 
 
@@ -304,9 +317,14 @@ def _folder(cfg: DatasetConfig, root: Path, layout: str) -> list[SampleFiles]:
     return files
 
 
-def build_dataset(cfg: DatasetConfig, *, on_error: str = "raise") -> SegDataset:
-    """Build the dataset ``cfg.name`` at ``cfg.root`` (split ``cfg.split``); see the module doc."""
+def build_dataset(cfg: DatasetConfig, *, on_error: str = "raise", day: bool = False
+                  ) -> SegDataset:
+    """Build the dataset ``cfg.name`` at ``cfg.root`` (split ``cfg.split``); see the module doc.
+    ``day``: pair every image with its daytime partner (Dark Zurich only; ``meta["day_path"]``)."""
     name = cfg.name
+    if day and name != "dark_zurich":
+        raise DataError(cfg.root, f"day partners of the target images exist only for "
+                                  f"'dark_zurich' (its correspondence lists), not {name!r}")
     root = Path(cfg.root).expanduser()
     num_classes = cfg.num_classes
     if name in SYNTHETIC_DOMAINS:
@@ -334,7 +352,8 @@ def build_dataset(cfg: DatasetConfig, *, on_error: str = "raise") -> SegDataset:
         elif name == "cityscapes":
             files, encoding = _cityscapes(root, cfg.split, layout), cityscapes_id_encoding()
         elif name == "dark_zurich":
-            files, encoding = _dark_zurich(root, cfg.split, layout), train_id_encoding(num_classes)
+            files = _dark_zurich(root, cfg.split, layout, day)
+            encoding = train_id_encoding(num_classes)
         else:
             files = _folder(cfg, root, layout)
             encoding = (map_encoding(cfg.label_map, num_classes) if cfg.label_map

@@ -3,7 +3,10 @@
 `build_train_iterators` returns infinite (source, target) `TrainIterator`s; ``next(it)`` gives
 ``{"image": float [B,3,H,W] normalised, "label": long [B,H,W] train ids (255 ignore),
 "meta": [dict per image]}``, and with ``depth=True`` also ``"depth": float [B,H,W]`` inverse depth
-(NaN invalid; fastuda/data/depth.py), cropped like the label (CorDA asks for it). An iterator's
+(NaN invalid; fastuda/data/depth.py), cropped like the label (CorDA asks for it), and with
+``day=True`` (target stream only) ``"day": float [B,3,H,W]``, the paired daytime images cropped,
+flipped and normalised like the night images (SePiCo's Dark Zurich variant; fastuda/data/day.py).
+An iterator's
 state is the number of batches it has handed out, so
 ``load_state_dict`` resumes with the exact batches that would have followed (sample plans are a pure
 function of seed, stream, rank and position; see sampling.py).
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastuda.config import DataConfig, DatasetConfig
 from fastuda.data.datasets import SegDataset, build_dataset
+from fastuda.data.day import day_crop
 from fastuda.data.depth import depth_crop, load_depth_batch
 from fastuda.data.io import DataError
 from fastuda.data.sampling import RareClassSampler, SamplePlan, SamplePlanner
@@ -99,9 +103,9 @@ class _TrainSamples(Dataset):
     """Map-style view for the DataLoader: item ``position`` is the sample planned there."""
 
     def __init__(self, dataset: SegDataset, planner: SamplePlanner, settings: CropSettings,
-                 depth: bool = False) -> None:
+                 depth: bool = False, day: bool = False) -> None:
         self.dataset, self.planner, self.settings = dataset, planner, settings
-        self.depth = depth
+        self.depth, self.day = depth, day
 
     def __len__(self) -> int:  # the stream is infinite; the sampler never asks for this
         return 2**62
@@ -119,6 +123,12 @@ class _TrainSamples(Dataset):
                 "label": torch.from_numpy(label_crop), "meta": plan_meta(plan, g, meta)}
         if self.depth:  # read here, in the loader's worker, with the label's geometry
             item["depth"] = torch.from_numpy(depth_crop(item["meta"], self.settings.crop_hw))
+        if self.day:
+            try:
+                day = day_crop(item["meta"], self.settings.crop_hw)
+            except DataError as err:
+                return {"data_error": (err.path, err.problem)}
+            item["day"] = torch.from_numpy(day).permute(2, 0, 1)
         return item
 
 
@@ -149,6 +159,8 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
              "meta": [it["meta"] for it in items]}
     if "depth" in items[0]:
         batch["depth"] = torch.stack([it["depth"] for it in items])
+    if "day" in items[0]:
+        batch["day"] = torch.stack([it["day"] for it in items])
     return batch
 
 
@@ -161,23 +173,31 @@ def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 
 def finish_batch(batch: dict[str, Any], mean: list[float], std: list[float]) -> dict[str, Any]:
     """Normalise, and set the padding to 0 (the normalised mean colour) as mmseg pads."""
-    image = normalise(batch["image"], mean, std)
-    for b, meta in enumerate(batch["meta"]):
+    out = {"image": _normalise_padded(batch["image"], batch["meta"], mean, std),
+           "label": batch["label"].long(), "meta": batch["meta"]}
+    if "depth" in batch:
+        out["depth"] = batch["depth"]
+    if "day" in batch:  # the night image's crop box: the same padding
+        out["day"] = _normalise_padded(batch["day"], batch["meta"], mean, std)
+    return out
+
+
+def _normalise_padded(images: torch.Tensor, metas: list[dict[str, Any]], mean: list[float],
+                      std: list[float]) -> torch.Tensor:
+    image = normalise(images, mean, std)
+    for b, meta in enumerate(metas):
         _, _, h, w = meta["crop_box"]
         image[b, :, h:, :] = 0
         image[b, :, :, w:] = 0
-    out = {"image": image, "label": batch["label"].long(), "meta": batch["meta"]}
-    if "depth" in batch:
-        out["depth"] = batch["depth"]
-    return out
+    return image
 
 
 class TorchTrainBatches:
     """An infinite DataLoader over stream positions start, start+1, ..."""
 
     def __init__(self, dataset: SegDataset, planner: SamplePlanner, settings: CropSettings,
-                 cfg: DataConfig, depth: bool = False) -> None:
-        self.samples = _TrainSamples(dataset, planner, settings, depth)
+                 cfg: DataConfig, depth: bool = False, day: bool = False) -> None:
+        self.samples = _TrainSamples(dataset, planner, settings, depth, day)
         self.cfg = cfg
 
     def batches(self, start_batch: int) -> Iterator[dict[str, Any]]:
@@ -197,12 +217,15 @@ class TrainIterator:
     """Infinite batches of one domain; checkpointable (state = batches handed out)."""
 
     def __init__(self, dataset: SegDataset, planner: SamplePlanner, backend: Any,
-                 kind: str, depth: bool = False) -> None:
+                 kind: str, depth: bool = False, day: bool = False,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> None:
         self.dataset = dataset
         self.planner = planner
         self.backend = backend
         self.kind = kind  # "torch" or "dali"
         self.depth = depth
+        self.day = day
+        self.mean, self.std = mean, std
         self.position = 0  # batches handed out
         self.skipped: dict[str, str] = {}
         self._it: Iterator[dict[str, Any]] | None = None
@@ -218,6 +241,13 @@ class TrainIterator:
             # DALI decodes images and labels only: its batches get their depth maps here,
             # decoded by threads (the PyTorch loader reads them in its workers)
             batch["depth"] = load_depth_batch(batch)
+        if self.day and "day" not in batch:  # DALI: the day crops are read here
+            crop_hw = tuple(int(x) for x in batch["image"].shape[-2:])
+            day = torch.stack([torch.from_numpy(day_crop(m, crop_hw)).permute(2, 0, 1)
+                               for m in batch["meta"]])
+            assert self.mean is not None and self.std is not None
+            batch["day"] = _normalise_padded(day, batch["meta"], self.mean,
+                                             self.std).to(batch["image"].device)
         self.position += 1
         for meta in batch["meta"]:
             for path, problem in meta.get("skipped", ()):
@@ -279,8 +309,9 @@ def resolve_loader(kind: str) -> str:
 
 def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream: int, seed: int,
                          rank: int = 0, world_size: int = 1, rcs: bool = False,
-                         loader: str | None = None, depth: bool = False) -> TrainIterator:
-    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error)
+                         loader: str | None = None, depth: bool = False, day: bool = False
+                         ) -> TrainIterator:
+    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error, day=day)
     sampler = None
     if rcs:
         if not dataset.has_labels:
@@ -298,18 +329,20 @@ def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream:
 
         backend: Any = DaliTrainBatches(dataset, planner, settings, cfg, seed=seed)
     else:
-        backend = TorchTrainBatches(dataset, planner, settings, cfg, depth)
-    return TrainIterator(dataset, planner, backend, kind, depth)
+        backend = TorchTrainBatches(dataset, planner, settings, cfg, depth, day)
+    return TrainIterator(dataset, planner, backend, kind, depth, day, cfg.mean, cfg.std)
 
 
 def build_train_iterators(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1,
-                          depth: bool = False) -> tuple[TrainIterator, TrainIterator]:
+                          depth: bool = False, day: bool = False
+                          ) -> tuple[TrainIterator, TrainIterator]:
     """Infinite (source, target) streams; rare class sampling on the source when cfg.rcs;
-    ``depth``: the batches carry the depth maps."""
+    ``depth``: the batches carry the depth maps; ``day``: the target batches carry the day
+    partners of their (Dark Zurich night) images."""
     source = build_train_iterator(cfg, cfg.source, stream=SOURCE_STREAM, seed=seed, rank=rank,
                                   world_size=world_size, rcs=cfg.rcs, depth=depth)
     target = build_train_iterator(cfg, cfg.target, stream=TARGET_STREAM, seed=seed, rank=rank,
-                                  world_size=world_size, depth=depth)
+                                  world_size=world_size, depth=depth, day=day)
     return source, target
 
 

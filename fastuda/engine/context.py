@@ -60,6 +60,9 @@ class MethodContext:
     # the network's decode head (HRDA: the wrapped model's): CLUDA's released pair-weight head is
     # a head of the same type (fastuda/models/hrda.py scale_attention_head)
     decode_head: Any = None
+    # per-class factors of every pass's segmentation CE; None: unweighted. Set by a method
+    # whose release weights the decode head's loss (SePiCo's Dark Zurich variant, "daynight")
+    ce_class_weight: Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, network: Any, device: torch.device) -> MethodContext:
@@ -107,7 +110,8 @@ class MethodContext:
         ``{prefix}.ce_detail``)."""
         return segmentation_losses(prefix, out, label, weight,
                                    detail_weight=self.detail_loss_weight,
-                                   average=self.self_training.source_ce_average)
+                                   average=self.self_training.source_ce_average,
+                                   class_weight=self.ce_class_weight)
 
 
 @dataclass

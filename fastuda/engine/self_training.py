@@ -108,7 +108,15 @@ def pseudo_label(logits: Tensor, threshold: float, ignore_top: int = 0, ignore_b
     #L283-L292; DAFormer dacs.py#L274-L286; HRDA dacs.py#L345-L362). ``"image"`` (fastuda before
     issue 13): one scalar per image, counting only the confident pixels outside the ignored
     rows."""
-    prob = torch.softmax(logits.float(), dim=1)
+    return pseudo_label_from_probs(torch.softmax(logits.float(), dim=1), threshold, ignore_top,
+                                   ignore_bottom, quality)
+
+
+def pseudo_label_from_probs(prob: Tensor, threshold: float, ignore_top: int = 0,
+                            ignore_bottom: int = 0, quality: str = "batch"
+                            ) -> tuple[Tensor, Tensor]:
+    """:func:`pseudo_label` from class scores [B, C, H, W] (the softmax, or a map a method
+    fused from it: label = argmax, confidence = max)."""
     conf, label = prob.max(dim=1)
     confident = (conf >= threshold).float()
     if quality == "batch":
@@ -285,20 +293,34 @@ class SelfTraining:
             self.scaler.scale(total).backward()
         return True
 
-    def _teacher_pseudo_labels(self, images: Tensor, it: int) -> tuple[Tensor, Tensor, Outputs]:
-        """(label, weight, teacher outputs with the logits upsampled to the image size); the
+    def _teacher_pseudo_labels(self, images: Tensor, view: StepView,
+                               boxes: list[tuple[int, int]] | None = None
+                               ) -> tuple[Tensor, Tensor, Outputs]:
+        """(label, weight, teacher outputs with the logits upsampled to the image size). The
         label comes from the output the methods name (``pseudo_label_logits``: the logits, or
-        CorDA's initial head early on), upsampled alike."""
+        CorDA's initial head early on), upsampled alike; the methods fuse its softmax first
+        (``fuse_pseudo_probs``: SePiCo's Dark Zurich day/night fusion)."""
         st = self.cfg.self_training
         with torch.no_grad(), self.autocast():
             out = dict(self.teacher(images))
-        key = self.methods.pseudo_label_logits(it)
+        key = self.methods.pseudo_label_logits(view.it)
         for k in dict.fromkeys((O.LOGITS, key)):
             out[k] = F.interpolate(out[k].float(), size=images.shape[-2:], mode="bilinear",
                                    align_corners=False)
-        label, weight = pseudo_label(out[key], st.pseudo_threshold, st.ignore_top,
-                                     st.ignore_bottom, st.quality_weight)
+        prob = torch.softmax(out[key], dim=1)
+        with torch.no_grad():
+            prob = self.methods.fuse_pseudo_probs(prob, view, boxes, self._teacher_probs)
+        label, weight = pseudo_label_from_probs(prob, st.pseudo_threshold, st.ignore_top,
+                                                st.ignore_bottom, st.quality_weight)
         return label, weight, out
+
+    def _teacher_probs(self, images: Tensor) -> Tensor:
+        """The teacher's softmax on ``images``, at their size (no grad)."""
+        with torch.no_grad(), self.autocast():
+            logits = self.teacher(images)[O.LOGITS]
+        logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return torch.softmax(logits, dim=1)
 
     def _make_pseudo_labels(self, view: StepView, log: dict[str, float]) -> None:
         """The step's target image, pseudo-label and pseudo-weight, refined by the methods."""
@@ -312,11 +334,12 @@ class SelfTraining:
                                            tuple(tgt_img.shape[-2:]),
                                            (resize[1], resize[0]) if resize else None)
                 valid = valid.to(self.device)
-            crop_logits = None
+            crop_logits, boxes = None, None
             if st.class_balanced_crop:
-                tgt_img, valid, crop_logits = self._class_balanced_crop(tgt_img, view.it, valid)
+                tgt_img, valid, crop_logits, boxes = self._class_balanced_crop(tgt_img, view,
+                                                                               valid)
             if crop_logits is None:
-                plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img, view.it)
+                plabel, pweight, teacher_out = self._teacher_pseudo_labels(tgt_img, view, boxes)
             else:  # class_balanced_crop_regen = false: the whole image's logits, cropped
                 teacher_out = {O.LOGITS: crop_logits}
                 plabel, pweight = pseudo_label(crop_logits, st.pseudo_threshold, st.ignore_top,
@@ -329,29 +352,34 @@ class SelfTraining:
         view.target_image, view.pseudo_label, view.pseudo_weight = tgt_img, plabel, pweight
         log["pseudo.weight"] = float(pweight.mean())
 
-    def _class_balanced_crop(self, images: Tensor, it: int, valid: Tensor | None = None
-                             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _class_balanced_crop(self, images: Tensor, view: StepView, valid: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor | None, Tensor | None,
+                                        list[tuple[int, int]]]:
         """SePiCo's target crop: score random windows of the whole image's pseudo-label map,
         keep the best per image; ``valid`` (the pseudo-label margins' mask) is cropped alike.
-        Returns (crops, cropped mask, cropped teacher logits): the logits are None with
-        ``class_balanced_crop_regen`` (pseudo-labels are made again on the crop, as released)."""
+        Returns (crops, cropped mask, cropped teacher logits, the (top, left) of each crop):
+        the logits are None with ``class_balanced_crop_regen`` (pseudo-labels are made again on
+        the crop, as released). The windows are scored on the pseudo-labels of the methods'
+        fused map (``fuse_pseudo_probs``: SePiCo's Dark Zurich crop is chosen on the day/night
+        labels, sepico_dark.py#L332-L344)."""
         ch, cw = self.cfg.data.crop_size
         if images.shape[-2] < ch or images.shape[-1] < cw:
             raise ValueError(f"class-balanced crop {ch}x{cw} does not fit the target images "
                              f"{tuple(images.shape[-2:])}")
-        label, _, out = self._teacher_pseudo_labels(images, it)
-        key = self.methods.pseudo_label_logits(it)
+        label, _, out = self._teacher_pseudo_labels(images, view, None)
+        key = self.methods.pseudo_label_logits(view.it)
         keep_logits = not self.cfg.self_training.class_balanced_crop_regen
-        crops, masks, logits = [], [], []
+        crops, masks, logits, boxes = [], [], [], []
         for b, (img, lbl) in enumerate(zip(images, label, strict=True)):
             top, left = class_balanced_crop(lbl.cpu(), (ch, cw), generator=self.generator)
+            boxes.append((top, left))
             crops.append(img[:, top:top + ch, left:left + cw])
             if valid is not None:
                 masks.append(valid[b, top:top + ch, left:left + cw])
             if keep_logits:
                 logits.append(out[key][b, :, top:top + ch, left:left + cw])
         return (torch.stack(crops), (torch.stack(masks) if valid is not None else None),
-                torch.stack(logits) if keep_logits else None)
+                torch.stack(logits) if keep_logits else None, boxes)
 
     # -- the passes -------------------------------------------------------------------------
     def _source_images(self, view: StepView) -> Tensor:
@@ -513,5 +541,6 @@ class SelfTraining:
 
 
 __all__ = ["SelfTraining", "StepResult", "build_optimizer", "classmix_masks", "ema_alpha",
-           "ema_update", "lr_factor", "pseudo_label", "segmentation_losses", "set_teacher_mode",
+           "ema_update", "lr_factor", "pseudo_label", "pseudo_label_from_probs",
+           "segmentation_losses", "set_teacher_mode",
            "weighted_ce"]

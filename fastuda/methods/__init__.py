@@ -12,6 +12,7 @@ from .base import Method, MethodStack
 from .bipcl import BiPCL
 from .cluda import CLUDA
 from .corda import CorDA, CorDAModel
+from .daynight import DayNight
 from .fdist import FDist
 from .mic import MIC
 from .sepico import SePiCo
@@ -19,7 +20,7 @@ from .spcl import SPCL
 
 # name -> class; a config's ``methods = [...]`` names these, ``[name]`` is the class's Settings
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SePiCo, CLUDA, SPCL, BiPCL, CorDA, MIC,
-                                                        FDist)}
+                                                        FDist, DayNight)}
 
 
 def build_methods(cfg: Config, network: nn.Module, device: torch.device) -> MethodStack:
@@ -30,5 +31,5 @@ def build_methods(cfg: Config, network: nn.Module, device: torch.device) -> Meth
     return MethodStack(methods, ctx).to(device)
 
 
-__all__ = ["BiPCL", "CLUDA", "CorDA", "CorDAModel", "FDist", "METHODS", "MIC", "Method",
+__all__ = ["BiPCL", "CLUDA", "CorDA", "CorDAModel", "DayNight", "FDist", "METHODS", "MIC", "Method",
            "MethodStack", "SPCL", "SePiCo", "build_methods"]

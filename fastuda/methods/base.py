@@ -15,6 +15,8 @@ Order of the hooks in one step (fastuda/engine/self_training.py):
     start_step(view)                                      the raw batches (e.g. "depth")
     update_state(teacher(source), source label)           if wants_teacher_source
     pseudo_label_logits(it)                               which teacher output (default logits)
+    fuse_pseudo_probs(teacher softmax, view, boxes, teacher_probs)  -> the map pseudo-labels
+        are taken from (for the class-balanced crop's choice too); SePiCo's Dark Zurich variant
     refine_pseudo_labels(teacher(target), label, weight)  -> the label/weight the loop uses
         (before the source pass when any method has pseudo_labels_first, else after it)
     pass "src":  source_losses(student(source), label)
@@ -26,6 +28,7 @@ Order of the hooks in one step (fastuda/engine/self_training.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -87,6 +90,15 @@ class Method(nn.Module):
         """The teacher output (a key of fastuda/models/outputs.py) this step's pseudo-labels
         are made from; None: ``"logits"`` (CorDA: its initial head for the first iterations)."""
         return None
+    def fuse_pseudo_probs(self, prob: Tensor, view: StepView,
+                          boxes: list[tuple[int, int]] | None,
+                          teacher_probs: Callable[[Tensor], Tensor]) -> Tensor:
+        """The teacher's softmax [B, C, H, W] on the step's target images, before the
+        pseudo-labels (argmax), their confidence (max) and the class-balanced crop's choice are
+        taken from it. ``boxes``: the (top, left) of each image's class-balanced crop in the
+        whole target image, None for the whole image; ``teacher_probs(images)``: the teacher's
+        softmax on other images of that size (no grad). Runs under no_grad."""
+        return prob
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:
@@ -189,6 +201,12 @@ class MethodStack(nn.Module):
             raise ValueError(f"methods {self.names} ask for pseudo-labels from different "
                              f"teacher outputs: {sorted(keys)}")
         return keys.pop() if keys else O.LOGITS
+    def fuse_pseudo_probs(self, prob: Tensor, view: StepView,
+                          boxes: list[tuple[int, int]] | None,
+                          teacher_probs: Callable[[Tensor], Tensor]) -> Tensor:
+        for m in self:
+            prob = m.fuse_pseudo_probs(prob, view, boxes, teacher_probs)
+        return prob
 
     def refine_pseudo_labels(self, teacher_target: Outputs, label: Tensor, weight: Tensor,
                              it: int) -> tuple[Tensor, Tensor]:

@@ -453,7 +453,9 @@ def test_pseudo_labels_from_the_initial_head_until_25001() -> None:
     trainer.teacher = _FixedTeacher()
     images = torch.zeros(2, 3, 64, 64)
     for it, cls in ((0, 1), (25000, 1), (25001, 0), (40000, 0)):
-        label, weight, out = trainer._teacher_pseudo_labels(images, it)
+        view = StepView(it=it, source={}, target={}, source_image=images,
+                        source_label=torch.zeros(2, 64, 64, dtype=torch.long))
+        label, weight, out = trainer._teacher_pseudo_labels(images, view)
         assert label.shape == (2, 64, 64) and bool((label == cls).all()), it
         assert out[O.LOGITS].shape[-2:] == (64, 64)
         assert float(weight.mean()) == pytest.approx(1.0)
