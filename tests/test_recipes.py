@@ -261,6 +261,8 @@ def test_the_target_stream_never_reads_labels_whatever_the_preset() -> None:
 SGD_RELEASES: dict[str, dict[str, Any]] = {
     "spcl/deeplabv2_gta2cs.toml": {
         "optim.name": "sgd",  # SPCL train_ours.py#L75-L80 (torch.optim.SGD)
+        # nn.CrossEntropyLoss(ignore_index=255): mean over labelled pixels (train_ours.py#L119)
+        "self_training.source_ce_average": "valid",
         "optim.lr": 2.5e-4,  # configs/deeplabv2_r101_cl.yaml#L15
         "optim.head_lr_mult": 10.0,  # train_ours.py#L79, #L139-L140 (classifier at 10x)
         "optim.momentum": 0.9,  # core/configs/defaults.py#L54
