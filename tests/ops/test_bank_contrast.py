@@ -75,6 +75,21 @@ def test_many_rows_and_classes() -> None:
     torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("layout", ["bdhw", "channels_last"])
+def test_several_windows_per_image(layout: str) -> None:
+    """Images of more pixels than one work window of the kernel (2048) and a class with more rows
+    in one window than one GEMM chunk (256): P = 4500 is three windows per image, the last one
+    partial, with about 600 pixels per class in a full window."""
+    feats = _feats((2, 8, 50, 90))
+    if layout == "channels_last":
+        feats = feats.to(memory_format=torch.channels_last)
+    labels = _labels((2, 50, 90), 3, ignore_frac=0.1)
+    bank, lens = _bank(3, 5, 8, [5, 2, 5])
+    (lk, gk), (lr, gr) = _both(feats, labels, bank, lens, reduction="none")
+    torch.testing.assert_close(lk, lr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gk, gr, rtol=1e-4, atol=1e-5)  # gradients up to ~5 here
+
+
 def test_gradcheck_fp64() -> None:
     feats = _feats((2, 4, 3, 3), dtype=torch.float64).requires_grad_(True)
     labels = _labels((2, 3, 3), 3)
