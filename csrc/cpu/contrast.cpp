@@ -441,6 +441,24 @@ void store_grad(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64_t p0
   }
 }
 
+// Where the gradient of a full tile can be written with streaming stores straight from the GEMM's
+// registers: fp32 gradient, every tile row aligned to the vector width. Null otherwise (then the
+// tile goes through the gx buffer and store_grad).
+template <typename acc_t>
+acc_t* streamable_grad_tile(const Problem<acc_t>& pb, at::Tensor& out, int64_t b, int64_t p0,
+                            int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n != kTile || out.scalar_type() != at::kFloat) return nullptr;
+    float* dst = out.data_ptr<float>() + (b * pb.D) * pb.P + p0;
+    const bool aligned = reinterpret_cast<uintptr_t>(dst) % kVecBytes == 0 &&
+                         (pb.P * int64_t(sizeof(float))) % kVecBytes == 0;
+    return aligned ? dst : nullptr;
+  } else {
+    (void)pb, (void)out, (void)b, (void)p0, (void)n;
+    return nullptr;
+  }
+}
+
 template <typename acc_t>
 void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t* lse,
                    bool stats_grad, int64_t n_chunks, BackwardOut<acc_t>& out,
@@ -501,23 +519,33 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
           for (int64_t i = 0; i < C * kTile; ++i) gb[i] = acc_t(2) * ga[i];
         for (int64_t t = 0; t < kTile; ++t)
           if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
-        // grad_X = (mu/tau)^T g_a  (+ 2 Sigma' X g_b terms)
-        gemm<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, false);
+        // grad_X = (mu/tau)^T g_a + the Sigma terms (2 Sigma' X g_b), the latter formed first in
+        // tmp and taken as the GEMM's initial value, so the GEMM's result is the tile's gradient
+        const acc_t* init = nullptr;
         if (pb.cov == Cov::Diag) {
           acc_t* tmp = s.tmp.data();
           gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
           for (int64_t d = 0; d < D; ++d)
-            for (int64_t t = 0; t < kTile; ++t)
-              gx[d * ldg + t] += X[d * ldx + t] * tmp[d * kTile + t];
+            for (int64_t t = 0; t < kTile; ++t) tmp[d * kTile + t] *= X[d * ldx + t];
+          init = tmp;
         } else if (pb.cov == Cov::Full) {
+          acc_t* tmp = s.tmp.data();
+          std::fill(s.tmp.begin(), s.tmp.end(), acc_t(0));
           for (int64_t c = 0; c < C; ++c) {
             const acc_t* U = s.U.data() + c * D * kTile;
             const acc_t* gbc = gb + c * kTile;
             for (int64_t d = 0; d < D; ++d)
-              for (int64_t t = 0; t < kTile; ++t) gx[d * ldg + t] += gbc[t] * U[d * kTile + t];
+              for (int64_t t = 0; t < kTile; ++t) tmp[d * kTile + t] += gbc[t] * U[d * kTile + t];
           }
+          init = tmp;
         }
-        store_grad(pb, out.grad_feats, b, p0, n, gx);
+        if (acc_t* dst = streamable_grad_tile(pb, out.grad_feats, b, p0, n)) {
+          // straight from the registers to the output, around the caches
+          gemm_init<acc_t, true>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, dst, P, init, kTile);
+        } else {
+          gemm_init<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, init, kTile);
+          store_grad(pb, out.grad_feats, b, p0, n, gx);
+        }
         if (!stats_grad) continue;
         // statistics partials: X [D][T] @ g_a^T [T][Cp] (g transposed, zero padded to Cp
         // columns), (X o X) @ g_b^T for a diagonal Sigma, sum_t g_b[c][t] x_t x_t^T for a full one

@@ -9,6 +9,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace fastuda {
 
@@ -47,14 +52,38 @@ inline void store_vec(T* p, const typename SimdOf<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// A float vector written around the caches (a streaming store, no read-for-ownership of the line)
+// when kStream and the target has one, else a plain store. With kStream, p must be aligned to the
+// vector width. For outputs far larger than the caches that this kernel does not read again;
+// streaming stores are weakly ordered: the caller fences them (_mm_sfence) before handing on.
+template <bool kStream, typename T, typename V>
+inline void put_vec(T* p, const V& v) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+    _mm256_stream_ps(p, (__m256)v);
+#else
+    _mm_stream_ps(p, (__m128)v);
+#endif
+    return;
+  }
+#endif
+  store_vec(p, v);
+}
+
 // The unroll pragmas matter: fully unrolled, the accumulators become registers; left as loops,
 // GCC keeps them on the stack and reloads them at every step of k.
 // With kPrefetch, columns [0, ahead_cols) of row k of `ahead` (same row stride as Bm) are
 // requested while row k of Bm is used: the features of a later tile stream in spread over the work
 // instead of in one burst. They go to L2 (a tile's rows fill all of L1 on their own).
-template <typename T, int RB, int NB, bool kPrefetch = false>
+// kStream: Out is written with streaming stores (put_vec), its rows aligned to the vector width.
+// init: the accumulators' initial values (row stride ldi; Out itself to accumulate), or null for
+// zeros.
+template <typename T, int RB, int NB, bool kPrefetch = false, bool kStream = false>
 inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
-                       T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr,
+                       T* Out, int64_t ldo, const T* init, int64_t ldi, const T* ahead = nullptr,
                        int64_t ahead_cols = 0) {
   using V = typename SimdOf<T>::type;
   constexpr int kLanes = kVecBytes / sizeof(T);
@@ -65,7 +94,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j)
-      acc[r][j] = accumulate ? load_vec(Out + r * ldo + j * kLanes) : V{};
+      acc[r][j] = init != nullptr ? load_vec(init + r * ldi + j * kLanes) : V{};
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (kPrefetch)
       for (int64_t j = 0; j < ahead_cols; j += 64 / sizeof(T))
@@ -83,17 +112,18 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
 #pragma GCC unroll 32
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) store_vec(Out + r * ldo + j * kLanes, acc[r][j]);
+    for (int j = 0; j < NV; ++j) put_vec<kStream>(Out + r * ldo + j * kLanes, acc[r][j]);
 }
 
 // Columns that do not fill a vector (N % lanes of them)
 template <typename T>
 inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
-                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate) {
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi) {
   for (int64_t r = 0; r < R; ++r) {
     T* o = Out + r * ldo;
-    if (!accumulate)
-      for (int64_t n = 0; n < N; ++n) o[n] = T(0);
+    const T* in = init != nullptr ? init + r * ldi : nullptr;
+    if (in != o)  // in == o: accumulate in place
+      for (int64_t n = 0; n < N; ++n) o[n] = in != nullptr ? in[n] : T(0);
     for (int64_t k = 0; k < K; ++k) {
       const T a = A[r * a_rs + k * a_ks];
       const T* b = Bm + k * ldb;
@@ -116,59 +146,72 @@ constexpr int block_rows(int vectors_per_row) {
 }
 
 // gemm_block for a run-time number of rows (1 .. RB)
-template <typename T, int NB, int RB, bool kPrefetch>
+template <typename T, int NB, int RB, bool kPrefetch, bool kStream>
 inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
-                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, bool accumulate,
+                      const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
                       const T* ahead, int64_t ahead_cols) {
   if constexpr (RB > 0) {
     if (rows == RB)
-      return gemm_block<T, RB, NB, kPrefetch>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                              ahead, ahead_cols);
-    gemm_rows<T, NB, RB - 1, kPrefetch>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                        ahead, ahead_cols);
+      return gemm_block<T, RB, NB, kPrefetch, kStream>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo,
+                                                       init, ldi, ahead, ahead_cols);
+    gemm_rows<T, NB, RB - 1, kPrefetch, kStream>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo,
+                                                 init, ldi, ahead, ahead_cols);
   }
 }
 
 // All R rows of one column block of width NB, in equal register blocks (19 classes: 5 + 5 + 5 +
 // 4, not 6 + 6 + 6 + 1), so every block has enough independent accumulators to hide the FMA
 // latency. With `ahead`, the first row block also prefetches ahead_cols columns of it.
-template <typename T, int NB>
+template <typename T, int NB, bool kStream>
 inline void gemm_column(int64_t R, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
-                        int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead,
-                        int64_t ahead_cols) {
+                        int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
+                        const T* ahead, int64_t ahead_cols) {
   constexpr int kMaxRows = block_rows<T>(NB / kLanesOf<T>);
   const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t r = R * blk / n_blocks;
     const int64_t rows = R * (blk + 1) / n_blocks - r;
     if (ahead != nullptr && blk == 0)
-      gemm_rows<T, NB, kMaxRows, true>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate,
-                                       ahead, ahead_cols);
+      gemm_rows<T, NB, kMaxRows, true, kStream>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, init,
+                                                ldi, ahead, ahead_cols);
     else
-      gemm_rows<T, NB, kMaxRows, false>(rows, K, A + r * a_rs, a_rs, a_ks, Bm, ldb, Out + r * ldo,
-                                        ldo, accumulate, nullptr, 0);
+      gemm_rows<T, NB, kMaxRows, false, kStream>(rows, K, A + r * a_rs, a_rs, a_ks, Bm, ldb,
+                                                 Out + r * ldo, ldo,
+                                                 init != nullptr ? init + r * ldi : nullptr, ldi,
+                                                 nullptr, 0);
   }
 }
 
-// Out[R][N] (+)= A[R][K] @ Bm[K][N]. `ahead`: optional, as Bm but for a later tile; its first N
-// columns are fetched into cache during the first row block.
-template <typename T>
-void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
-          int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
+// Out[R][N] = init[R][N] + A[R][K] @ Bm[K][N] (init row stride ldi; null: zeros; Out: accumulate).
+// `ahead`: optional, as Bm but for a later tile; its first N columns are fetched into cache during
+// the first row block. kStream: Out is written with streaming stores; Out and ldo must then be
+// aligned to the vector width and N a whole number of vectors (the scalar tail has plain stores).
+template <typename T, bool kStream = false>
+void gemm_init(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
+               const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
+               const T* ahead = nullptr) {
   constexpr int kLanes = kLanesOf<T>;
   constexpr int NB = 2 * kLanes;
   int64_t n0 = 0;
+  const auto init_at = [&](int64_t col) { return init != nullptr ? init + col : nullptr; };
   for (; n0 + NB <= N; n0 += NB) {
-    gemm_column<T, NB>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate,
-                       n0 == 0 ? ahead : nullptr, N);
+    gemm_column<T, NB, kStream>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, init_at(n0),
+                                ldi, n0 == 0 ? ahead : nullptr, N);
   }
   if (n0 + kLanes <= N) {
-    gemm_column<T, kLanes>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate,
-                           n0 == 0 ? ahead : nullptr, N);
+    gemm_column<T, kLanes, kStream>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo,
+                                    init_at(n0), ldi, n0 == 0 ? ahead : nullptr, N);
     n0 += kLanes;
   }
   if (n0 < N)
-    gemm_tail<T>(R, K, N - n0, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, accumulate);
+    gemm_tail<T>(R, K, N - n0, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, init_at(n0), ldi);
+}
+
+// Out[R][N] (+)= A[R][K] @ Bm[K][N] (accumulate: add to Out)
+template <typename T>
+void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
+          int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
+  gemm_init<T>(R, K, N, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate ? Out : nullptr, ldo, ahead);
 }
 
 }  // namespace fastuda
