@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/pair_contrast.h"
+#include "cpu/gemm_kernel.h"
 #include "cpu/pair_contrast_host.h"
 
 namespace fastuda::cpu {
@@ -148,34 +149,58 @@ Problem sort_pixels(const at::Tensor& feats, const at::Tensor& labels, const at:
   return pb;
 }
 
-// bank [C, M, D] in acc_t and the mean live entry of each class [C, D] (0 for an empty class).
-template <typename acc_t>
-std::pair<at::Tensor, at::Tensor> bank_and_means(const at::Tensor& bank, const Problem& pb) {
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor b = bank.to(at::kCPU, acc_type).contiguous();
-  at::Tensor bbar = at::zeros({pb.C, pb.D}, b.options());
-  const acc_t* bp = b.const_data_ptr<acc_t>();
-  acc_t* mp = bbar.data_ptr<acc_t>();
-  for (int64_t c = 0; c < pb.C; ++c) {
-    if (pb.lens[c] == 0) continue;
-    for (int64_t j = 0; j < pb.lens[c]; ++j)
-      for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] += bp[(c * pb.M + j) * pb.D + d];
-    for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] /= static_cast<acc_t>(pb.lens[c]);
-  }
-  return {b, bbar};
+// A count rounded up to whole vectors of T: the GEMMs' output widths (the padded columns are
+// products with zero entries and are never read)
+template <typename T>
+int64_t vec_pad(int64_t n) {
+  constexpr int64_t kLanes = kLanesOf<T>;
+  return (n + kLanes - 1) / kLanes * kLanes;
 }
 
-// Positive logits [rows, L] and negative logits [rows, C] (both still without the 1 / tau) of
-// the chunk's features x (acc_t, pixel-major: [rows, D]).
+// The bank in the layouts the GEMMs read (fastuda::gemm wants the right operand's rows
+// contiguous): entries [C, M, D] for the gradient, transposed entries [C, D, Mp] (zero beyond
+// bank_len) for the positive logits, the mean live entry of each class, means [C, D] (0 for an
+// empty class), and its transpose [D, Cp] for the negative logits; Mp, Cp: M, C padded to whole
+// vectors.
+template <typename acc_t>
+struct BankOperands {
+  at::Tensor entries, entries_t, means, means_t;
+  int64_t Mp = 0, Cp = 0;
+  BankOperands(const at::Tensor& bank, const Problem& pb) {
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    entries = bank.to(at::kCPU, acc_type).contiguous();
+    means = at::zeros({pb.C, pb.D}, entries.options());
+    const acc_t* bp = entries.const_data_ptr<acc_t>();
+    acc_t* mp = means.data_ptr<acc_t>();
+    for (int64_t c = 0; c < pb.C; ++c) {
+      if (pb.lens[c] == 0) continue;
+      for (int64_t j = 0; j < pb.lens[c]; ++j)
+        for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] += bp[(c * pb.M + j) * pb.D + d];
+      for (int64_t d = 0; d < pb.D; ++d) mp[c * pb.D + d] /= static_cast<acc_t>(pb.lens[c]);
+    }
+    Mp = vec_pad<acc_t>(pb.M);
+    Cp = vec_pad<acc_t>(pb.C);
+    entries_t = at::zeros({pb.C, pb.D, Mp}, entries.options());
+    for (int64_t c = 0; c < pb.C; ++c)
+      if (pb.lens[c] > 0)
+        entries_t[c].narrow(1, 0, pb.lens[c]).copy_(entries[c].narrow(0, 0, pb.lens[c]).t());
+    means_t = at::zeros({pb.D, Cp}, entries.options());
+    means_t.narrow(1, 0, pb.C).copy_(means.t());
+  }
+};
+
+// Positive logits [rows, L] (row stride Mp) and negative logits [rows, C] (row stride Cp), both
+// still without the 1 / tau, of the chunk's features x (acc_t, pixel-major: [rows, D]), with the
+// register-blocked GEMM of cpu/gemm_kernel.h on the cache-resident operands (a BLAS call per
+// chunk spent about a third of its time packing them).
 template <typename acc_t>
 void chunk_logits(const acc_t* x, const Problem::Chunk& ch, const Problem& pb,
-                  const at::Tensor& b, const at::Tensor& bbar, acc_t* pos, acc_t* neg) {
-  const int64_t L = pb.lens[ch.cls];
-  const at::Tensor xv = matrix_view(x, ch.rows, pb.D, pb.D);
-  at::Tensor pv = matrix_view(pos, ch.rows, L, L);
-  at::Tensor nv = matrix_view(neg, ch.rows, pb.C, pb.C);
-  at::mm_out(pv, xv, b[ch.cls].narrow(0, 0, L).t());
-  at::mm_out(nv, xv, bbar.t());
+                  const BankOperands<acc_t>& ops, acc_t* pos, acc_t* neg) {
+  const int64_t D = pb.D, Mp = ops.Mp, Cp = ops.Cp;
+  const acc_t* bt = ops.entries_t.template const_data_ptr<acc_t>() + ch.cls * D * Mp;
+  gemm<acc_t>(ch.rows, D, vec_pad<acc_t>(pb.lens[ch.cls]), x, D, 1, bt, Mp, pos, Mp, false);
+  gemm<acc_t>(ch.rows, D, Cp, x, D, 1, ops.means_t.template const_data_ptr<acc_t>(), Cp, neg,
+              Cp, false);
 }
 
 // nu = logsumexp over the classes k != y with a live entry of neg[k] / tau; -inf if none, NaN
@@ -203,8 +228,8 @@ template <typename acc_t>
 struct WindowScratch {
   std::vector<acc_t> rows, pos, neg, tile;
   std::vector<int64_t> slot;  // [kWindow]: sorted row (window-local) of each pixel, or -1
-  explicit WindowScratch(const Problem& pb)
-      : rows(kWindow * pb.D), pos(kRowsPerChunk * pb.M), neg(kRowsPerChunk * pb.C),
+  WindowScratch(const Problem& pb, int64_t Mp, int64_t Cp)
+      : rows(kWindow * pb.D), pos(kRowsPerChunk * Mp), neg(kRowsPerChunk * Cp),
         tile(kPixelTile * pb.D), slot(kWindow) {}
 };
 
@@ -240,14 +265,20 @@ void gather_window(const at::Tensor& feats, const Problem& pb, int64_t w,
       }
       continue;
     }
+    // each channel's run is its own stream, too many for the hardware prefetcher: the same
+    // channel row kAhead tiles on is requested with each row read
+    constexpr int64_t kAhead = 4;
+    const bool prefetch = sP == 1 && t0 + (kAhead + 1) * kPixelTile <= n_pix;
     if (sP == 1 && k == n) {  // every pixel of the tile counts: contiguous reads per channel
       for (int64_t d = 0; d < D; ++d) {
         const scalar_t* in = base + d * sD + t0;
+        if (prefetch) __builtin_prefetch(in + kAhead * kPixelTile, /*rw=*/0, /*locality=*/2);
         for (int64_t q = 0; q < k; ++q) tile[q * D + d] = static_cast<acc_t>(in[q]);
       }
     } else {
       for (int64_t d = 0; d < D; ++d) {
         const scalar_t* in = base + d * sD;
+        if (prefetch) __builtin_prefetch(in + t0 + kAhead * kPixelTile, 0, 2);
         for (int64_t q = 0; q < k; ++q) tile[q * D + d] = static_cast<acc_t>(in[pos[q] * sP]);
       }
     }
@@ -285,12 +316,13 @@ void scatter_window(const Problem& pb, int64_t w, WindowScratch<acc_t>& s, at::T
 // holds up one window, not a static share), body(window, scratch): the window's slots set and
 // its features gathered into scratch.rows.
 template <typename scalar_t, typename acc_t, typename Body>
-void for_each_window(const at::Tensor& feats, const Problem& pb, Body&& body) {
+void for_each_window(const at::Tensor& feats, const Problem& pb, const BankOperands<acc_t>& ops,
+                     Body&& body) {
   const int64_t n_windows = pb.n_windows();
   std::atomic<int64_t> next{0};
   const int64_t n_workers = std::min<int64_t>(n_windows, at::get_num_threads());
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    WindowScratch<acc_t> s(pb);
+    WindowScratch<acc_t> s(pb, ops.Mp, ops.Cp);
     for (int64_t w = next.fetch_add(1); w < n_windows; w = next.fetch_add(1)) {
       window_slots(pb, w, s.slot.data());
       gather_window<scalar_t, acc_t>(feats, pb, w, s);
@@ -311,23 +343,23 @@ void forward_impl(const at::Tensor& feats, const at::Tensor& bank, const Problem
                   at::Tensor& loss, at::Tensor& neg_lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
+  const BankOperands<acc_t> ops(bank, pb);
   acc_t* loss_p = loss.data_ptr<acc_t>();
   acc_t* nlse_p = neg_lse.data_ptr<acc_t>();
-  for_each_window<scalar_t, acc_t>(feats, pb, [&](int64_t w, WindowScratch<acc_t>& s) {
+  for_each_window<scalar_t, acc_t>(feats, pb, ops, [&](int64_t w, WindowScratch<acc_t>& s) {
     for (int64_t ci = pb.window_chunk[w]; ci < pb.window_chunk[w + 1]; ++ci) {
       const Problem::Chunk& ch = pb.chunks[ci];
       acc_t* pos = s.pos.data();
       acc_t* neg = s.neg.data();
-      chunk_logits<acc_t>(chunk_rows(pb, w, ch, s), ch, pb, b, bbar, pos, neg);
+      chunk_logits<acc_t>(chunk_rows(pb, w, ch, s), ch, pb, ops, pos, neg);
       const int64_t L = pb.lens[ch.cls];
       for (int64_t r = 0; r < ch.rows; ++r) {
         const int64_t pix = pb.order[ch.row0 + r];
-        const acc_t nu = negative_lse<acc_t>(neg + r * pb.C, ch.cls, pb, inv_tau);
+        const acc_t nu = negative_lse<acc_t>(neg + r * ops.Cp, ch.cls, pb, inv_tau);
         nlse_p[pix] = nu;
         if (nu == -std::numeric_limits<acc_t>::infinity()) continue;  // no negative: loss 0
         loss_p[pix] =
-            row_sum_softplus<acc_t>(pos + r * L, L, inv_tau, nu) / static_cast<acc_t>(L);
+            row_sum_softplus<acc_t>(pos + r * ops.Mp, L, inv_tau, nu) / static_cast<acc_t>(L);
       }
     }
   });
@@ -354,26 +386,27 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  auto [b, bbar] = bank_and_means<acc_t>(bank, pb);
+  const BankOperands<acc_t> ops(bank, pb);
+  const int64_t Mp = ops.Mp, Cp = ops.Cp, D = pb.D;
   const at::Tensor g_t = grad_loss.to(acc_type);
   const at::Tensor nu_t = neg_lse.to(acc_type).contiguous();
   const acc_t* gp = g_t.const_data_ptr<acc_t>();
   const int64_t gsB = g_t.stride(0), gsP = g_t.stride(1);
   const acc_t* nup = nu_t.const_data_ptr<acc_t>();
-  for_each_window<scalar_t, acc_t>(feats, pb, [&](int64_t w, WindowScratch<acc_t>& s) {
+  for_each_window<scalar_t, acc_t>(feats, pb, ops, [&](int64_t w, WindowScratch<acc_t>& s) {
     for (int64_t ci = pb.window_chunk[w]; ci < pb.window_chunk[w + 1]; ++ci) {
       const Problem::Chunk& ch = pb.chunks[ci];
       acc_t* pos = s.pos.data();
       acc_t* neg = s.neg.data();
       acc_t* x = chunk_rows(pb, w, ch, s);
-      chunk_logits<acc_t>(x, ch, pb, b, bbar, pos, neg);
+      chunk_logits<acc_t>(x, ch, pb, ops, pos, neg);
       const int64_t L = pb.lens[ch.cls];
       // logits -> d loss / d logit, scaled by 1 / tau (d logit / d f = entry / tau)
       for (int64_t r = 0; r < ch.rows; ++r) {
         const int64_t pix = pb.order[ch.row0 + r];
         const acc_t nu = nup[pix];
-        acc_t* pr = pos + r * L;
-        acc_t* nr = neg + r * pb.C;
+        acc_t* pr = pos + r * Mp;
+        acc_t* nr = neg + r * Cp;
         if (nu == -std::numeric_limits<acc_t>::infinity()) {  // no negative: zero gradient
           std::fill(pr, pr + L, acc_t(0));
           std::fill(nr, nr + pb.C, acc_t(0));
@@ -388,9 +421,10 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& feats, const a
       }
       // d loss / d f = coef_pos @ bank[y, :L] + coef_neg @ bbar, into the rows the features
       // came in (the chunk's own rows; they are no longer needed)
-      at::Tensor gv = matrix_view(x, ch.rows, pb.D, pb.D);
-      at::mm_out(gv, matrix_view(pos, ch.rows, L, L), b[ch.cls].narrow(0, 0, L));
-      gv.addmm_(matrix_view(neg, ch.rows, pb.C, pb.C), bbar);
+      const acc_t* entries = ops.entries.template const_data_ptr<acc_t>() + ch.cls * pb.M * D;
+      gemm<acc_t>(ch.rows, L, D, pos, Mp, 1, entries, D, x, D, false);
+      gemm<acc_t>(ch.rows, pb.C, D, neg, Cp, 1, ops.means.template const_data_ptr<acc_t>(), D, x,
+                  D, true);
     }
     scatter_window<scalar_t, acc_t>(pb, w, s, grad);
   });
