@@ -323,3 +323,14 @@ def test_large_aligned_image(kind: str) -> None:
     feats = _feats((2, 16, 32, 40))
     labels = _labels((2, 32, 40), 5, ignore_frac=0.1)
     _compare(feats, labels, _centroids(5, 16), _covariance(kind, 5, 16), rtol=1e-4, atol=2e-5)
+
+
+
+@pytest.mark.parametrize("kind", ["diag", "full"])
+def test_large_aligned_image_without_statistics_grads(kind: str) -> None:
+    """As test_large_aligned_image, with centroids and covariance not requiring gradients (the
+    training case): the streamed feature-gradient path without the statistics partials."""
+    feats = _feats((2, 24, 32, 40))
+    labels = _labels((2, 32, 40), 7, ignore_frac=0.1)
+    _compare(feats, labels, _centroids(7, 24), _covariance(kind, 7, 24),
+             stats_grad=(False, False), rtol=1e-4, atol=1e-5)
