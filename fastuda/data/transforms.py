@@ -15,6 +15,7 @@ crop draws (the last draw is kept when none passes), flip probability 0.5, paddi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,6 +65,16 @@ class Geometry:
     def as_meta(self) -> dict[str, object]:
         return {"scaled_size": (self.scaled_h, self.scaled_w),
                 "crop_box": (self.top, self.left, self.valid_h, self.valid_w), "flip": self.flip}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], crop_hw: tuple[int, int]) -> Geometry:
+        """The geometry a loader recorded in a sample's meta (``orig_size`` and :meth:`as_meta`'s
+        keys), for the files cropped like the image (depth maps, day images)."""
+        orig_h, orig_w = meta["orig_size"]
+        scaled_h, scaled_w = meta["scaled_size"]
+        top, left, _, _ = meta["crop_box"]
+        return cls(int(orig_h), int(orig_w), int(scaled_h), int(scaled_w), int(top), int(left),
+                   int(crop_hw[0]), int(crop_hw[1]), bool(meta["flip"]))
 
 
 def draw_crop_params(rng: np.random.Generator, ratio_range: tuple[float, float],

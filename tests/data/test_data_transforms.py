@@ -123,3 +123,11 @@ def test_val_resize_pair() -> None:
     assert img2.shape == (15, 20, 3) and lab2.shape == (15, 20)
     np.testing.assert_array_equal(
         lab2, np.asarray(Image.fromarray(label).resize((20, 15), Image.Resampling.NEAREST)))
+
+
+def test_geometry_from_meta_is_the_recorded_geometry() -> None:
+    # a crop reaching past the rescaled image (valid 5 x 7 of 8 x 9), flipped
+    g = Geometry(40, 60, 13, 20, top=8, left=13, crop_h=8, crop_w=9, flip=True)
+    meta = {"orig_size": (40, 60), **g.as_meta()}
+    assert meta["crop_box"] == (8, 13, 5, 7)
+    assert Geometry.from_meta(meta, (8, 9)) == g
