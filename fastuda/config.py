@@ -130,6 +130,13 @@ class ModelConfig:
     backbone: str = "mit_b5"
     num_classes: int = 19
     pretrained: str = ""  # local checkpoint path; nothing is downloaded
+    # the colour order the pretrained file's first convolution reads. "bgr": the Caffe-converted
+    # DeepLab ResNet-101 files, which the DASS and CorDA releases feed BGR images minus the Caffe
+    # mean (DASS dataset/transforms.py#L127-L150; CorDA data/gta5_dataset.py#L80-L81): that
+    # convolution's input channels are reversed when loading, so the network reads fastuda's RGB
+    # images with the same result (conv(BGR x, W) = conv(RGB x, W reversed)); data.mean and
+    # data.std stay in RGB order
+    pretrained_channels: Literal["rgb", "bgr"] = "rgb"
     decoder_channels: int = 256
     projection: bool = True  # SePiCo projection head (embeddings output)
     embed_dim: int = 0  # 0: the published size (512 deeplabv2, 256 daformer and vit)
@@ -180,6 +187,9 @@ class ModelConfig:
             for key in ("freeze_bn_affine", "freeze_bn"):
                 _check(not getattr(self, key), f"model.{key}", getattr(self, key),
                        f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
+            _check(self.pretrained_channels == "rgb", "model.pretrained_channels",
+                   self.pretrained_channels,
+                   f"'rgb' for model.name = {self.name!r} (the BGR files are DeepLab ResNets)")
         strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
         _check(self.output_stride in strides, "model.output_stride", self.output_stride,
                f"one of {strides} for model.name = {self.name!r}")

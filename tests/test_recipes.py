@@ -293,6 +293,14 @@ SGD_RELEASES: dict[str, dict[str, Any]] = {
         "eval.flip": False,  # test.py#L110
     },
     "bipcl/deeplabv2_gta2cs.toml": {
+        # DeepLab's Caffe ResNet-101: stride on the 1x1 conv (model/DeeplabV2.py#L57), ceil-mode
+        # pool (#L135), stages 3/4 at dilation 2/4 in every block (#L140-L141, #L160-L163)
+        "model.backbone": "resnet101_deeplab",
+        # FlipChannels (RGB -> BGR) then SubMean of the Caffe BGR mean, no std
+        # (dataset/dataset.py#L10, #L131-L135; dataset/transforms.py#L127-L150)
+        "model.pretrained_channels": "bgr",
+        "data.mean": [122.67891434, 116.66876762, 104.00698793],
+        "data.std": [1.0, 1.0, 1.0],
         "optim.name": "sgd",  # DASS trainer/damnet_trainer.py#L182-L187
         "optim.lr": 7.5e-5,  # config/damnet_config.yml#L40
         "optim.head_lr_mult": 10.0,  # model/DeeplabV2.py#L227-L228; utils/optimize.py#L11
