@@ -8,10 +8,10 @@ the whole image and cropping would (pixel-centre aligned, antialiased when shrin
 
 mmseg's defaults: ratio range (0.5, 2.0) (the DAFormer-lineage releases use none: their presets
 set [1, 1]; DASS draws one of a few fixed scales instead, ``data.scale_choices``), cat_max_ratio
-0.75 with up to 10
-crop draws (the last draw is kept when none passes), flip probability 0.5, padding of the image with
-0 after normalisation (the mean colour) and of the label with 255 at the bottom/right (or, with
-``data.small_crop = "resize"``, no padding: an image smaller than the crop is enlarged to fit).
+0.75 with up to 10 crop draws (the last draw is kept when none passes), flip probability 0.5,
+padding of the image with 0 after normalisation (the mean colour) and of the label with 255 at the
+bottom/right (with ``data.small_crop = "resize"`` there is no padding: an image smaller than the
+crop is enlarged to fit, :func:`fit_crop`).
 """
 
 from __future__ import annotations
