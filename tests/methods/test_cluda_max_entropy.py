@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fastuda.config import ConfigError, HRDAConfig, load_config
 from fastuda.engine.self_training import SelfTraining, segmentation_losses
 from fastuda.methods import build_methods
+from fastuda.methods.cluda import multires_pair_contrast, to_grid
 from fastuda.models import HRDAModel, build_network
 from fastuda.models.base import SegModel
 from fastuda.models.hrda import entropy_map, max_entropy_boxes
@@ -265,3 +266,46 @@ def test_checkpoint_round_trip_is_exact_across_the_switch() -> None:
     for (k, pa), pb in zip(a.student.state_dict().items(), b.student.state_dict().values(),
                            strict=True):
         assert torch.equal(pa, pb), k
+
+
+def test_the_contrasts_follow_each_images_box() -> None:
+    """The released loss's inputs with one box per image (hrda_head.py#L213-L221, #L240-L247
+    with a list of boxes): each image's detail map is pasted at its own box (stride 8 on the
+    8x8 full grid, where align_corners=True makes the grid resize the identity), m is its own
+    box; the former three-term loss crops each image's labels to its box."""
+    from fastuda.models import outputs as O
+
+    cfg = load_config(REPO / "configs" / "demo_cluda_hrda.toml", [
+        "data.crop_size=[64, 64]", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+        "cluda.grid=[8, 8]", "cluda.head_channels=8", 'cluda.multires_loss="released"'])
+    torch.manual_seed(0)
+    model = build_network(cfg).train()
+    cluda = build_methods(cfg, model, torch.device("cpu"))["cluda"]
+    images = torch.randn(2, 3, 64, 64)
+    boxes = [(16, 48, 16, 48), (0, 32, 32, 64)]
+    out = model(images, box=boxes)
+    assert out[O.DETAIL_BOX].tolist() == [list(b) for b in boxes]
+    labels = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(4))
+    f_c, f_d, lbl, a, m, q = cluda.released_inputs(out, labels, None)
+    detail = F.normalize(out[O.FEATURES_DETAIL].float(), dim=1)
+    for b, (y1, y2, x1, x2) in enumerate(boxes):
+        inside = torch.zeros(8, 8, dtype=torch.bool)
+        inside[y1 // 8:y2 // 8, x1 // 8:x2 // 8] = True
+        assert torch.allclose(f_d[b][:, inside], detail[b].flatten(1), atol=1e-5)
+        assert f_d[b][:, ~inside].abs().max() == 0
+        assert torch.equal(m[b], inside.float())
+    # three-term: the same loss as from each image's labels cropped by hand, stacked
+    three = load_config(REPO / "configs" / "demo_cluda_hrda.toml", [
+        "data.crop_size=[64, 64]", "hrda.detail_crop=[32, 32]", "hrda.attention_channels=8",
+        "cluda.grid=[8, 8]", "cluda.head_channels=8"])
+    cluda3 = build_methods(three, model, torch.device("cpu"))["cluda"]
+    crops = torch.stack([labels[0, 16:48, 16:48], labels[1, 0:32, 32:64]])
+    f_cg, l_cg, _ = to_grid(out[O.FEATURES], labels, None, cluda3.grid)
+    f_dg, l_dg, _ = to_grid(out[O.FEATURES_DETAIL], crops, None, cluda3.grid)
+    a_c, a_d = cluda3.pair_weight(out[O.FEATURES]), cluda3.pair_weight(out[O.FEATURES_DETAIL])
+    want = multires_pair_contrast(
+        torch.cat([f_cg, f_dg]), torch.cat([l_cg, l_dg]), torch.cat([a_c, a_d]),
+        torch.cat([torch.ones_like(a_c), -torch.ones_like(a_d)]), None,
+        tau=three.settings("cluda").tau, ignore_index=255, backend=cluda3.backend)
+    assert float(cluda3.contrast_multires(out, labels).detach()) == pytest.approx(
+        float(want.detach()), rel=1e-6)
