@@ -186,6 +186,12 @@ CLUDA_HR: dict[str, Any] = {
     "cluda.ignore_as_class": False,  # released true: contrastive_loss.py#L23
     "cluda.pixel_major_features": False,  # released true: contrastive_loss.py#L11 vs #L53
     "cluda.box_test": "box",  # released "label_nonzero": dacs.py#L330-L333
+    # the mixed pass with is_mix=True: the maximum-entropy detail box (dacs.py#L400-L407;
+    # mmseg/models/segmentors/hrda_encoder_decoder.py#L310-L329, #L356-L358) ...
+    "cluda.mixed_detail_crop": "max_entropy",
+    "cluda.max_entropy_start_iter": 12001,  # ... while local_iter > 12000 (dacs.py#L400)
+    # released true: e_max aliases the map (hrda_encoder_decoder.py#L201-L212)
+    "cluda.max_entropy_overwrite": False,
 }
 
 # -- MIC (section 6): lhoyer/MIC seg/experiments.py -------------------------------------------
