@@ -445,8 +445,9 @@ CORDA_METHOD: dict[str, Any] = {
     "self_training.source_ce_average": "valid",  # CrossEntropy2d, utils/loss.py#L25-L31
     "self_training.pseudo_threshold": 0.968,  # trainUDA_gta.py#L511
     "self_training.quality_weight": "batch",  # one q per batch: trainUDA_gta.py#L511
-    # RGB -> BGR minus configs/global_vars.py#L3 IMG_MEAN, no division (data/gta5_dataset.py#L80-L81,
-    # data/synthia_dataset.py#L77-L78, data/cityscapes_loader.py#L212-L214 with img_norm=False)
+    # RGB -> BGR minus configs/global_vars.py#L3 IMG_MEAN, no division (data/gta5_dataset.py
+    # #L80-L81, data/synthia_dataset.py#L77-L78, data/cityscapes_loader.py#L212-L214, img_norm
+    # False)
     "model.pretrained_channels": "bgr",
     "data.mean": [122.67891434, 116.66876762, 104.00698793],
     "data.std": [1.0, 1.0, 1.0],
