@@ -4,7 +4,9 @@
 //     by the host SIMT emulator (common/simt_host.h) in fastuda::emu, registered as CPU ops of
 //     torch.ops.fastuda_emu.
 // A family's entry points open an OpLaunch on the tensor that names the device and run the op
-// body through it; FASTUDA_KERNEL_IMPL(m) opens the family's registration block.
+// body through it; FASTUDA_KERNEL_IMPL(m) opens the family's registration block. The launchers
+// below the op bodies take plain views (cuda/views.h) and `void* stream` (a cudaStream_t, null in
+// emulation) and only enqueue work: they never synchronise.
 #pragma once
 
 #include <cstddef>

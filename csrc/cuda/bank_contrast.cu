@@ -10,8 +10,9 @@
 // coefficients of every bank row and class mean ([M + C, N], pixel-contiguous) and then builds
 // each 32-channel slice of the gradient in registers from them.
 //
-// The bank_contrast family's CUDA side in one file: kernels, launch plan, op bodies and registration.
-// nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h says what differs).
+// The bank_contrast family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
 #include <limits>
 #include <tuple>
 
@@ -295,7 +296,7 @@ void bank_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                  static_cast<const A*>(q_pos), static_cast<const A*>(q_neg), grad_x);
 }
 
-// ---- op bodies: checks, output allocation, parameter preparation, launch -------------------------
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
 inline void check_bank(const char* op, const at::Tensor& feats, const at::Tensor& labels,
                        const at::Tensor& bank, const at::Tensor& bank_len, double tau) {
   check_pixels(op, feats, labels, std::nullopt);

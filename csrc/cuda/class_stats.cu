@@ -16,8 +16,9 @@
 // per (class, 32x32 tile of the upper triangle): m2_c = sum_i w_i (x_i - mu_c)(x_i - mu_c)^T, N*D*D
 // multiply-adds in total, written straight to the output (each entry has one writer).
 //
-// The class_stats family's CUDA side in one file: kernels, launch plan, op bodies and registration.
-// nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h says what differs).
+// The class_stats family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
 #include <limits>
 #include <tuple>
 
@@ -430,7 +431,7 @@ void class_stats_launch(const FeatView<T>& x, const LabelView& y, const WeightVi
                  static_cast<const int32_t*>(class_start), static_cast<const A*>(mean), dt, m2);
 }
 
-// ---- op bodies: checks, output allocation, parameter preparation, launch -------------------------
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_op(
     const at::Tensor& feats, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
     const std::optional<at::Tensor>& weights, bool full_cov, const Tuning& tuning, void* stream) {

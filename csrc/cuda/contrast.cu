@@ -20,8 +20,9 @@
 // reduced to b_c = sum_d f_d (U_d + mu'_cd) per pixel with warp shuffles; nothing of size
 // [N, C, D] exists, and S_c is read through shared memory once per 64 pixels.
 //
-// The proto_contrast / dist_contrast family's CUDA side in one file: kernels, launch plan, op bodies and registration.
-// nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h says what differs).
+// The proto_contrast / dist_contrast family's CUDA side in one file: kernels, launch plan, op
+// bodies and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator
+// (cuda/backend.h says what differs).
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -642,7 +643,7 @@ void contrast_backward_launch(const FeatView<T>& x, const LabelView& y, const We
   }
 }
 
-// ---- op bodies: checks, output allocation, parameter preparation, launch -------------------------
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
 // Parameters are prepared with a few small ATen ops on the same device and stream (scaling by
 // 1/tau and lam / (2 tau^2), symmetrising a full covariance); nothing synchronises.
 inline void check_contrast(const char* op, const at::Tensor& feats, const at::Tensor& labels,

@@ -33,8 +33,9 @@
 // single class in the pass over negatives, zero coefficients) are skipped from the labels alone,
 // before any feature is read.
 //
-// The pixel_contrast family's CUDA side in one file: kernels, launch plan, op bodies and registration.
-// nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h says what differs).
+// The pixel_contrast family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -456,7 +457,7 @@ void pixel_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                  grad_pair);
 }
 
-// ---- op bodies: checks, output allocation, parameter preparation, launch -------------------------
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
 inline void check_pixel_map(const char* op, const char* name, const at::Tensor& t,
                             const at::Tensor& feats, const at::Tensor& labels) {
   TORCH_CHECK_VALUE(t.sizes() == labels.sizes(), "fastuda::", op, ": ", name, " shape ",
