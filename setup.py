@@ -6,6 +6,8 @@ Environment:
   FASTUDA_CUDA=0   skip the CUDA sources;  FASTUDA_CUDA=1   require them (a compile error fails)
   TORCH_CUDA_ARCH_LIST   defaults to "8.0;9.0" when unset and no GPU is visible
   FASTUDA_NATIVE=0 build without -march=native (portable binaries)
+  FASTUDA_EXTENSIONS=main|emu|main,emu (default both): which modules to build; `make` builds
+                   `_C` for the demo and `_C_emu` (only the tests run it) in a second step
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ if os.environ.get("FASTUDA_NATIVE", "1") != "0":
 link_flags = ["-fopenmp"]
 include_dirs = [str(ROOT / "csrc")]
 
+_extensions = {e.strip() for e in os.environ.get("FASTUDA_EXTENSIONS", "main,emu").split(",")}
+if not _extensions or not _extensions <= {"main", "emu"}:
+    sys.exit("FASTUDA_EXTENSIONS must name main, emu or both (comma-separated), got "
+             f"{os.environ.get('FASTUDA_EXTENSIONS')!r}")
+
 use_cuda, why_not = _cuda_build_possible()
 if _want_cuda == "1" and not use_cuda:
     sys.exit(f"FASTUDA_CUDA=1 but the CUDA build is impossible: {why_not}")
@@ -119,17 +126,17 @@ if use_cuda:
                             "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]},
         extra_link_args=link_flags)
 else:
-    print(f"fastuda: building CPU kernels only ({why_not})", flush=True)
+    if "main" in _extensions:
+        print(f"fastuda: building CPU kernels only ({why_not})", flush=True)
     main_ext = CppExtension("fastuda._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
-ext_modules = [main_ext]
-emu_sources = _srcs("csrc/emu/*.cpp") + _emulation_units()
-if emu_sources:
+ext_modules = [main_ext] if "main" in _extensions else []
+if "emu" in _extensions:
     # The CUDA op family files compiled with g++ against the host SIMT layer
     # (csrc/common/simt_host.h).
     ext_modules.append(CppExtension(
-        "fastuda._C_emu", emu_sources, include_dirs=include_dirs,
+        "fastuda._C_emu", _srcs("csrc/emu/*.cpp") + _emulation_units(), include_dirs=include_dirs,
         define_macros=[("FASTUDA_SIMT_HOST", "1")],
         extra_compile_args={"cxx": [f for f in cxx_flags if f != "-march=native"]},
         extra_link_args=link_flags))
