@@ -1,5 +1,5 @@
 // The fastuda op library. The schemas live in csrc/ops_schema.h (shared with the emulated module);
-// backends register implementations in their own files: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cpp
+// backends register implementations in their own files: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu
 // (CUDA); autograd and fake (meta) implementations are registered from Python by the op
 // descriptors of fastuda/ops/_op.py.
 #include <Python.h>

@@ -50,6 +50,12 @@ class DatasetConfig:
     # label map "raw id -> train id" for "folder" datasets; empty means labels are train ids already
     label_map: dict[str, int] = field(default_factory=dict)
     num_classes: int = 19
+    # source stream only: torchvision's ColorJitter(brightness, contrast, saturation, hue) on
+    # every training crop before normalisation, factors uniform in [max(0, 1 - x), 1 + x] (hue
+    # shift in [-h, h]), the four in a random order (fastuda/data/augment.py ColorJitterDraw);
+    # SPCL's source augmentation, [0.5, 0.5, 0.5, 0.2] (configs/deeplabv2_r101_cl.yaml#L9-L13).
+    # [] = none
+    color_jitter: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +71,14 @@ class DataConfig:
     num_workers: int = 2
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    # the random scale drawn from these values, equally likely, instead of uniformly in
+    # ratio_range (then [1, 1]): DASS's random.choice([0.8, 1.0, 1.2]) (dataset/joint_transforms.py
+    # #L432); [] draws from ratio_range
+    scale_choices: list[float] = field(default_factory=list)
+    # a rescaled image smaller than the crop: "pad" it (mmseg: image 0 after normalisation, label
+    # 255) or "resize": enlarge it, aspect kept, until the crop fits (DASS crops the largest
+    # square and resizes it to the crop, dataset/joint_transforms.py#L108-L112, #L330-L356)
+    small_crop: Literal["pad", "resize"] = "pad"
     cat_max_ratio: float = 0.75  # the source crop; the target stream never reads its labels
     flip_prob: float = 0.5
     # where validation predictions are scored: "resized" (labels resized, nearest, with the image
@@ -85,7 +99,21 @@ class DataConfig:
                self.crop_size, "two positive integers (height, width)")
         _check(len(self.ratio_range) == 2 and 0 < self.ratio_range[0] <= self.ratio_range[1],
                "data.ratio_range", self.ratio_range, "two numbers 0 < lo <= hi")
+        _check(all(math.isfinite(r) and r > 0 for r in self.scale_choices), "data.scale_choices",
+               self.scale_choices, "[] or finite scales > 0")
+        # two ways to draw one scale: the one not in use must be the identity
+        _check(not self.scale_choices or self.ratio_range == [1.0, 1.0], "data.ratio_range",
+               self.ratio_range, f"[1.0, 1.0] with data.scale_choices = {self.scale_choices} "
+               "(the scale is drawn from one of them)")
         _check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", self.cat_max_ratio, "in (0, 1]")
+        jitter = self.source.color_jitter
+        _check(jitter == [] or (len(jitter) == 4 and all(math.isfinite(x) and x >= 0
+                                                          for x in jitter) and jitter[3] <= 0.5),
+               "data.source.color_jitter", jitter,
+               "[] or [brightness, contrast, saturation, hue], each >= 0, hue <= 0.5")
+        for name in ("target", "val"):  # the release jitters its source images only
+            _check(getattr(self, name).color_jitter == [], f"data.{name}.color_jitter",
+                   getattr(self, name).color_jitter, "[] (only the source stream is jittered)")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(self.rcs_temperature > 0, "data.rcs_temperature", self.rcs_temperature, "> 0")
@@ -102,6 +130,13 @@ class ModelConfig:
     backbone: str = "mit_b5"
     num_classes: int = 19
     pretrained: str = ""  # local checkpoint path; nothing is downloaded
+    # the colour order the pretrained file's first convolution reads. "bgr": the Caffe-converted
+    # DeepLab ResNet-101 files, which the DASS and CorDA releases feed BGR images minus the Caffe
+    # mean (DASS dataset/transforms.py#L127-L150; CorDA data/gta5_dataset.py#L80-L81): that
+    # convolution's input channels are reversed when loading, so the network reads fastuda's RGB
+    # images with the same result (conv(BGR x, W) = conv(RGB x, W reversed)); data.mean and
+    # data.std stay in RGB order
+    pretrained_channels: Literal["rgb", "bgr"] = "rgb"
     decoder_channels: int = 256
     projection: bool = True  # SePiCo projection head (embeddings output)
     embed_dim: int = 0  # 0: the published size (512 deeplabv2, 256 daformer and vit)
@@ -152,6 +187,9 @@ class ModelConfig:
             for key in ("freeze_bn_affine", "freeze_bn"):
                 _check(not getattr(self, key), f"model.{key}", getattr(self, key),
                        f"false for model.name = {self.name!r} (only 'deeplabv2' has it)")
+            _check(self.pretrained_channels == "rgb", "model.pretrained_channels",
+                   self.pretrained_channels,
+                   f"'rgb' for model.name = {self.name!r} (the BGR files are DeepLab ResNets)")
         strides = {"deeplabv2": (0, 8, 16)}.get(self.name, (0,))
         _check(self.output_stride in strides, "model.output_stride", self.output_stride,
                f"one of {strides} for model.name = {self.name!r}")

@@ -94,7 +94,8 @@ class Run:
             # whole (resized) target images: the step picks the crop from their pseudo-labels
             size = cfg.data.target.resize  # checked by check_before_start
             whole = dataclasses.replace(cfg.data, crop_size=[size[1], size[0]],
-                                        ratio_range=[1.0, 1.0], cat_max_ratio=1.0)
+                                        ratio_range=[1.0, 1.0], scale_choices=[],
+                                        cat_max_ratio=1.0)
             self.target = build_train_iterator(whole, cfg.data.target, stream=TARGET_STREAM,
                                                seed=cfg.train.seed, rank=info.rank,
                                                world_size=info.world_size, depth=depth,

@@ -56,6 +56,15 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ('[self_training]\nsource_ce_average = "mean"\n', "self_training.source_ce_average"),
     ('[data]\nval_labels = "full"\n', "data.val_labels"),
     ("[data.source]\nkeep_ratio = 1\n", "data.source.keep_ratio"),
+    # one scale draw: scale_choices with the default ratio_range [0.5, 2.0] is ambiguous
+    ("[data]\nscale_choices = [0.8, 1.2]\n", "data.ratio_range"),
+    ("[data]\nratio_range = [1.0, 1.0]\nscale_choices = [0.8, 0.0]\n", "data.scale_choices"),
+    ('[data]\nsmall_crop = "stretch"\n', "data.small_crop"),
+    ("[data.source]\ncolor_jitter = [0.5, 0.5]\n", "data.source.color_jitter"),
+    ("[data.source]\ncolor_jitter = [0.5, 0.5, 0.5, 0.7]\n", "data.source.color_jitter"),
+    ("[data.source]\ncolor_jitter = [-0.1, 0.5, 0.5, 0.2]\n", "data.source.color_jitter"),
+    ("[data.target]\ncolor_jitter = [0.5, 0.5, 0.5, 0.2]\n", "data.target.color_jitter"),
+    ("[data.val]\ncolor_jitter = [0.5, 0.5, 0.5, 0.2]\n", "data.val.color_jitter"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -186,6 +186,12 @@ CLUDA_HR: dict[str, Any] = {
     "cluda.ignore_as_class": False,  # released true: contrastive_loss.py#L23
     "cluda.pixel_major_features": False,  # released true: contrastive_loss.py#L11 vs #L53
     "cluda.box_test": "box",  # released "label_nonzero": dacs.py#L330-L333
+    # the mixed pass with is_mix=True: the maximum-entropy detail box (dacs.py#L400-L407;
+    # mmseg/models/segmentors/hrda_encoder_decoder.py#L310-L329, #L356-L358) ...
+    "cluda.mixed_detail_crop": "max_entropy",
+    "cluda.max_entropy_start_iter": 12001,  # ... while local_iter > 12000 (dacs.py#L400)
+    # released true: e_max aliases the map (hrda_encoder_decoder.py#L201-L212)
+    "cluda.max_entropy_overwrite": False,
 }
 
 # -- MIC (section 6): lhoyer/MIC seg/experiments.py -------------------------------------------
@@ -276,6 +282,10 @@ SGD_RELEASES: dict[str, dict[str, Any]] = {
         "model.freeze_bn_affine": True,
         "data.batch_size": 4,  # BATCH_SIZE 8 = 4 source + 4 target (train_ours.py#L56-L59)
         "data.ratio_range": [1.0, 1.0],  # INPUT_SCALES_TRAIN (core/configs/defaults.py#L18)
+        # source only: ColorJitter(BRIGHTNESS, CONTRAST, SATURATION, HUE) of
+        # configs/deeplabv2_r101_cl.yaml#L10-L13 (core/datasets/build.py#L23-L31)
+        "data.source.color_jitter": [0.5, 0.5, 0.5, 0.2],
+        "data.target.color_jitter": [],  # build.py#L23: is_source only
         "data.flip_prob": 0.0,  # HORIZONTAL_FLIP_PROB_TRAIN (core/configs/defaults.py#L32)
         "data.rcs": False,  # shuffled loaders (train_ours.py#L97-L108)
         # exact Resize((h, w)) (core/datasets/transform.py#L53-L68, build.py#L16-L17)
@@ -289,6 +299,14 @@ SGD_RELEASES: dict[str, dict[str, Any]] = {
         "eval.flip": False,  # test.py#L110
     },
     "bipcl/deeplabv2_gta2cs.toml": {
+        # DeepLab's Caffe ResNet-101: stride on the 1x1 conv (model/DeeplabV2.py#L57), ceil-mode
+        # pool (#L135), stages 3/4 at dilation 2/4 in every block (#L140-L141, #L160-L163)
+        "model.backbone": "resnet101_deeplab",
+        # FlipChannels (RGB -> BGR) then SubMean of the Caffe BGR mean, no std
+        # (dataset/dataset.py#L10, #L131-L135; dataset/transforms.py#L127-L150)
+        "model.pretrained_channels": "bgr",
+        "data.mean": [122.67891434, 116.66876762, 104.00698793],
+        "data.std": [1.0, 1.0, 1.0],
         "optim.name": "sgd",  # DASS trainer/damnet_trainer.py#L182-L187
         "optim.lr": 7.5e-5,  # config/damnet_config.yml#L40
         "optim.head_lr_mult": 10.0,  # model/DeeplabV2.py#L227-L228; utils/optimize.py#L11
@@ -304,7 +322,13 @@ SGD_RELEASES: dict[str, dict[str, Any]] = {
         "model.freeze_bn": False,
         "data.batch_size": 2,  # config/damnet_config.yml#L61
         "data.crop_size": [730, 730],  # config/damnet_config.yml#L67-L68
-        "data.ratio_range": [0.8, 1.2],  # config/damnet_config.yml#L70-L71 (see recipes.md s. 8)
+        # random.choice([0.8, 1.0, 1.2]) (dataset/joint_transforms.py#L432; the uniform draw
+        # between scale_min/max, config/damnet_config.yml#L70-L71, is commented out, #L431)
+        "data.scale_choices": [0.8, 1.0, 1.2],
+        "data.ratio_range": [1.0, 1.0],
+        # nopad=True (dataset/dataset.py#L103-L104; joint_transforms.py#L108-L112) then
+        # Resize(crop) (dataset/dataset.py#L110, #L121; joint_transforms.py#L330-L356)
+        "data.small_crop": "resize",
         "data.flip_prob": 0.5,  # mirror: True (#L69); dataset/joint_transforms.py#L260
         "data.cat_max_ratio": 1.0,  # plain RandomCrop (dataset/joint_transforms.py#L410)
         "data.rcs": False,  # dataset/dataset.py#L164-L168
@@ -374,6 +398,27 @@ def test_deeplabv2_release_sizes_resolve_as_released() -> None:
         data = load_config(CONFIGS / preset).data
         s = crop_settings(data, data.source, stream=SOURCE_STREAM)
         assert scaled_size((1052, 1914), s.resize_wh, 1.0, s.keep_ratio) == (720, 1280)
+
+
+def test_bipcl_smallest_scale_gives_an_unpadded_730_crop() -> None:
+    """At the release's scale 0.8 the GTA image is 680 x 1237 (shorter edge 850 x 0.8), below
+    the 730 crop: the release crops a 680 square and resizes it to 730
+    (dataset/joint_transforms.py#L108-L112, #L330-L356); the preset enlarges the image by
+    730 / 680 to 730 x 1328 and crops 730 x 730 there, with no padding."""
+    import numpy as np
+
+    from fastuda.data.loaders import SOURCE_STREAM, crop_settings
+    from fastuda.data.transforms import CropParams, choose_crop
+
+    data = load_config(CONFIGS / "bipcl/deeplabv2_gta2cs.toml").data
+    s = crop_settings(data, data.source, stream=SOURCE_STREAM)
+    label = np.zeros((1052, 1914), dtype=np.uint8)
+    for scale, scaled in ((0.8, (730, round(1237 * 730 / 680))), (1.0, (850, 1546)),
+                          (1.2, (1020, 1856))):
+        g, crop = choose_crop(label, CropParams(scale, ((0.5, 0.5),), False), s.crop_hw,
+                              s.resize_wh, s.cat_max_ratio, s.keep_ratio, s.small_crop)
+        assert (g.scaled_h, g.scaled_w) == scaled
+        assert (g.valid_h, g.valid_w) == (730, 730) and (crop == 0).all()
 # -- CorDA's own values (section 9): qinenergy/corda 2904cc6 --------------------------------------
 # the network, losses, depth weight, pseudo-labels and strong augmentation (the optimiser,
 # schedule, crop and evaluation rows are pinned with the loop's)
@@ -400,6 +445,12 @@ CORDA_METHOD: dict[str, Any] = {
     "self_training.source_ce_average": "valid",  # CrossEntropy2d, utils/loss.py#L25-L31
     "self_training.pseudo_threshold": 0.968,  # trainUDA_gta.py#L511
     "self_training.quality_weight": "batch",  # one q per batch: trainUDA_gta.py#L511
+    # RGB -> BGR minus configs/global_vars.py#L3 IMG_MEAN, no division (data/gta5_dataset.py
+    # #L80-L81, data/synthia_dataset.py#L77-L78, data/cityscapes_loader.py#L212-L214, img_norm
+    # False)
+    "model.pretrained_channels": "bgr",
+    "data.mean": [122.67891434, 116.66876762, 104.00698793],
+    "data.std": [1.0, 1.0, 1.0],
 }
 CORDA_PRESETS: dict[str, dict[str, Any]] = {
     "corda/deeplabv2_gta2cs.toml": {

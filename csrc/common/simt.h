@@ -1,12 +1,13 @@
-// Portability layer for fastuda's CUDA kernel sources (csrc/cuda/*_kernels.cuh).
+// Portability layer for fastuda's CUDA kernel sources (the op family files csrc/cuda/<f>.cu).
 //
 // The same kernel text compiles in two ways:
-//   * under nvcc (csrc/cuda/*.cu): the real CUDA built-ins, launches with <<<...>>>;
-//   * under g++ with FASTUDA_SIMT_HOST defined (csrc/emu/*.cpp -> fastuda._C_emu): the host SIMT
-//     emulator of common/simt_host.h, which runs every block's threads as cooperative fibers so the
-//     CPU test suite executes the kernels' own code (see csrc/README.md).
-// Kernel sources include only this header (plus c10/util/Half.h / BFloat16.h for the scalar types),
-// never ATen or torch headers: nvcc compile time grows by minutes with them.
+//   * under nvcc (csrc/cuda/<f>.cu): the real CUDA built-ins, launches with <<<...>>>;
+//   * under g++ with FASTUDA_SIMT_HOST defined (setup.py's build/emu_units/<f>.cpp, which include
+//     the family file -> fastuda._C_emu): the host SIMT emulator of common/simt_host.h, which runs
+//     every block's threads as cooperative fibers so the CPU test suite executes the kernels' own
+//     code (see csrc/README.md).
+// The kernels themselves use only this header and cuda/views.h (no ATen type reaches a kernel or a
+// launcher); the op bodies of the same file use ATen (cuda/backend.h).
 #pragma once
 
 #include <cstdint>
@@ -39,10 +40,7 @@
 #define FASTUDA_DYNAMIC_SHARED(T, name) \
   T* name = reinterpret_cast<T*>(::fastuda::simt::dynamic_shared())
 #else
-// Plain C++ translation units of a CUDA build (the op registrations in csrc/cuda/*.cpp) include the
-// launcher declarations only: they need the namespace and the inline qualifier, nothing else.
-#define FASTUDA_KNS cuda
-#define FASTUDA_HD_INLINE inline
+#error "common/simt.h: kernel sources are compiled by nvcc or by g++ with FASTUDA_SIMT_HOST"
 #endif
 
 namespace fastuda {

@@ -1,5 +1,5 @@
 // Host SIMT emulation: runs CUDA kernel source on the CPU, so the test suite executes the very code
-// nvcc compiles for the GPU (csrc/cuda/*_kernels.cuh). Only for g++ builds with FASTUDA_SIMT_HOST
+// nvcc compiles for the GPU (csrc/cuda/<f>.cu). Only for g++ builds with FASTUDA_SIMT_HOST
 // (the fastuda._C_emu extension); kernel sources include it through common/simt.h.
 //
 // Model. A launch runs its blocks one after another. The threads of a block are cooperative fibers

@@ -1,5 +1,5 @@
-// ATen-side helpers shared by the CUDA op registrations (csrc/cuda/*.cpp) and their host-emulated
-// twins (csrc/emu/*.cpp): dtype mapping, shape checks and the views handed to the launchers.
+// ATen-side helpers of the op bodies in the CUDA op family files (csrc/cuda/<f>.cu, built by nvcc
+// and for the host emulation): dtype mapping, shape checks and the views handed to the launchers.
 #pragma once
 
 #include <ATen/ATen.h>

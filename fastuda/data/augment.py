@@ -8,13 +8,20 @@ images of one call share the random parameters. Colour operations follow the usu
 saturation blends with the per-pixel grey level (ITU-R 601 luma), hue rotates the HSV hue.
 
 `class_balanced_crop` (SePiCo): the best of 10 random windows of a pseudo-label map.
+
+`color_jitter` (SPCL's source augmentation, ``data.source.color_jitter``): torchvision's
+``ColorJitter`` with the same colour operations, one `ColorJitterDraw` per training crop, drawn by
+the sample planner (fastuda/data/sampling.py) so that a stream resumes with the same draws.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +75,79 @@ def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     hsv = rgb_to_hsv(x)
     hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
     return hsv_to_rgb(hsv)
+
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # the operations of a ColorJitterDraw's order
+
+
+@dataclass(frozen=True)
+class ColorJitterDraw:
+    """One image's ColorJitter parameters: the order of the four operations and their factors
+    (None: that strength is 0, the operation is skipped, as torchvision skips it)."""
+
+    order: tuple[int, ...]
+    brightness: float | None
+    contrast: float | None
+    saturation: float | None
+    hue: float | None
+
+
+def draw_color_jitter(rng: np.random.Generator, strengths: Sequence[float]) -> ColorJitterDraw:
+    """torchvision's ``ColorJitter.get_params`` for ``strengths = (b, c, s, h)``: a random order
+    of the four, factors uniform in [max(0, 1 - x), 1 + x], the hue shift uniform in [-h, h]."""
+    b, c, s, h = (float(x) for x in strengths)
+    order = tuple(int(k) for k in rng.permutation(4))
+
+    def factor(x: float) -> float | None:
+        return float(rng.uniform(max(0.0, 1.0 - x), 1.0 + x)) if x > 0 else None
+
+    brightness, contrast, saturation = factor(b), factor(c), factor(s)
+    hue = float(rng.uniform(-h, h)) if h > 0 else None
+    return ColorJitterDraw(order, brightness, contrast, saturation, hue)
+
+
+def color_jitter(x: torch.Tensor, draw: ColorJitterDraw) -> torch.Tensor:
+    """Apply ``draw`` to [B,3,H,W] RGB images in [0, 1] (each op clamps to [0, 1], contrast
+    blends with each image's mean grey level)."""
+    ops = {BRIGHTNESS: (adjust_brightness, draw.brightness),
+           CONTRAST: (adjust_contrast, draw.contrast),
+           SATURATION: (adjust_saturation, draw.saturation), HUE: (adjust_hue, draw.hue)}
+    for k in draw.order:
+        op, value = ops[k]
+        if value is not None:
+            x = op(x, value)
+    return x
+
+
+def jitter_crop(crop: np.ndarray, valid_hw: tuple[int, int], draw: ColorJitterDraw
+                ) -> np.ndarray:
+    """A uint8 HxWx3 training crop jittered inside its valid (unpadded) part, rounded back to
+    uint8 (the release jitters a uint8 PIL image); the padding is left as it is."""
+    vh, vw = valid_hw
+    out = crop.copy()
+    x = torch.from_numpy(np.ascontiguousarray(crop[:vh, :vw])).permute(2, 0, 1)[None]
+    y = color_jitter(x.float() / 255.0, draw)
+    out[:vh, :vw] = (y * 255.0).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return out
+
+
+def jitter_normalised(images: torch.Tensor, metas: Sequence[dict[str, Any]],
+                      draws: Sequence[ColorJitterDraw | None], mean: Sequence[float],
+                      std: Sequence[float]) -> torch.Tensor:
+    """`jitter_crop` on a batch the loader already normalised (DALI): the valid part of each
+    image un-normalised, jittered, rounded to grey levels as `jitter_crop` rounds, normalised
+    again; the padding stays 0."""
+    out = images.clone()
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    sd = torch.tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    for b, (meta, draw) in enumerate(zip(metas, draws, strict=True)):
+        if draw is None:
+            continue
+        _, _, vh, vw = meta["crop_box"]
+        x = ((images[b, :, :vh, :vw] * sd + m) / 255.0).clamp(0, 1)
+        y = (color_jitter(x[None], draw)[0] * 255.0).round()
+        out[b, :, :vh, :vw] = (y - m) / sd
+    return out
 
 
 def blur_kernel_size(extent: int) -> int:

@@ -7,8 +7,9 @@ same window, flip the same way and produce bit-identical labels for a seed. DALI
 image (``mixed`` device: PNG on the CPU, JPEG on the GPU, when a GPU is present; CPU operators with
 ``device_id=None`` otherwise), resamples only the crop window (``fn.resize`` with a region of
 interest: linear, antialiased), flips and normalises (``fn.crop_mirror_normalize``) and pads with 0
-to the crop size (``fn.pad``). Image pixels differ from Pillow's resampling by rounding only (see
-tests/data/test_dali.py for the measured agreement).
+to the crop size (``fn.pad``); the source's colour jitter, which DALI's operators do not
+reproduce, is applied to that output (``augment.jitter_normalised``). Image pixels differ from
+Pillow's resampling by rounding only (see tests/data/test_dali.py for the measured agreement).
 
 Because a DALI decoder failing inside a batch cannot name its file, each worker checks the encoded
 image first (PNG chunk CRCs, JPEG end marker, header size against the label), so bad files get the
@@ -21,6 +22,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ import torch
 from PIL import Image
 
 from fastuda.config import DataConfig
+from fastuda.data.augment import jitter_normalised
 from fastuda.data.classes import IGNORE_INDEX
 from fastuda.data.datasets import SegDataset
 from fastuda.data.io import DataError, check_encoded_image
@@ -90,7 +93,7 @@ class DaliSampleSource:
         plan = self.planner.plan(position)
         data, label, index, skipped = self._load(plan.index)
         if index != plan.index:
-            plan = SamplePlan(plan.position, index, plan.attempts, plan.rcs_class)
+            plan = replace(plan, index=index)
         g, label_crop = realise_label(label, plan, self.settings)
         x0, y0, x1, y1 = g.source_box()
         rcs_class = -1 if plan.rcs_class is None else plan.rcs_class
@@ -204,4 +207,8 @@ class DaliTrainBatches:
             if f.day is not None:  # the day crop is read by TrainIterator (fastuda/data/day.py)
                 meta["day_path"] = f.day
             metas.append(plan_meta(plan, g, meta))
-        return {"image": _to_torch(image), "label": _to_torch(label).long(), "meta": metas}
+        images = _to_torch(image)
+        if self.planner.color_jitter:  # on the normalised output: DALI has no such operator
+            draws = [self.planner.jitter_draw(m["position"]) for m in metas]
+            images = jitter_normalised(images, metas, draws, self.cfg.mean, self.cfg.std)
+        return {"image": images, "label": _to_torch(label).long(), "meta": metas}

@@ -82,11 +82,7 @@ def day_crop(meta: dict[str, Any], crop_hw: tuple[int, int]) -> np.ndarray:
     if image.shape[:2] != (orig_h, orig_w):
         raise DataError(path, f"day image size {image.shape[1]}x{image.shape[0]} differs from "
                               f"its night image's {orig_w}x{orig_h} ({meta.get('path')})")
-    scaled_h, scaled_w = meta["scaled_size"]
-    top, left, _, _ = meta["crop_box"]
-    g = Geometry(orig_h, orig_w, scaled_h, scaled_w, top, left, crop_hw[0], crop_hw[1],
-                 bool(meta["flip"]))
-    return crop_image(image, g)
+    return crop_image(image, Geometry.from_meta(meta, crop_hw))
 
 
 __all__ = ["day_crop", "day_partners", "read_correspondence"]

@@ -59,17 +59,14 @@ def depth_crop(meta: dict[str, Any], crop_hw: tuple[int, int]) -> np.ndarray:
     if depth.shape != (orig_h, orig_w):
         raise DataError(path, f"depth size {depth.shape[1]}x{depth.shape[0]} differs from the "
                               f"image size {orig_w}x{orig_h} ({meta.get('path')})")
-    scaled_h, scaled_w = meta["scaled_size"]
-    top, left, valid_h, valid_w = meta["crop_box"]
-    g = Geometry(orig_h, orig_w, scaled_h, scaled_w, top, left, crop_hw[0], crop_hw[1],
-                 bool(meta["flip"]))
-    ys = nearest_indices(g.top, valid_h, g.scaled_h, g.orig_h)
-    xs = nearest_indices(g.left, valid_w, g.scaled_w, g.orig_w)
+    g = Geometry.from_meta(meta, crop_hw)
+    ys = nearest_indices(g.top, g.valid_h, g.scaled_h, g.orig_h)
+    xs = nearest_indices(g.left, g.valid_w, g.scaled_w, g.orig_w)
     window = depth[np.ix_(ys, xs)]
     if g.flip:
         window = window[:, ::-1]
     out = np.full(crop_hw, np.nan, dtype=np.float32)
-    out[:valid_h, :valid_w] = window
+    out[:g.valid_h, :g.valid_w] = window
     return out
 
 

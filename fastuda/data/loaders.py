@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastuda.config import DataConfig, DatasetConfig
+from fastuda.data.augment import jitter_crop
 from fastuda.data.datasets import SegDataset, build_dataset
 from fastuda.data.day import day_crop
 from fastuda.data.depth import depth_crop, load_depth_batch
@@ -47,6 +48,7 @@ class CropSettings:
     cat_max_ratio: float
     min_crop_pixels: int = 1  # rare class sampling: pixels of the drawn class a crop must hold
     keep_ratio: bool = False  # resize_wh as mmcv's keep_ratio=True Resize (transforms.scaled_size)
+    small_crop: str = "pad"  # a rescaled image smaller than the crop: "pad" or "resize" (fit_crop)
 
 
 def crop_settings(cfg: DataConfig, dataset_cfg: DatasetConfig,
@@ -60,7 +62,7 @@ def crop_settings(cfg: DataConfig, dataset_cfg: DatasetConfig,
     cat_max_ratio = 1.0 if stream == TARGET_STREAM else float(cfg.cat_max_ratio)
     return CropSettings((int(cfg.crop_size[0]), int(cfg.crop_size[1])), _resize(dataset_cfg),
                         cat_max_ratio, rcs.min_crop_pixels if rcs else 1,
-                        dataset_cfg.keep_ratio)
+                        dataset_cfg.keep_ratio, cfg.small_crop)
 
 
 def _resize(dataset_cfg: DatasetConfig) -> tuple[int, int] | None:
@@ -76,11 +78,11 @@ def realise_label(label: np.ndarray, plan: SamplePlan, settings: CropSettings
     """The crop geometry of a plan and the finished label crop (shared by both loaders)."""
     if plan.rcs_class is None:
         return choose_crop(label, plan.attempts[0], settings.crop_hw, settings.resize_wh,
-                           settings.cat_max_ratio, settings.keep_ratio)
+                           settings.cat_max_ratio, settings.keep_ratio, settings.small_crop)
     best, best_count = None, -1
     for params in plan.attempts:
         g, crop = choose_crop(label, params, settings.crop_hw, settings.resize_wh,
-                              settings.cat_max_ratio, settings.keep_ratio)
+                              settings.cat_max_ratio, settings.keep_ratio, settings.small_crop)
         count = int(np.count_nonzero(crop == plan.rcs_class))
         if count >= settings.min_crop_pixels:
             return g, crop
@@ -117,9 +119,12 @@ class _TrainSamples(Dataset):
         except DataError as err:  # raised in the main process (see _raise_data_error)
             return {"data_error": (err.path, err.problem)}
         if meta["skipped"] and plan.rcs_class is not None:
-            plan = SamplePlan(plan.position, meta["index"], plan.attempts, plan.rcs_class)
+            plan = replace(plan, index=meta["index"])
         g, label_crop = realise_label(label, plan, self.settings)
-        item = {"image": torch.from_numpy(crop_image(image, g)).permute(2, 0, 1),
+        crop = crop_image(image, g)
+        if plan.jitter is not None:
+            crop = jitter_crop(crop, (g.valid_h, g.valid_w), plan.jitter)
+        item = {"image": torch.from_numpy(crop).permute(2, 0, 1),
                 "label": torch.from_numpy(label_crop), "meta": plan_meta(plan, g, meta)}
         if self.depth:  # read here, in the loader's worker, with the label's geometry
             item["depth"] = torch.from_numpy(depth_crop(item["meta"], self.settings.crop_hw))
@@ -321,7 +326,9 @@ def build_train_iterator(cfg: DataConfig, dataset_cfg: DatasetConfig, *, stream:
                                    cfg.rcs_min_crop_ratio)
     planner = SamplePlanner(len(dataset), seed=seed, stream=stream, rank=rank,
                             world_size=world_size, ratio_range=tuple(cfg.ratio_range),
-                            flip_prob=cfg.flip_prob, rcs=sampler)
+                            flip_prob=cfg.flip_prob, rcs=sampler,
+                            scale_choices=tuple(cfg.scale_choices),
+                            color_jitter=tuple(dataset_cfg.color_jitter))
     settings = crop_settings(cfg, dataset_cfg, sampler, stream=stream)
     kind = resolve_loader(loader or cfg.loader)
     if kind == "dali":

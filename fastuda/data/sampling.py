@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastuda.data.augment import ColorJitterDraw, draw_color_jitter
 from fastuda.data.transforms import CROP_TRIES, CropParams, draw_crop_params
 
 # min_pixels is published for ~1-2 MPixel labels; smaller images scale it by their area over this
@@ -27,6 +28,7 @@ class SamplePlan:
     index: int  # dataset index
     attempts: tuple[CropParams, ...]  # one, or CROP_TRIES with rare class sampling
     rcs_class: int | None = None
+    jitter: ColorJitterDraw | None = None  # the source's ColorJitter (data.source.color_jitter)
 
 
 class RareClassSampler:
@@ -80,7 +82,9 @@ class SamplePlanner:
 
     def __init__(self, num_samples: int, *, seed: int, stream: int, rank: int = 0,
                  world_size: int = 1, ratio_range: tuple[float, float] = (0.5, 2.0),
-                 flip_prob: float = 0.5, rcs: RareClassSampler | None = None) -> None:
+                 flip_prob: float = 0.5, rcs: RareClassSampler | None = None,
+                 scale_choices: tuple[float, ...] = (),
+                 color_jitter: tuple[float, ...] = ()) -> None:
         if num_samples <= 0:
             raise ValueError("empty dataset")
         if not 0 <= rank < world_size:
@@ -88,6 +92,8 @@ class SamplePlanner:
         self.num_samples = num_samples
         self.seed, self.stream, self.rank, self.world_size = seed, stream, rank, world_size
         self.ratio_range = ratio_range
+        self.scale_choices = tuple(scale_choices)  # given: the scale is one of these
+        self.color_jitter = tuple(color_jitter)  # (b, c, s, h) strengths; () = no jitter
         self.flip_prob = flip_prob
         self.rcs = rcs
         # every rank gets the same number of samples per epoch (the rest of the permutation waits
@@ -104,14 +110,24 @@ class SamplePlanner:
             self._perm_epoch = epoch
         return self._perm
 
+    def jitter_draw(self, position: int) -> ColorJitterDraw | None:
+        """The colour jitter of a position, from its own generator: switching the jitter on or
+        off leaves every other draw of the stream (sample, crop, flip) as it was."""
+        if not self.color_jitter:
+            return None
+        rng = np.random.default_rng([self.seed, self.stream, self.rank, position, 0xC010])
+        return draw_color_jitter(rng, self.color_jitter)
+
     def plan(self, position: int) -> SamplePlan:
         rng = np.random.default_rng([self.seed, self.stream, self.rank, position])
+        jitter = self.jitter_draw(position)
         if self.rcs is not None:
             c, index = self.rcs.draw(rng)
-            attempts = tuple(draw_crop_params(rng, self.ratio_range, self.flip_prob)
+            attempts = tuple(draw_crop_params(rng, self.ratio_range, self.flip_prob,
+                                              self.scale_choices)
                              for _ in range(CROP_TRIES))
-            return SamplePlan(position, index, attempts, c)
+            return SamplePlan(position, index, attempts, c, jitter)
         epoch, j = divmod(position, self.epoch_length)
         index = int(self._permutation(epoch)[self.rank + j * self.world_size])
-        return SamplePlan(position, index,
-                          (draw_crop_params(rng, self.ratio_range, self.flip_prob),))
+        params = draw_crop_params(rng, self.ratio_range, self.flip_prob, self.scale_choices)
+        return SamplePlan(position, index, (params,), None, jitter)

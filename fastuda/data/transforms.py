@@ -7,14 +7,17 @@ same seed. The image is then resampled only inside the crop window: resizing the
 the whole image and cropping would (pixel-centre aligned, antialiased when shrinking).
 
 mmseg's defaults: ratio range (0.5, 2.0) (the DAFormer-lineage releases use none: their presets
-set [1, 1]), cat_max_ratio 0.75 with up to 10
-crop draws (the last draw is kept when none passes), flip probability 0.5, padding of the image with
-0 after normalisation (the mean colour) and of the label with 255 at the bottom/right.
+set [1, 1]; DASS draws one of a few fixed scales instead, ``data.scale_choices``), cat_max_ratio
+0.75 with up to 10 crop draws (the last draw is kept when none passes), flip probability 0.5,
+padding of the image with 0 after normalisation (the mean colour) and of the label with 255 at the
+bottom/right (with ``data.small_crop = "resize"`` there is no padding: an image smaller than the
+crop is enlarged to fit, :func:`fit_crop`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +25,8 @@ from PIL import Image
 from fastuda.data.classes import IGNORE_INDEX
 
 CROP_TRIES = 10
+# what a rescaled image smaller than the crop gets: padding (mmseg) or enlarged to fit (DASS)
+SMALL_CROP = ("pad", "resize")
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,25 @@ class Geometry:
         return {"scaled_size": (self.scaled_h, self.scaled_w),
                 "crop_box": (self.top, self.left, self.valid_h, self.valid_w), "flip": self.flip}
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], crop_hw: tuple[int, int]) -> Geometry:
+        """The geometry a loader recorded in a sample's meta (``orig_size`` and :meth:`as_meta`'s
+        keys), for the files cropped like the image (depth maps, day images)."""
+        orig_h, orig_w = meta["orig_size"]
+        scaled_h, scaled_w = meta["scaled_size"]
+        top, left, _, _ = meta["crop_box"]
+        return cls(int(orig_h), int(orig_w), int(scaled_h), int(scaled_w), int(top), int(left),
+                   int(crop_hw[0]), int(crop_hw[1]), bool(meta["flip"]))
+
 
 def draw_crop_params(rng: np.random.Generator, ratio_range: tuple[float, float],
-                     flip_prob: float) -> CropParams:
-    ratio = float(rng.uniform(ratio_range[0], ratio_range[1]))
+                     flip_prob: float, scale_choices: tuple[float, ...] = ()) -> CropParams:
+    """One crop attempt's draws: the scale ratio uniform in ``ratio_range``, or one of
+    ``scale_choices`` with equal probability when given (DASS's ``random.choice``)."""
+    if scale_choices:
+        ratio = float(scale_choices[int(rng.integers(len(scale_choices)))])
+    else:
+        ratio = float(rng.uniform(ratio_range[0], ratio_range[1]))
     anchors = tuple((float(a), float(b)) for a, b in rng.random((CROP_TRIES, 2)))
     return CropParams(ratio, anchors, bool(rng.random() < flip_prob))
 
@@ -86,6 +106,25 @@ def scaled_size(orig_hw: tuple[int, int], resize_wh: tuple[int, int] | None,
         return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
     base_h, base_w = (resize_wh[1], resize_wh[0]) if resize_wh else orig_hw
     return max(1, int(base_h * ratio + 0.5)), max(1, int(base_w * ratio + 0.5))
+
+
+def fit_crop(scaled_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[int, int]:
+    """The rescaled size enlarged, aspect ratio kept, until the crop fits inside
+    (``data.small_crop = "resize"``); a size the crop already fits is returned unchanged.
+
+    DASS crops a square of the image's shorter side when the image is smaller than the crop and
+    resizes that square to the crop size (cvlab-yonsei/DASS dataset/joint_transforms.py
+    #L108-L112 with nopad=True, dataset/dataset.py#L103-L104; then Resize, #L110 and
+    joint_transforms.py#L330-L356):
+    the same pixels as enlarging the image until its binding side equals the crop's and cropping
+    there, which keeps one resampling of the window (the module doc)."""
+    sh, sw = scaled_hw
+    ch, cw = crop_hw
+    if sh >= ch and sw >= cw:
+        return sh, sw
+    if ch * sw >= cw * sh:  # the height binds: it becomes the crop's height
+        return ch, max(cw, int(sw * ch / sh + 0.5))
+    return max(ch, int(sh * cw / sw + 0.5)), cw
 
 
 def nearest_indices(start: int, length: int, out_total: int, in_total: int) -> np.ndarray:
@@ -110,14 +149,20 @@ def passes_cat_max_ratio(window: np.ndarray, cat_max_ratio: float) -> bool:
 
 def choose_crop(label: np.ndarray, params: CropParams, crop_hw: tuple[int, int],
                 resize_wh: tuple[int, int] | None, cat_max_ratio: float,
-                keep_ratio: bool = False) -> tuple[Geometry, np.ndarray]:
+                keep_ratio: bool = False, small_crop: str = "pad") -> tuple[Geometry, np.ndarray]:
     """Rescale by ``params.ratio`` and pick the first crop draw that passes cat_max_ratio
-    (``cat_max_ratio >= 1``: the first draw, whatever the label holds).
+    (``cat_max_ratio >= 1``: the first draw, whatever the label holds). A rescaled image smaller
+    than the crop is padded (``small_crop = "pad"``, mmseg) or enlarged until the crop fits
+    (``"resize"``, DASS; :func:`fit_crop`).
 
     Returns the geometry and the label crop (flipped, padded with 255 to ``crop_hw``).
     """
+    if small_crop not in SMALL_CROP:
+        raise ValueError(f"small_crop must be one of {SMALL_CROP}, got {small_crop!r}")
     orig_h, orig_w = label.shape
     sh, sw = scaled_size((orig_h, orig_w), resize_wh, params.ratio, keep_ratio)
+    if small_crop == "resize":
+        sh, sw = fit_crop((sh, sw), crop_hw)
     ch, cw = crop_hw
     margin_h, margin_w = max(sh - ch, 0), max(sw - cw, 0)
     window = None

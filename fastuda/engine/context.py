@@ -140,6 +140,9 @@ class Pass:
     images: Callable[[StepView], Tensor]
     losses: Callable[[Outputs, StepView], Losses]
     needs_pseudo_labels: bool = True  # the loop makes them before this pass
+    # HRDA's rule for the student's detail box (fastuda/models/hrda.py BOX_RULES); None: the
+    # network's default (HRDA's random box), and the forward gets no box_rule
+    box_rule: str | None = None
 
 
 __all__ = ["Losses", "MethodContext", "Outputs", "Pass", "StepView"]

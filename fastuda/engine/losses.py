@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..data.classes import IGNORE_INDEX
 from ..models import outputs as O
+from ..models.hrda import crop_to_box
 
 
 def weighted_ce(logits: Tensor, label: Tensor, weight: Tensor | None = None,
@@ -42,7 +43,8 @@ def segmentation_losses(prefix: str, out: dict[str, Tensor], label: Tensor,
                         ) -> dict[str, Tensor]:
     """``{prefix}.ce``: weighted CE of the logits; with HRDA outputs (a detail box) that counts
     1 - detail_weight, and ``{prefix}.ce_detail`` is detail_weight x weighted CE of the detail
-    logits on the label (and weight) cropped to the box, averaged over the box's pixels (the
+    logits on the label (and weight) cropped to the box (each image's own with one box per
+    image), averaged over the boxes' pixels (the
     released HRDAHead.losses: loss_seg * (1 - hr_loss_weight), hr.loss_seg * hr_loss_weight).
     ``average``: the unweighted CE's mean, ``class_weight``: per-class factors
     (:func:`weighted_ce`)."""
@@ -51,10 +53,10 @@ def segmentation_losses(prefix: str, out: dict[str, Tensor], label: Tensor,
         ce = (1.0 - detail_weight) * ce
     losses = {f"{prefix}.ce": ce}
     if O.DETAIL_BOX in out and detail_weight > 0:
-        y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
-        w = None if weight is None else weight[:, y1:y2, x1:x2]
+        box = out[O.DETAIL_BOX]  # one box for the batch, or one per image
+        w = None if weight is None else crop_to_box(weight, box)
         losses[f"{prefix}.ce_detail"] = detail_weight * weighted_ce(
-            out[O.LOGITS_DETAIL], label[:, y1:y2, x1:x2], w, average, class_weight)
+            out[O.LOGITS_DETAIL], crop_to_box(label, box), w, average, class_weight)
     return losses
 
 

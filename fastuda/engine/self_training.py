@@ -12,11 +12,13 @@ One step is an ordered list of passes; each is a student forward, its losses and
     "mix"   student(aug ClassMix)  -> weighted CE + methods' mixed losses
     the methods' own passes, e.g. "mic.masked": student(masked aug target) -> weighted CE
     optimiser step -> teacher EMA
-HRDA (``hrda.enabled``) changes no line of the step: the network is the multi-resolution wrapper
-(fastuda/models/hrda.py), whose training forward draws the detail box from the step's generator
-and whose eval-mode forward (the teacher) is the multi-resolution inference; the segmentation
-loss adds the detail CE when the outputs carry a detail box. The teacher module stays in eval mode
-(HRDA's inference, dropout and drop-path off); with ``self_training.teacher_norm = "batch"`` (the
+HRDA (``hrda.enabled``) changes one line of the step: the network is the multi-resolution
+wrapper (fastuda/models/hrda.py), whose training forward draws the detail box from the step's
+generator, or chooses it by the pass's ``box_rule`` when the methods set one (CLUDA's
+maximum-entropy box on the mixed pass: the forward's one extra argument), and whose eval-mode
+forward (the teacher) is the multi-resolution inference; the segmentation loss adds the detail
+CE when the outputs carry a detail box. The teacher module stays in eval mode (HRDA's
+inference, dropout and drop-path off); with ``self_training.teacher_norm = "batch"`` (the
 release) only its BatchNorm layers run in train mode (``set_teacher_mode``).
 
 Under DDP the gradients are all-reduced once per step: every pass but the last of the list runs
@@ -437,7 +439,8 @@ class SelfTraining:
         if self.methods.wants_student_target(it):
             plan.append(Pass("tgt", self._target_images, self._target_losses))
         if st.mix == "classmix":
-            plan.append(Pass("mix", self._mixed_images, self._mixed_losses))
+            rule = self.methods.mixed_box_rule(it) if self.cfg.hrda.enabled else None
+            plan.append(Pass("mix", self._mixed_images, self._mixed_losses, box_rule=rule))
         return plan + self.methods.extra_passes(it)
 
     def _sync(self, last: bool):  # noqa: ANN202
@@ -498,7 +501,10 @@ class SelfTraining:
             images = p.images(view)
             with self._sync(last):
                 with self.timer("student_forward"), self.autocast():
-                    out = self.forward_student(images)
+                    if p.box_rule is None:
+                        out = self.forward_student(images)
+                    else:  # HRDA's box rule (CLUDA's maximum-entropy box on the mixed pass)
+                        out = self.forward_student(images, box_rule=p.box_rule)
                 losses = p.losses(out, view)
                 ok = self._backward(losses, log, out=out, synced=last)
             del out, losses, images

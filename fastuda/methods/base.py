@@ -22,7 +22,8 @@ Order of the hooks in one step (fastuda/engine/self_training.py):
     pass "src":  source_losses(student(source), label)
     pass "tgt":  target_losses(student(aug target), label, weight)   if wants_student_target
     pass "mix":  on_mix(mask), reweight_mixed(student(aug mixed), label, weight) [no grad],
-                 then the loop's CE and mixed_losses(..., label, reweighted weight)
+                 then the loop's CE and mixed_losses(..., label, reweighted weight); the
+                 student's HRDA detail box follows mixed_box_rule(it) (CLUDA's max entropy)
     the methods' own passes (extra_passes), in the order of ``methods``
 """
 
@@ -131,6 +132,12 @@ class Method(nn.Module):
     def mixed_losses(self, out: Outputs, mixed_label: Tensor, mixed_weight: Tensor,
                      it: int) -> Losses:
         return {}
+
+    def mixed_box_rule(self, it: int) -> str | None:
+        """How HRDA chooses the student's detail box on this step's mixed image: a box rule of
+        fastuda/models/hrda.py (``BOX_RULES``: CLUDA's ``"max_entropy"``); None: HRDA's random
+        box. Only asked with HRDA."""
+        return None
 
     def extra_passes(self, it: int) -> list[Pass]:
         """Student passes of this method's own this step (MIC's masked target), run after the
@@ -253,6 +260,15 @@ class MethodStack(nn.Module):
             losses.update(prefixed(m.name, m.mixed_losses(out, mixed_label, mixed_weight, it)))
         return losses
 
+    def mixed_box_rule(self, it: int) -> str | None:
+        """The one box rule the methods ask for on the mixed pass (None: HRDA's random box);
+        two methods asking for different ones is an error."""
+        rules = {r for m in self if (r := m.mixed_box_rule(it)) is not None}
+        if len(rules) > 1:
+            raise ValueError(f"methods {self.names} ask for different detail boxes on the "
+                             f"mixed pass: {sorted(rules)}")
+        return rules.pop() if rules else None
+
     def extra_passes(self, it: int) -> list[Pass]:
         passes = []
         for m in self:
@@ -261,7 +277,7 @@ class MethodStack(nn.Module):
                            ) -> Losses:
                     return prefixed(name, p.losses(out, view))
                 passes.append(Pass(f"{m.name}.{p.name}", p.images, losses,
-                                   p.needs_pseudo_labels))
+                                   p.needs_pseudo_labels, p.box_rule))
         return passes
 
 

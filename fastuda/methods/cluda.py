@@ -36,6 +36,18 @@ pixels are neither anchors, positives nor negatives (``cluda.ignore_as_class``);
 labels and weights are flattened batch-major together (``cluda.pixel_major_features``); the box
 test is the box, so road (train id 0) inside it counts as inside (``cluda.box_test``).
 
+The mixed pass's detail box (HRDA mode, ``cluda.mixed_detail_crop = "max_entropy"``, released:
+mmseg/models/uda/dacs.py#L400-L407, hrda_encoder_decoder.py#L181-L213, #L310-L329, #L356-L358):
+from iteration ``max_entropy_start_iter`` (released ``local_iter > 12000``: 12001) on, the
+student's mixed forward takes, per image, the detail box of largest mean entropy among HRDA's
+slide windows (the detail crop at stride crop / 2: 3 x 3 windows of 512 on the 1024 crop), the
+entropy of the student's own context prediction on the mixed image (its decode head run again on
+the detached context features, in train mode), upsampled nearest to the crop's pixels
+(fastuda/models/hrda.py ``max_entropy_boxes``). Before, and on the source pass always, HRDA's
+random box (one per batch). The labels, weights, attention mask, pasted detail map and box mask
+above follow each image's box. The release's window search overwrites the first window with
+each new maximum (a fixed bug; ``cluda.max_entropy_overwrite`` restores it).
+
 ``cluda.multires_loss = "three_term"`` (fastuda before issue 13): the learned weighting of CLUDA,
 "an extra 1-channel head with sigmoid output a_i". It is CLUDA's own head (``SigmoidMapHead``: 3x3
 conv-BN-ReLU with ``cluda.head_channels`` hidden channels, 1x1 conv to one channel, sigmoid), a
@@ -80,7 +92,7 @@ from ..config import Config, ConfigError, _check
 from ..engine.context import MethodContext
 from ..models import outputs as O
 from ..models.heads import SigmoidMapHead
-from ..models.hrda import scale_attention_head
+from ..models.hrda import box_rows, crop_to_box, scale_attention_head
 from .base import Losses, Method, Outputs
 
 
@@ -109,6 +121,18 @@ class CLUDASettings:
     # anchors per chunk of the released loss (memory: chunk x N similarities, recomputed in the
     # backward; no effect on the value)
     chunk: int = 1024
+    # HRDA mode: the detail box of the student's mixed pass. "max_entropy" (released): from
+    # iteration max_entropy_start_iter on, per image the slide window with the largest mean
+    # entropy of the student's context prediction (dacs.py#L400-L407,
+    # hrda_encoder_decoder.py#L181-L213, #L310-L329, #L356-L358); before it, and with
+    # "random", HRDA's random box
+    mixed_detail_crop: Literal["max_entropy", "random"] = "max_entropy"
+    # the first (0-based) iteration with the maximum-entropy box: released local_iter > 12000
+    max_entropy_start_iter: int = 12001
+    # the release's window search writes each new maximum's entropy over the first window, so
+    # the later windows overlapping it are scored on those values (hrda_encoder_decoder.py
+    # #L201-L212; docs/recipes.md section 11); true restores it
+    max_entropy_overwrite: bool = False
 
     def __post_init__(self) -> None:
         _check(self.tau > 0, "cluda.tau", self.tau, "> 0")
@@ -124,6 +148,12 @@ class CLUDASettings:
         _check(self.multires_loss == "released" or self.box_test == "box", "cluda.box_test",
                self.box_test, "'box' with cluda.multires_loss = 'three_term' (a key of the "
                "released loss)")
+        _check(self.max_entropy_start_iter >= 0, "cluda.max_entropy_start_iter",
+               self.max_entropy_start_iter, ">= 0")
+        _check(self.mixed_detail_crop == "max_entropy" or not self.max_entropy_overwrite,
+               "cluda.max_entropy_overwrite", self.max_entropy_overwrite,
+               "false with cluda.mixed_detail_crop = 'random' (a key of the maximum-entropy "
+               "box)")
 
 
 def to_grid(feats: Tensor, labels: Tensor, weights: Tensor | None, grid: tuple[int, int]
@@ -158,6 +188,9 @@ class CLUDA(Method):
             raise ConfigError("cluda.ignore_as_class, cluda.pixel_major_features and "
                               "cluda.box_test are keys of the released multi-resolution loss: "
                               "they need hrda.enabled = true")
+        if not cfg.hrda.enabled and st.max_entropy_overwrite:
+            raise ConfigError("cluda.max_entropy_overwrite is a key of HRDA's maximum-entropy "
+                              "detail box: it needs hrda.enabled = true")
 
     def __init__(self, settings: CLUDASettings, ctx: MethodContext) -> None:
         super().__init__(settings, ctx)
@@ -179,6 +212,17 @@ class CLUDA(Method):
                 raise ValueError("CLUDA in HRDA mode builds a pair-weight head on the features: "
                                  "the context needs the network's feature_channels")
             self.weight_head = SigmoidMapHead(ctx.feature_channels, settings.head_channels)
+
+    def mixed_box_rule(self, it: int) -> str | None:
+        """HRDA's box rule for the mixed pass: the maximum-entropy box from
+        ``max_entropy_start_iter`` on (``mixed_detail_crop = "max_entropy"``), else None (HRDA's
+        random box). Independent of ``weight``: in the release it is part of the mixed pass,
+        not of the contrast."""
+        st = self.settings
+        if not self.ctx.multi_resolution or st.mixed_detail_crop == "random" \
+                or it < st.max_entropy_start_iter:
+            return None
+        return "max_entropy_overwrite" if st.max_entropy_overwrite else "max_entropy"
 
     def pair_weight(self, feats: Tensor) -> Tensor:
         """a [B, h, w] on the grid: the pair-weight head on ``feats`` [B, D, h', w'], bilinear."""
@@ -202,10 +246,10 @@ class CLUDA(Method):
         and detail pixels on the grid, a from this method's pair-weight head on each view's
         features, pair weights a_i a_p within a view and 1 - a_i a_p across views (times the
         pixel weights' product), as three exact ``pixel_contrast`` calls."""
-        y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
+        box = out[O.DETAIL_BOX]  # one box for the batch, or one per image
         f_c, l_c, q_c = to_grid(out[O.FEATURES], labels, weights, self.grid)
-        f_d, l_d, q_d = to_grid(out[O.FEATURES_DETAIL], labels[:, y1:y2, x1:x2],
-                                None if weights is None else weights[:, y1:y2, x1:x2], self.grid)
+        f_d, l_d, q_d = to_grid(out[O.FEATURES_DETAIL], crop_to_box(labels, box),
+                                None if weights is None else crop_to_box(weights, box), self.grid)
         a_c = self.pair_weight(out[O.FEATURES])
         a_d = self.pair_weight(out[O.FEATURES_DETAIL])
         feats, lbl = torch.cat([f_c, f_d]), torch.cat([l_c, l_d])
@@ -220,17 +264,20 @@ class CLUDA(Method):
         """The released loss's inputs on the grid (module docstring): unit context and pasted
         detail features [B, D, h, w], labels, a, m (1 inside the box) [B, h, w], q or None."""
         grid, up = self.grid, round(1.0 / self.context_scale)
-        y1, y2, x1, x2 = (int(v) for v in out[O.DETAIL_BOX])
+        B = labels.shape[0]
+        boxes = box_rows(out[O.DETAIL_BOX], B)  # per image (hrda_head.py#L243-L245 with a list)
         f_lr = F.interpolate(out[O.FEATURES].float(), scale_factor=up, mode="bilinear",
                              align_corners=True)
         fd = out[O.FEATURES_DETAIL].float()
         s = labels.shape[-2] // f_lr.shape[-2]  # the features' stride in input pixels
         f_hr = f_lr.new_zeros(f_lr.shape)
-        box = (slice(None), slice(None), slice(y1 // s, y2 // s), slice(x1 // s, x2 // s))
-        if tuple(f_hr[box].shape) != tuple(fd.shape):
-            raise ValueError(f"CLUDA: the detail features {tuple(fd.shape)} do not fill the box "
-                             f"{(y1, y2, x1, x2)} at stride {s} of the {tuple(f_lr.shape)} map")
-        f_hr[box] = fd
+        for b, (y1, y2, x1, x2) in enumerate(boxes):
+            cell = f_hr[b, :, y1 // s:y2 // s, x1 // s:x2 // s]
+            if tuple(cell.shape) != tuple(fd.shape[1:]):
+                raise ValueError(f"CLUDA: the detail features {tuple(fd.shape)} do not fill the "
+                                 f"box {(y1, y2, x1, x2)} at stride {s} of the "
+                                 f"{tuple(f_lr.shape)} map")
+            f_hr[b, :, y1 // s:y2 // s, x1 // s:x2 // s] = fd[b]
 
         def bilinear(x: Tensor) -> Tensor:
             return F.interpolate(x, size=grid, mode="bilinear", align_corners=True)
@@ -248,8 +295,9 @@ class CLUDA(Method):
         a = bilinear(a)[:, 0]
         # the box's cells of the context grid (hrda_head.py#L213-L221), nearest to the grid
         al = labels.shape[-2] // ctx_grid[0]
-        mask = a.new_zeros((labels.shape[0], 1, *ctx_grid))
-        mask[:, :, y1 // al:y2 // al, x1 // al:x2 // al] = 1
+        mask = a.new_zeros((B, 1, *ctx_grid))
+        for b, (y1, y2, x1, x2) in enumerate(boxes):
+            mask[b, :, y1 // al:y2 // al, x1 // al:x2 // al] = 1
         m = F.interpolate(mask, size=grid, mode="nearest")[:, 0]
         if self.settings.box_test == "label_nonzero":  # released: box_mask * label != 0
             m = m * (lbl != 0).to(m.dtype)

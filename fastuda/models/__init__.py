@@ -53,7 +53,7 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> SegModel:
     else:
         raise ValueError(f"unknown model.name {cfg.name!r}; expected 'deeplabv2', 'daformer' or "
                          f"'vit'")
-    model.pretrained_report = (load_pretrained(model, cfg.pretrained)
+    model.pretrained_report = (load_pretrained(model, cfg.pretrained, cfg.pretrained_channels)
                                if cfg.pretrained and load_weights else None)
     model.freeze_bn = cfg.freeze_bn  # SPCL's release: backbone BN in eval mode (SegModel.train)
     if cfg.freeze_bn_affine:  # CorDA's release: backbone BN weights/biases fixed, stats not
@@ -92,7 +92,8 @@ def check_pretrained(cfg: ModelConfig) -> None:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real load reports missing keys once
-            load_pretrained(build_model(cfg, load_weights=False), cfg.pretrained)
+            load_pretrained(build_model(cfg, load_weights=False), cfg.pretrained,
+                            cfg.pretrained_channels)
     except (OSError, ValueError, RuntimeError) as err:
         why = " ".join(str(err).split())  # one line: torch's reader errors span several
         raise PretrainedError(f"model.pretrained = {cfg.pretrained!r}: {why}") from None

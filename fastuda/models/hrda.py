@@ -33,10 +33,22 @@ Training (``self.training`` or an explicit ``box``), on a full-resolution crop (
 - context view: the crop resized by c (bilinear), through the model: logits, features at
   [H c/s, W c/s];
 - detail view: a full-resolution sub-crop ``box`` = (y1, y2, x1, x2) of ``detail_crop`` pixels
-  whose corner is a multiple of ``crop_divisible`` (8), drawn as the release's get_crop_bbox
-  (offset = randint((H - dh + 1) // divisible) * divisible) from the generator the training loop
-  binds with ``use_generator`` (its state is in the loop's checkpoint,
-  so a resumed run draws the same boxes);
+  whose corner is a multiple of ``crop_divisible`` (8), chosen by the forward's ``box_rule``:
+  - ``"random"`` (HRDA): one box for the batch, drawn as the release's get_crop_bbox
+    (offset = randint((H - dh + 1) // divisible) * divisible) from the generator the training
+    loop binds with ``use_generator`` (its state is in the loop's checkpoint, so a resumed run
+    draws the same boxes);
+  - ``"max_entropy"`` (CLUDA's mixed pass, user0407/CLUDA bad6ed0
+    mmseg/models/segmentors/hrda_encoder_decoder.py#L181-L213, #L310-L329): one box per image,
+    the first of the slide-inference windows (``windows``: the detail crop at ``slide_stride``,
+    the release's max_entropy_crop grid) with the largest mean entropy of the context
+    prediction, upsampled (nearest) to the crop's pixels (``max_entropy_boxes``); the
+    prediction is a second forward of the decode head on the detached context head input, in
+    the module's mode, as the release's forward_test_mix (dropout draws anew, BatchNorm sees the
+    batch again); nothing is drawn from the generator;
+  - ``"max_entropy_overwrite"``: the same with the release's aliasing bug (the running
+    maximum's entropy written over the first window, ``max_entropy_boxes(overwrite=True)``);
+  an explicit ``box`` (one tuple, or a list of one per image) is used as given;
 - scale attention: the attention head (above) on the context view's backbone features, a in
   [0, 1] on the context grid, one channel per class (``attention_classwise``), set to 0 outside
   the box's cells of the context grid (the cells int(y / align) .. int(y2 / align));
@@ -61,7 +73,8 @@ Outputs (a dict, like every SegModel): the context view's own outputs ("features
 - ``attention_context`` the head's output on the context grid (never masked)
 - training only: ``attention_detail`` (``attention`` inside the box, [B, A, dh/s, dw/s]),
   ``features_detail`` (the detail view's features), ``detail_box`` (int64 [4]: y1, y2,
-  x1, x2 in input pixels; labels are cropped alike), ``context_head_input`` (the decode head's
+  x1, x2 in input pixels, one box for the batch; [B, 4] with one box per image; labels are
+  cropped alike, ``crop_to_box``), ``context_head_input`` (the decode head's
   input of the context view, what the attention head reads: CLUDA's pair-weight head reads it
   too, as released).
 """
@@ -79,6 +92,79 @@ from . import outputs as O
 from .base import SegModel
 from .heads import ASPPClassifier, DAFormerHead, resize
 from .vit import VFMUDAHead
+
+Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), input pixels
+BOX_RULES = ("random", "max_entropy", "max_entropy_overwrite")
+
+
+def check_box_rule(box_rule: str) -> None:
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"HRDAModel: unknown box_rule {box_rule!r}; expected one of "
+                         f"{', '.join(BOX_RULES)}")
+
+
+def box_rows(detail_box: Tensor, batch: int) -> list[Box]:
+    """Each image's box from an output's ``detail_box``: [4] (one box for the batch) or [B, 4]."""
+    rows = detail_box.tolist()
+    if detail_box.dim() == 1:
+        return [tuple(rows)] * batch  # type: ignore[list-item]
+    if len(rows) != batch:
+        raise ValueError(f"detail_box holds {len(rows)} boxes for a batch of {batch}")
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def crop_to_box(x: Tensor, detail_box: Tensor) -> Tensor:
+    """``x`` [B, ..., H, W] cropped to the detail box of each image (``box_rows``)."""
+    if detail_box.dim() == 1:
+        y1, y2, x1, x2 = (int(v) for v in detail_box)
+        return x[..., y1:y2, x1:x2]
+    return torch.stack([x[b, ..., y1:y2, x1:x2]
+                        for b, (y1, y2, x1, x2) in enumerate(box_rows(detail_box, len(x)))])
+
+
+def entropy_map(logits: Tensor) -> Tensor:
+    """-sum_c p log p of softmax(``logits`` [B, C, h, w]) per pixel, [B, h, w] float32. A zero
+    probability counts as 1e-8, as the release's get_entropy (hrda_encoder_decoder.py#L13-L28);
+    its division by 19 log 19 scales every window's mean alike, so it is left out."""
+    p = torch.softmax(logits.float(), dim=1)
+    p = torch.where(p == 0, torch.full_like(p, 1e-8), p)
+    return -(p * torch.log(p)).sum(1)
+
+
+def max_entropy_boxes(entropy: Tensor, windows: list[Box], *, overwrite: bool = False
+                      ) -> list[Box]:
+    """For each image of ``entropy`` [B, H, W]: the first of ``windows`` (in order) whose mean
+    entropy is the largest (a later window must be strictly larger), as the release's
+    max_entropy_crop (hrda_encoder_decoder.py#L181-L213).
+
+    ``overwrite``: the release's aliasing bug: its running maximum ``e_max`` is a view of the
+    first window of the map, so each new maximum's values are written over the first window's
+    pixels and the later windows overlapping it are scored on those; emulated with a clean copy
+    (the release's in-place copy between overlapping windows is PyTorch's CPU order here; on a
+    GPU it is not ordered)."""
+    if not overwrite:
+        means = torch.stack([entropy[:, y1:y2, x1:x2].mean((1, 2))
+                             for y1, y2, x1, x2 in windows], 1).tolist()  # one host sync
+        picks = []
+        for row in means:
+            best = 0
+            for k, v in enumerate(row):
+                if v > row[best]:
+                    best = k
+            picks.append(windows[best])
+        return picks
+    picks = []
+    fy1, fy2, fx1, fx2 = windows[0]
+    for e in entropy:
+        e = e.clone()
+        best = windows[0]
+        for y1, y2, x1, x2 in windows[1:]:
+            window = e[y1:y2, x1:x2]
+            if float(window.mean()) > float(e[fy1:fy2, fx1:fx2].mean()):
+                e[fy1:fy2, fx1:fx2] = window.clone()
+                best = (y1, y2, x1, x2)
+        picks.append(best)
+    return picks
 
 
 def scale_attention_head(head: nn.Module, out_channels: int, channels: int) -> nn.Module:
@@ -165,14 +251,33 @@ class HRDAModel(nn.Module):
             out = dict(self.model(ctx))
         finally:
             handle.remove()
-        att = self.attention_head(inputs[0])
-        att = att[0] if isinstance(att, tuple) else att  # the heads returning (logits, features)
+        att = self._on_logit_grid(self.attention_head(inputs[0]), tuple(ctx.shape[-2:]),
+                                  tuple(out[O.LOGITS].shape[-2:]))
+        return out, torch.sigmoid(att), inputs[0]
+
+    def _on_logit_grid(self, x: Tensor | tuple, view_hw: tuple[int, int],
+                       logits_hw: tuple[int, int]) -> Tensor:
+        """A head's output on the context view (of ``view_hw`` pixels) brought to the grid of
+        the context logits (``logits_hw``), as the model's forward brings its logits."""
+        x = x[0] if isinstance(x, tuple) else x  # the heads returning (logits, features)
         to_grid = getattr(self.model, "to_output_grid", None)
         if to_grid is not None:  # a ViT samples its head's grid at the output grid
-            att = to_grid(att, tuple(ctx.shape[-2:]))
-        elif att.shape[-2:] != out[O.LOGITS].shape[-2:]:
-            att = resize(att, out[O.LOGITS].shape[-2:])
-        return out, torch.sigmoid(att), inputs[0]
+            return to_grid(x, view_hw)
+        if tuple(x.shape[-2:]) != logits_hw:
+            return resize(x, logits_hw)
+        return x
+
+    def entropy_logits(self, head_input: Tensor | list, view_hw: tuple[int, int],
+                       logits_hw: tuple[int, int]) -> Tensor:
+        """The context logits the maximum-entropy box is chosen on: the decode head run again on
+        its detached input (no grad), in the module's mode, as the release's forward_test_mix
+        (hrda_encoder_decoder.py#L316-L320; hrda_head.py#L302-L303: ``self.head(lr_feats)``)."""
+        if isinstance(head_input, (list, tuple)):
+            detached: Tensor | list = [t.detach() for t in head_input]
+        else:
+            detached = head_input.detach()
+        with torch.no_grad():
+            return self._on_logit_grid(self.model.decode_head(detached), view_hw, logits_hw)
 
     def draw_box(self, height: int, width: int, generator: torch.Generator | None = None
                  ) -> tuple[int, int, int, int]:
@@ -184,10 +289,8 @@ class HRDAModel(nn.Module):
         if g is None:
             raise RuntimeError("HRDAModel: training draws detail boxes from a generator; bind "
                                "one with use_generator() (the training loop does) or pass box=")
+        self._check_fits(height, width)
         dh, dw = self.detail_crop
-        if dh > height or dw > width:
-            raise ValueError(f"HRDAModel: detail crop {dh}x{dw} does not fit the input "
-                             f"{height}x{width}")
         d = self.crop_divisible
         if (dh, dw) == (height, width):
             return 0, height, 0, width
@@ -196,47 +299,106 @@ class HRDAModel(nn.Module):
         x1 = int(torch.randint(nx, (1,), generator=g)) * d
         return y1, y1 + dh, x1, x1 + dw
 
+    def _check_fits(self, height: int, width: int) -> None:
+        dh, dw = self.detail_crop
+        if dh > height or dw > width:
+            raise ValueError(f"HRDAModel: detail crop {dh}x{dw} does not fit the input "
+                             f"{height}x{width}")
+
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, images: Tensor, box: tuple[int, int, int, int] | None = None
-                ) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, box: Box | list[Box] | None = None,
+                box_rule: str = "random") -> dict[str, Tensor]:
+        """Training (or an explicit ``box``): ``forward_train``; eval mode: ``infer``."""
+        check_box_rule(box_rule)
         if self.training or box is not None:
-            if box is None:
-                box = self.draw_box(images.shape[-2], images.shape[-1])
-            return self.forward_train(images, box)
+            return self.forward_train(images, box, box_rule)
         return self.infer(images)
 
-    def forward_train(self, images: Tensor, box: tuple[int, int, int, int]) -> dict[str, Tensor]:
+    def forward_train(self, images: Tensor, box: Box | list[Box] | None = None,
+                      box_rule: str = "random") -> dict[str, Tensor]:
+        """The training forward on the detail ``box`` (one for the batch, or a list of one per
+        image); None: chosen by ``box_rule`` (module docstring)."""
+        check_box_rule(box_rule)
         H, W = images.shape[-2:]
+        B = images.shape[0]
         s, al = self.output_stride, self.align
         if H % al or W % al:
             raise ValueError(f"HRDAModel: training crops must be multiples of output stride / "
                              f"context_scale = {al} pixels, got {H}x{W}")
-        y1, y2, x1, x2 = (int(v) for v in box)
-        if y1 % s or x1 % s or (y2 - y1) % al or (x2 - x1) % al or y1 < 0 or x1 < 0 \
-                or y2 > H or x2 > W:
-            raise ValueError(f"HRDAModel: detail box {box} must lie inside {H}x{W} with its "
-                             f"corner on multiples of {s} and its sides of {al} pixels")
+        windows: list[Box] = []
+        if box is None and box_rule == "random":
+            box = self.draw_box(H, W)
+        elif box is None:
+            self._check_fits(H, W)
+            windows = self.windows(H, W)
+            self._boxes(windows, len(windows), H, W)  # misaligned windows fail before the work
+        boxes = [] if box is None else self._boxes(box, B, H, W)
         out, att_c, head_input = self._context(images)
-        detail = self.model(images[:, :, y1:y2, x1:x2])
+        if box is None:
+            view_hw = (round(H * self.context_scale), round(W * self.context_scale))
+            logits = self.entropy_logits(head_input, view_hw, tuple(out[O.LOGITS].shape[-2:]))
+            ent = F.interpolate(entropy_map(logits)[:, None], size=(H, W), mode="nearest")
+            box = max_entropy_boxes(ent[:, 0], windows,
+                                    overwrite=box_rule == "max_entropy_overwrite")
+            boxes = box
+        shared = len(set(boxes)) == 1
+        if shared:  # one crop of the batch (HRDA's box)
+            y1, y2, x1, x2 = boxes[0]
+            crops = images[:, :, y1:y2, x1:x2]
+        else:
+            crops = torch.stack([img[:, y1:y2, x1:x2]
+                                 for img, (y1, y2, x1, x2) in zip(images, boxes, strict=True)])
+        detail = self.model(crops)
         grid = (H // s, W // s)
-        cy1, cy2, cx1, cx2 = y1 // s, y2 // s, x1 // s, x2 // s
         logits_d = detail[O.LOGITS]
-        if tuple(logits_d.shape[-2:]) != (cy2 - cy1, cx2 - cx1):
+        dh, dw = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
+        if tuple(logits_d.shape[-2:]) != (dh // s, dw // s):
             raise ValueError(f"HRDAModel: the detail logits {tuple(logits_d.shape[-2:])} are not "
-                             f"the box {box} over the output stride {s}")
-        # the attention keeps the box's cells of the context grid (truncated as the release)
-        mask = att_c.new_zeros((1, 1, *att_c.shape[-2:]))
-        mask[:, :, y1 // al:y2 // al, x1 // al:x2 // al] = 1
+                             f"the box {boxes[0]} over the output stride {s}")
+        # the attention keeps each image's box cells of the context grid (truncated as the
+        # release; hrda_head.py#L213-L221, per image with a list of boxes)
+        mask = att_c.new_zeros((1 if shared else B, 1, *att_c.shape[-2:]))
+        for m, (y1, y2, x1, x2) in zip(mask, boxes, strict=False):
+            m[:, y1 // al:y2 // al, x1 // al:x2 // al] = 1
         att_m = att_c * mask
         att = resize(att_m, grid)
-        pad = (cx1, grid[1] - cx2, cy1, grid[0] - cy2)
-        fused = att * F.pad(logits_d, pad) + resize((1 - att_m) * out[O.LOGITS], grid)
-        att_box = att[:, :, cy1:cy2, cx1:cx2]
+        cells = torch.tensor(boxes[0] if shared else boxes, dtype=torch.int64) // s
+
+        def placed(logits: Tensor, cy1: int, cy2: int, cx1: int, cx2: int) -> Tensor:
+            return F.pad(logits, (cx1, grid[1] - cx2, cy1, grid[0] - cy2))
+
+        if shared:
+            detail_full = placed(logits_d, *cells.tolist())
+        else:
+            detail_full = torch.stack([placed(lg, *c) for lg, c in zip(logits_d, cells.tolist(),
+                                                                       strict=True)])
+        fused = att * detail_full + resize((1 - att_m) * out[O.LOGITS], grid)
         out.update({O.LOGITS: fused, O.LOGITS_CONTEXT: out[O.LOGITS], O.LOGITS_DETAIL: logits_d,
-                    O.ATTENTION: att, O.ATTENTION_CONTEXT: att_c, O.ATTENTION_DETAIL: att_box,
+                    O.ATTENTION: att, O.ATTENTION_CONTEXT: att_c,
+                    O.ATTENTION_DETAIL: crop_to_box(att, cells),
                     O.FEATURES_DETAIL: detail[O.FEATURES], O.CONTEXT_HEAD_INPUT: head_input,
-                    O.DETAIL_BOX: torch.tensor([y1, y2, x1, x2], dtype=torch.int64)})
+                    O.DETAIL_BOX: torch.tensor(boxes if isinstance(box, list) else boxes[0],
+                                               dtype=torch.int64)})
         return out
+
+    def _boxes(self, box: Box | list[Box], batch: int, height: int, width: int) -> list[Box]:
+        """Each image's box (one ``box`` for the batch, or a list of ``batch``), checked: inside
+        height x width, the corner on multiples of the output stride, the sides of the
+        context stride ``align``, all of one size."""
+        s, al = self.output_stride, self.align
+        boxes = [tuple(int(v) for v in b) for b in box] if isinstance(box, list) else \
+            [tuple(int(v) for v in box)] * batch
+        if len(boxes) != batch:
+            raise ValueError(f"HRDAModel: {len(boxes)} detail boxes for a batch of {batch}")
+        for y1, y2, x1, x2 in boxes:
+            if y1 % s or x1 % s or (y2 - y1) % al or (x2 - x1) % al or y1 < 0 or x1 < 0 \
+                    or y2 > height or x2 > width or y2 <= y1 or x2 <= x1:
+                raise ValueError(f"HRDAModel: detail box {(y1, y2, x1, x2)} must lie inside "
+                                 f"{height}x{width} with its corner on multiples of {s} and "
+                                 f"its sides of {al} pixels")
+        if len({(y2 - y1, x2 - x1) for y1, y2, x1, x2 in boxes}) > 1:
+            raise ValueError(f"HRDAModel: the detail boxes {boxes} differ in size")
+        return boxes  # type: ignore[return-value]
 
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """The sliding detail windows (y1, y2, x1, x2) over a height x width image (both
@@ -276,4 +438,5 @@ class HRDAModel(nn.Module):
         return out
 
 
-__all__ = ["HRDAModel"]
+__all__ = ["BOX_RULES", "Box", "HRDAModel", "box_rows", "crop_to_box", "entropy_map",
+           "max_entropy_boxes"]

@@ -22,7 +22,9 @@ ATTENTION = "attention"  # the scale attention used in the fusion, full grid
 ATTENTION_CONTEXT = "attention_context"  # the attention head's output on the context grid
 ATTENTION_DETAIL = "attention_detail"  # training: the attention inside the detail box
 FEATURES_DETAIL = "features_detail"  # training: the detail view's features
-DETAIL_BOX = "detail_box"  # training: int64 [4] (y1, y2, x1, x2) in input pixels
+# training: int64 [4] (y1, y2, x1, x2) in input pixels, one box for the batch (HRDA's draw), or
+# [B, 4], one per image (CLUDA's maximum-entropy box); fastuda/models/hrda.py crop_to_box
+DETAIL_BOX = "detail_box"
 # training: the decode head's input of the context view (a tensor, or the list of backbone stages
 # a DAFormer head reads); the scale attention and CLUDA's pair-weight head read it
 CONTEXT_HEAD_INPUT = "context_head_input"

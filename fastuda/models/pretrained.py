@@ -26,7 +26,13 @@ Accepted formats, recognised from their keys:
 - ``fastuda``: a state dict of a fastuda SegModel (``backbone.*``, ``decode_head.*`` ...).
 
 A checkpoint may be wrapped in ``{"state_dict": ...}`` or ``{"model": ...}`` and its keys may carry
-DDP's ``module.`` prefix. Each backbone key is mapped by an explicit pattern; keys that match no
+DDP's ``module.`` prefix, or the ``Scale.`` prefix of the DeepLab-V2 ImageNet initialisation
+converted from Caffe (``DeepLab_resnet_pretrained_init``; DASS's ``DeepLab_init.pth``, whose first
+key part cvlab-yonsei/DASS model/model_builder.py#L76-L81 drops): torchvision's names under it.
+``channels = "bgr"`` (``model.pretrained_channels``) reverses the input channels of the file's
+first convolution, for files trained on BGR images.
+
+Each backbone key is mapped by an explicit pattern; keys that match no
 pattern are reported as unexpected, model keys left untouched as missing, and a shape mismatch is an
 error naming the key and both shapes. The ViT formats are strict: a transformer key the file lacks,
 or a file key with no place in the transformer, is an error that names it. Files are read with
@@ -127,7 +133,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         if not isinstance(value, Tensor):
             raise ValueError(f"pretrained checkpoint {path}: entry {key!r} is a "
                              f"{type(value).__name__}, not a tensor")
-        state[key.removeprefix("module.")] = value
+        state[key.removeprefix("module.").removeprefix("Scale.")] = value
     return state
 
 
@@ -160,8 +166,13 @@ def map_keys(state: dict[str, Tensor], fmt: str) -> tuple[dict[str, str], list[s
     return mapping, dropped, unmatched
 
 
-def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
-    """Load a local checkpoint into ``model``; return a report of what was loaded.
+# the first convolution of each ResNet stem (torchvision's 7x7, mmcv's deep stem)
+FIRST_CONV = ("backbone.conv1.weight", "backbone.stem.0.weight")
+
+
+def load_pretrained(model: SegModel, path: str | Path, channels: str = "rgb") -> dict[str, Any]:
+    """Load a local checkpoint into ``model``; return a report of what was loaded. ``channels``:
+    the colour order the file's first convolution reads ("bgr" reverses its input channels).
 
     Report keys: ``path``, ``format``, ``loaded`` (model keys set), ``missing`` (model keys of the
     loaded part left at their initialisation: backbone keys for backbone checkpoints, any key for
@@ -204,6 +215,17 @@ def load_pretrained(model: SegModel, path: str | Path) -> dict[str, Any]:
     if not to_load:
         raise ValueError(f"pretrained checkpoint {path} ({fmt}): no key fits the "
                          f"{type(model).__name__} model; first keys: {list(state)[:5]}")
+    if channels not in ("rgb", "bgr"):
+        raise ValueError(f"channels must be 'rgb' or 'bgr', got {channels!r}")
+    if channels == "bgr":
+        first = [k for k in FIRST_CONV if k in to_load]
+        if fmt == "fastuda" or not first:
+            why = ("a fastuda model reads RGB already" if fmt == "fastuda"
+                   else "the file has no ResNet stem convolution")
+            raise ValueError(f"pretrained checkpoint {path} ({fmt}): model.pretrained_channels "
+                             f"= 'bgr' reverses the input channels of the file's first "
+                             f"convolution, but {why}: set it to 'rgb'")
+        to_load[first[0]] = to_load[first[0]].flip(1)
     model.load_state_dict(to_load, strict=False)
     scope = _BACKBONE_FORMATS[fmt][3] if fmt in _BACKBONE_FORMATS else ""
     # old torchvision files predate BatchNorm's step counter; its absence changes nothing

@@ -167,3 +167,26 @@ def test_auto_loader_choice() -> None:
     assert resolve_loader("torch") == "torch"
     with pytest.raises(DataError, match="unknown loader"):
         resolve_loader("fast")
+
+
+def test_scale_choices_and_small_crop_resize_in_the_stream(tmp_path: Path) -> None:
+    """24 x 48 images, a 32 x 32 crop: padded by default; with small_crop = "resize" every crop
+    is whole (the image enlarged to 32 x 64 at scale 1, 32 x 64 at 0.5 too); the rescaled sizes
+    come from scale_choices only."""
+    make_cityscapes(tmp_path, {"train": 4})
+    ds = DatasetConfig(name="cityscapes", root=str(tmp_path))
+
+    def metas(**kw: object) -> list[dict]:
+        cfg = _cfg(tmp_path, crop_size=[32, 32], batch_size=2, source=ds, target=ds, rcs=False,
+                   **kw)
+        it = build_train_iterator(cfg, cfg.source, stream=0, seed=1)
+        out = [m for _ in range(6) for m in next(it)["meta"]]
+        it.close()
+        return out
+
+    padded = metas(ratio_range=[1.0, 1.0])
+    assert {m["crop_box"][2:] for m in padded} == {(24, 32)}
+    resized = metas(ratio_range=[1.0, 1.0], scale_choices=[0.5, 1.0, 1.5], small_crop="resize")
+    assert {m["crop_box"][2:] for m in resized} == {(32, 32)}
+    # 0.5 and 1.0 are enlarged to fit the crop: 32 x 64; 1.5: 36 x 72
+    assert {m["scaled_size"] for m in resized} == {(32, 64), (36, 72)}

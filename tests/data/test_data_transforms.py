@@ -123,3 +123,74 @@ def test_val_resize_pair() -> None:
     assert img2.shape == (15, 20, 3) and lab2.shape == (15, 20)
     np.testing.assert_array_equal(
         lab2, np.asarray(Image.fromarray(label).resize((20, 15), Image.Resampling.NEAREST)))
+
+
+def test_geometry_from_meta_is_the_recorded_geometry() -> None:
+    # a crop reaching past the rescaled image (valid 5 x 7 of 8 x 9), flipped
+    g = Geometry(40, 60, 13, 20, top=8, left=13, crop_h=8, crop_w=9, flip=True)
+    meta = {"orig_size": (40, 60), **g.as_meta()}
+    assert meta["crop_box"] == (8, 13, 5, 7)
+    assert Geometry.from_meta(meta, (8, 9)) == g
+
+
+def test_scale_choices_draw_only_those_scales_equally_often() -> None:
+    from fastuda.data.transforms import draw_crop_params
+
+    rng = np.random.default_rng(0)
+    ratios = [draw_crop_params(rng, (1.0, 1.0), 0.5, (0.8, 1.0, 1.2)).ratio for _ in range(900)]
+    values, counts = np.unique(ratios, return_counts=True)
+    assert values.tolist() == [0.8, 1.0, 1.2]
+    assert (np.abs(counts - 300) < 60).all()  # 1/3 each (binomial sd ~14)
+    uniform = [draw_crop_params(rng, (0.8, 1.2), 0.5).ratio for _ in range(50)]
+    assert len(set(uniform)) == 50 and 0.8 <= min(uniform) and max(uniform) <= 1.2
+
+
+def test_fit_crop_enlarges_the_binding_side_to_the_crop() -> None:
+    from fastuda.data.transforms import fit_crop
+
+    # DASS at scale 0.8: GTA 1914x1052 with shorter edge 850 -> 680 x 1237 (int truncation,
+    # joint_transforms.py#L424-L434), smaller than the 730 crop: x 730/680 -> 730 x 1328
+    assert fit_crop((680, 1237), (730, 730)) == (730, round(1237 * 730 / 680))
+    assert fit_crop((850, 1546), (730, 730)) == (850, 1546)  # the crop fits: unchanged
+    assert fit_crop((100, 60), (50, 80)) == (round(100 * 80 / 60), 80)  # the width binds
+    assert fit_crop((40, 40), (40, 40)) == (40, 40)
+
+
+def test_small_crop_resize_is_the_release_square_crop_resized() -> None:
+    """DASS (nopad): an image smaller than the crop gives a square crop of its shorter side at
+    a random offset, resized (nearest for the label) to the crop size. Ours enlarges the image
+    by crop / shorter side and crops there: the same label up to the rounding of one nearest
+    resize against two."""
+    label = (np.arange(70)[None, :] // 7 % 19).repeat(40, axis=0).astype(np.uint8)  # 10 stripes
+    x1 = 16  # the release's crop offset in the 40 x 70 image
+    pil = Image.fromarray(label).crop((x1, 0, x1 + 40, 40))
+    released = np.asarray(pil.resize((50, 50), Image.Resampling.NEAREST))
+    # the same offset in the enlarged image: x1 * 50 / 40 = 20 of a margin of 88 - 50 = 38
+    params = CropParams(1.0, ((0.0, 20 / 39),), flip=False)
+    g, crop = choose_crop(label, params, (50, 50), None, 1.0, small_crop="resize")
+    assert (g.scaled_h, g.scaled_w, g.top, g.left) == (50, 88, 0, 20)
+    assert (g.valid_h, g.valid_w) == (50, 50)  # no padding
+    assert (crop != 255).all()
+    # the columns that differ are one pixel from a stripe edge of the released crop
+    edges = np.flatnonzero(np.diff(released[0].astype(int)) != 0) + 1
+    differ = np.flatnonzero((crop != released).any(axis=0))
+    assert len(differ) <= len(edges)
+    assert all(np.abs(edges - c).min() <= 1 for c in differ)
+    # the padded default: the 40 x 70 image, 10 rows of 255 below it
+    g, crop = choose_crop(label, params, (50, 50), None, 1.0)
+    assert (g.valid_h, g.scaled_h) == (40, 40) and (crop[40:] == 255).all()
+
+
+def test_small_crop_resize_image_is_the_enlarged_image_cropped() -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    label = np.zeros((30, 45), dtype=np.uint8)
+    g, _ = choose_crop(label, CropParams(0.8, ((0.0, 0.5),), False), (32, 32), None, 1.0,
+                       small_crop="resize")
+    assert (g.scaled_h, g.scaled_w) == (32, 48)  # 0.8 x (30, 45) = (24, 36), then x 32 / 24
+    whole = np.asarray(Image.fromarray(image).resize((48, 32), Image.Resampling.BILINEAR))
+    expected = whole[:, g.left:g.left + 32].astype(int)
+    assert np.abs(crop_image(image, g).astype(int) - expected).max() <= 1
+    with pytest.raises(ValueError, match="small_crop"):
+        choose_crop(label, CropParams(1.0, ((0.0, 0.0),), False), (8, 8), None, 1.0,
+                    small_crop="stretch")

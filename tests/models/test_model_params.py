@@ -216,6 +216,15 @@ def test_corda_presets_use_the_released_deeplab_resnet(name: str) -> None:
     assert model.backbone == "resnet101_deeplab" and model.freeze_bn_affine
 
 
-@pytest.mark.parametrize("name", ["spcl/deeplabv2_gta2cs", "bipcl/deeplabv2_gta2cs"])
+def test_bipcl_preset_uses_the_released_deeplab_resnet_on_bgr_weights() -> None:
+    # cvlab-yonsei/DASS model/DeeplabV2.py#L52-L95, #L117-L163 (the DeepLab Caffe layout, BN
+    # affine fixed) from the Caffe-converted DeepLab_init.pth (config/so_config.yml#L45), fed
+    # BGR minus the Caffe mean (dataset/transforms.py#L127-L150)
+    model = load_config(PRESETS / "bipcl/deeplabv2_gta2cs.toml").model
+    assert model.backbone == "resnet101_deeplab" and model.freeze_bn_affine
+    assert model.pretrained_channels == "bgr"
+
+
+@pytest.mark.parametrize("name", ["spcl/deeplabv2_gta2cs"])
 def test_other_deeplabv2_presets_keep_torchvision_resnet101(name: str) -> None:
     assert load_config(PRESETS / f"{name}.toml").model.backbone == "resnet101"

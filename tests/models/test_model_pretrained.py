@@ -302,3 +302,52 @@ def test_deeplab_coco_file_drops_its_classifier(tmp_path: Path) -> None:
     report = load_pretrained(small("deeplabv2", "resnet18"), save(tmp_path, state))
     assert report["format"] == "torchvision_resnet" and report["unexpected"] == []
     assert sorted(report["dropped"]) == sorted(k for k in state if k.startswith("layer5."))
+
+
+def test_bgr_file_reads_rgb_images_after_loading(tmp_path: Path) -> None:
+    """model.pretrained_channels = "bgr" (the Caffe DeepLab files DASS and CorDA feed BGR minus
+    the Caffe mean): the first convolution, loaded with its input channels reversed, gives on
+    an RGB image what the file's own weights give on that image in BGR order."""
+    import torch.nn.functional as F
+
+    state = random_state(torchvision_resnet_shapes("resnet18"))
+    path = save(tmp_path, state)
+    model = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", projection=False,
+                                    pretrained=str(path), pretrained_channels="bgr"))
+    rgb = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(3))
+    bgr = rgb[:, [2, 1, 0]]
+    expected = F.conv2d(bgr, state["conv1.weight"], stride=2, padding=3)  # the file on BGR
+    assert torch.allclose(model.backbone.conv1(rgb), expected, atol=1e-5)
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"][:, [2, 1, 0]])
+    # every other tensor as in the file
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    rgb_model = build_model(ModelConfig(name="deeplabv2", backbone="resnet18", projection=False,
+                                        pretrained=str(path)))
+    assert torch.equal(rgb_model.backbone.conv1.weight, state["conv1.weight"])
+
+
+def test_bgr_needs_a_resnet_stem_of_a_released_file(tmp_path: Path) -> None:
+    model = small("deeplabv2", "resnet18", projection=False)
+    fastuda_file = save(tmp_path, model.state_dict(), "fastuda.pth")
+    with pytest.raises(ValueError, match="reads RGB already"):
+        load_pretrained(small("deeplabv2", "resnet18", projection=False), fastuda_file, "bgr")
+    from fastuda.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.pretrained_channels"):
+        ModelConfig(name="daformer", backbone="mit_b0", pretrained_channels="bgr")
+
+
+def test_deeplab_init_file_with_scale_prefix_loads(tmp_path: Path) -> None:
+    # the Caffe-converted DeepLab-V2 ImageNet initialisation: torchvision's names under
+    # "Scale.", its classifier as layer5 (cvlab-yonsei/DASS model/model_builder.py#L76-L81
+    # drops the first key part and skips layer5)
+    state = random_state(torchvision_resnet_shapes("resnet18"))
+    del state["fc.weight"], state["fc.bias"]
+    for i in range(4):
+        state[f"layer5.conv2d_list.{i}.weight"] = torch.zeros(21, 512, 3, 3)
+    prefixed = OrderedDict(("Scale." + k, v) for k, v in state.items())
+    model = small("deeplabv2", "resnet18", projection=False)
+    report = load_pretrained(model, save(tmp_path, prefixed))
+    assert report["format"] == "torchvision_resnet"
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])

@@ -15,15 +15,91 @@
 // pixels by class (class_hist / class_offsets / class_scatter, labels only), then one tiled GEMM
 // per (class, 32x32 tile of the upper triangle): m2_c = sum_i w_i (x_i - mu_c)(x_i - mu_c)^T, N*D*D
 // multiply-adds in total, written straight to the output (each entry has one writer).
-#pragma once
+//
+// The class_stats family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
+#include <limits>
+#include <tuple>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include "cuda/launchers.h"
-#include "cuda/views.h"
+#include "cuda/backend.h"
 
 namespace fastuda::FASTUDA_KNS {
+
+// ---- launch plan --------------------------------------------------------------------------------
+struct ClassStatsWorkspace {
+  void *part, *part_count, *tile_hist, *class_start, *order;
+};
+
+struct ClassStatsPlan {
+  bool full_cov;
+  int32_t tile_pixels, sub_lanes, class_chunk, sort_tile;
+  int64_t class_chunks, d_tiles, groups, sort_tiles;
+  size_t smem_sums, smem_centred;
+  size_t part_bytes, part_count_bytes, hist_bytes, start_bytes, order_bytes;
+
+  static size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+  size_t workspace_bytes() const {
+    return align16(part_bytes) + align16(part_count_bytes) + align16(hist_bytes) +
+           align16(start_bytes) + align16(order_bytes);
+  }
+  ClassStatsWorkspace carve(void* base) const {
+    char* p = static_cast<char*>(base);
+    ClassStatsWorkspace ws{};
+    ws.part = p;
+    p += align16(part_bytes);
+    ws.part_count = p;
+    p += align16(part_count_bytes);
+    ws.tile_hist = p;
+    p += align16(hist_bytes);
+    ws.class_start = p;
+    p += align16(start_bytes);
+    ws.order = p;
+    return ws;
+  }
+};
+
+// acc_bytes: 4 (fp32 accumulation) or 8 (fp64 input). Requires B * P >= 1 and D >= 1.
+inline ClassStatsPlan plan_class_stats(int64_t B, int64_t D, int64_t P, int64_t C,
+                                       size_t acc_bytes, bool full_cov, const Tuning& tuning) {
+  constexpr int64_t TD = 32;
+  ClassStatsPlan plan{};
+  plan.full_cov = full_cov;
+  const int64_t TP = tuning.tile_pixels;
+  plan.tile_pixels = int32_t(TP);
+  const size_t fixed = acc_bytes * size_t(TD * (TP + 1) + TP) + 4 * size_t(TP);
+  // per block: acc [S][CC][TD] + cnt [S][CC] (+ mean [CC][TD] in the centred pass)
+  auto smem = [&](int64_t S, int64_t CC, bool centred) {
+    return fixed + acc_bytes * size_t(S * CC * TD + S * CC + (centred ? CC * TD : 0));
+  };
+  int64_t S = 8, CC = C;
+  while (S > 1 && smem(S, CC, true) > kSharedBudget) S /= 2;
+  if (smem(S, CC, true) > kSharedBudget) {  // many classes: split them over grid.z
+    CC = int64_t((kSharedBudget - fixed) / (acc_bytes * size_t(2 * TD + 1)));
+    if (CC < 1) CC = 1;
+  }
+  plan.sub_lanes = int32_t(S);
+  plan.class_chunk = int32_t(CC);
+  plan.class_chunks = (C + CC - 1) / CC;
+  plan.smem_sums = smem(S, CC, false);
+  plan.smem_centred = smem(S, CC, true);
+  plan.d_tiles = (D + TD - 1) / TD;
+  const int64_t tiles = B * ((P + TP - 1) / TP);
+  int64_t groups = tuning.target_blocks / (plan.d_tiles * plan.class_chunks);
+  // the partials [G, C, D] stay below the size of the features (G <= N / (2C))
+  const int64_t cap = (B * P) / (2 * C);
+  if (groups > cap) groups = cap;
+  if (groups > tiles) groups = tiles;
+  plan.groups = groups < 1 ? 1 : groups;
+  plan.part_bytes = acc_bytes * size_t(plan.groups * C * D);
+  plan.part_count_bytes = acc_bytes * size_t(plan.groups * C);
+  plan.sort_tile = tuning.sort_tile;
+  plan.sort_tiles = full_cov ? (B * P + tuning.sort_tile - 1) / tuning.sort_tile : 0;
+  plan.hist_bytes = full_cov ? 4 * size_t(plan.sort_tiles * C) : 0;
+  plan.start_bytes = full_cov ? 4 * size_t(C + 1) : 0;
+  plan.order_bytes = full_cov ? 4 * size_t(B * P) : 0;
+  return plan;
+}
 
 namespace class_stats_detail {
 constexpr int kChannels = 32;  // channel slice of a block (one warp wide)
@@ -304,6 +380,7 @@ class_cov_kernel(FeatView<T> x, WeightView w, const int32_t* order, const int32_
     }
 }
 
+// count [C], mean [C, D], m2 [C, D] or [C, D, D] (acc_t<T>), workspace of plan.workspace_bytes().
 template <typename T>
 void class_stats_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w, int64_t C,
                         int64_t ignore_index, const ClassStatsPlan& plan, acc_t<T>* count,
@@ -354,4 +431,62 @@ void class_stats_launch(const FeatView<T>& x, const LabelView& y, const WeightVi
                  static_cast<const int32_t*>(class_start), static_cast<const A*>(mean), dt, m2);
 }
 
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_op(
+    const at::Tensor& feats, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool full_cov, const Tuning& tuning, void* stream) {
+  check_pixels("class_stats", feats, labels, weights);
+  TORCH_CHECK_VALUE(num_classes >= 1, "fastuda::class_stats: num_classes must be >= 1, got ",
+                    num_classes);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2), C = num_classes;
+  TORCH_CHECK_VALUE(D >= 1, "fastuda::class_stats: feats have no channels (shape ", feats.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(B * P < std::numeric_limits<int32_t>::max(), "fastuda::class_stats: ", B * P,
+                    " pixels exceed the 2^31 supported by the CUDA kernels");
+  const auto opts = feats.options().dtype(acc_dtype(feats));
+  at::Tensor count = at::empty({C}, opts);
+  at::Tensor mean = at::empty({C, D}, opts);
+  at::Tensor m2 = full_cov ? at::empty({C, D, D}, opts) : at::empty({C, D}, opts);
+  if (B * P == 0) {
+    count.zero_();
+    mean.zero_();
+    m2.zero_();
+    return {count, mean, m2};
+  }
+  const size_t acc_bytes = feats.scalar_type() == at::kDouble ? 8 : 4;
+  const ClassStatsPlan plan = plan_class_stats(B, D, P, C, acc_bytes, full_cov, tuning);
+  const at::Tensor w = weights_for(weights, feats);
+  at::Tensor workspace =
+      at::empty({int64_t(plan.workspace_bytes())}, feats.options().dtype(at::kByte));
+  dispatch_feats(feats, "class_stats", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    class_stats_launch<T>(feat_view<T>(feats), label_view(labels, "class_stats"),
+                          weight_view(w), C, ignore_index, plan,
+                          count.mutable_data_ptr<A>(), mean.mutable_data_ptr<A>(),
+                          m2.mutable_data_ptr<A>(), workspace.mutable_data_ptr(), stream);
+  });
+  return {count, mean, m2};
+}
+
 }  // namespace fastuda::FASTUDA_KNS
+
+namespace {
+
+namespace fk = fastuda::FASTUDA_KNS;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_entry(
+    const at::Tensor& feats, const at::Tensor& labels, int64_t num_classes, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool full_cov) {
+  const fk::OpLaunch launch("class_stats", feats, "feats");
+  return launch.run([&] {
+    return fk::class_stats_op(feats, labels, num_classes, ignore_index, weights, full_cov,
+                              launch.tuning(), launch.stream());
+  });
+}
+
+}  // namespace
+
+FASTUDA_KERNEL_IMPL(m) {
+  m.impl("class_stats", &class_stats_entry);
+}

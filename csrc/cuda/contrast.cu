@@ -19,83 +19,73 @@
 // U = F S_c tile by tile (64 px x 32 ch outputs, 8 per thread, shared-memory operands), then
 // reduced to b_c = sum_d f_d (U_d + mu'_cd) per pixel with warp shuffles; nothing of size
 // [N, C, D] exists, and S_c is read through shared memory once per 64 pixels.
-#pragma once
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
+//
+// The proto_contrast / dist_contrast family's CUDA side in one file: kernels, launch plan, op
+// bodies and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator
+// (cuda/backend.h says what differs).
 #include <cmath>
+#include <limits>
+#include <tuple>
 
-#include "common/online_softmax.h"
-#include "cuda/launchers.h"
-#include "cuda/views.h"
+#include "cuda/backend.h"
+#include "cuda/contrast_common.cuh"
 
 namespace fastuda::FASTUDA_KNS {
 
-namespace contrast_detail {
-constexpr int kClasses = 32;   // classes per register chunk
-constexpr int kChannels = 32;  // channels per shared-memory stage
-constexpr int kPixelThreads = 128;
+// ---- launch plan --------------------------------------------------------------------------------
+enum class CovKind : int32_t { kNone = 0, kDiag = 1, kFull = 2 };
 
-// Label of pixel (b, p): its class, or -1 when it does not count (ignore / out of range).
-FASTUDA_DEVICE_INLINE int64_t pixel_class(const LabelView& y, int64_t b, int64_t p, int64_t C,
-                                          int64_t ignore_index, bool report) {
-  const int64_t v = y.load(b, p);
-  if (v == ignore_index) return -1;
-  if (v < 0 || v >= C) {
-    if (report) report_bad_label(v, C, ignore_index);
-    return -1;
-  }
-  return v;
-}
+struct ContrastWorkspace {
+  void *q, *svec, *part;
+};
 
-// exp, log and the online logsumexp step are those of common/online_softmax.h (shared with the
-// CPU kernels); libm's expf here, which --use_fast_math maps to the SFU instruction.
-template <typename A>
-FASTUDA_DEVICE_INLINE A exp_acc(A v) { return lse_exp(v); }
-template <typename A>
-FASTUDA_DEVICE_INLINE A log_acc(A v) { return lse_log(v); }
-using ::fastuda::online_lse_add;
-}  // namespace contrast_detail
+// Backward workspace: q [C, N] (s_i * softmax), s [N], and when the class parameters need
+// gradients the block partials [G, C, D] of their reduction over pixels.
+struct ContrastBackwardPlan {
+  int32_t tile_pixels, class_chunk;
+  int64_t class_chunks, d_tiles, groups;
+  size_t smem_reduce;
+  size_t q_bytes, svec_bytes, part_bytes;
 
-// Sweeps the pixel's channels for classes [c0, c0 + 32): a[k] = f . mu'_{c0+k}, bq[k] = sum_d
-// S_{c0+k,d} f_d^2 (kDiag). Every thread of the block must call it (it synchronises).
-template <typename T, bool kDiag>
-FASTUDA_DEVICE_INLINE void class_chunk_logits(const FeatView<T>& x, int64_t b, int64_t p,
-                                              bool counted, const acc_t<T>* mu,
-                                              const acc_t<T>* sig, int64_t C, int64_t c0,
-                                              acc_t<T> (*mu_s)[contrast_detail::kChannels],
-                                              acc_t<T> (*sg_s)[contrast_detail::kChannels],
-                                              acc_t<T>* a, acc_t<T>* bq) {
-  using A = acc_t<T>;
-  constexpr int CK = contrast_detail::kClasses, DT = contrast_detail::kChannels;
-FASTUDA_UNROLL
-  for (int k = 0; k < CK; ++k) {
-    a[k] = A(0);
-    bq[k] = A(0);
+  static size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+  size_t workspace_bytes() const {
+    return align16(q_bytes) + align16(svec_bytes) + align16(part_bytes);
   }
-  for (int64_t d0 = 0; d0 < x.D; d0 += DT) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < CK * DT; e += blockDim.x) {
-      const int k = e / DT, dd = e % DT;
-      const int64_t c = c0 + k, d = d0 + dd;
-      const bool in = c < C && d < x.D;
-      mu_s[k][dd] = in ? mu[c * x.D + d] : A(0);
-      if (kDiag) sg_s[k][dd] = in ? sig[c * x.D + d] : A(0);
-    }
-    __syncthreads();
-    if (!counted) continue;
-    const int n_d = int(x.D - d0 < DT ? x.D - d0 : DT);
-    for (int dd = 0; dd < n_d; ++dd) {
-      const A f = A(*x.at(b, d0 + dd, p));
-      const A f2 = f * f;
-FASTUDA_UNROLL
-      for (int k = 0; k < CK; ++k) {
-        a[k] += f * mu_s[k][dd];
-        if (kDiag) bq[k] += f2 * sg_s[k][dd];
-      }
-    }
+  ContrastWorkspace carve(void* base) const {
+    char* p = static_cast<char*>(base);
+    ContrastWorkspace ws{};
+    ws.q = p;
+    ws.svec = p + align16(q_bytes);
+    ws.part = p + align16(q_bytes) + align16(svec_bytes);
+    return ws;
   }
+};
+
+inline ContrastBackwardPlan plan_contrast_backward(int64_t N, int64_t D, int64_t C,
+                                                   size_t acc_bytes, bool stats_grad,
+                                                   const Tuning& tuning) {
+  constexpr int64_t TD = 32;
+  ContrastBackwardPlan plan{};
+  const int64_t TP = tuning.tile_pixels;
+  plan.tile_pixels = int32_t(TP);
+  plan.q_bytes = acc_bytes * size_t(C * N);
+  plan.svec_bytes = acc_bytes * size_t(N);
+  plan.d_tiles = (D + TD - 1) / TD;
+  // shared memory of class_reduce_kernel: x [TD][TP + 1], coefficients [CC][TP], acc [CC][TD]
+  const size_t fixed = acc_bytes * size_t(TD * (TP + 1));
+  int64_t CC = int64_t((kSharedBudget - fixed) / (acc_bytes * size_t(TP + TD)));
+  if (CC > C) CC = C;
+  if (CC < 1) CC = 1;
+  plan.class_chunk = int32_t(CC);
+  plan.class_chunks = (C + CC - 1) / CC;
+  plan.smem_reduce = fixed + acc_bytes * size_t(CC * (TP + TD));
+  int64_t groups = tuning.target_blocks / (plan.d_tiles * plan.class_chunks);
+  const int64_t cap = N / (2 * C);
+  if (groups > cap) groups = cap;
+  if (groups > (N + TP - 1) / TP) groups = (N + TP - 1) / TP;
+  plan.groups = groups < 1 ? 1 : groups;
+  plan.part_bytes = stats_grad ? acc_bytes * size_t(plan.groups * C * D) : 0;
+  return plan;
 }
 
 // Forward (no covariance / diagonal): loss [N], lse [N] (N = B * P, 0 where the pixel does not
@@ -567,12 +557,8 @@ weighted_gram_kernel(FeatView<T> x, const acc_t<T>* q, int32_t d_tiles, double s
 }
 
 // ---- launchers ------------------------------------------------------------------------------------
-inline unsigned grid_for(int64_t items, int64_t per_block, int64_t cap) {
-  int64_t blocks = (items + per_block - 1) / per_block;
-  if (blocks > cap) blocks = cap;
-  return unsigned(blocks < 1 ? 1 : blocks);
-}
-
+// mu = centroids / tau [C, D]; sig = lam / (2 tau^2) * Sigma ([C, D] diag, [C, D, D] full and
+// symmetric; unused for kNone). loss, lse: [B * P].
 template <typename T>
 void contrast_forward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
                              const acc_t<T>* mu, const acc_t<T>* sig, CovKind cov, int64_t C,
@@ -594,6 +580,8 @@ void contrast_forward_launch(const FeatView<T>& x, const LabelView& y, const Wei
                  ignore_index, loss, lse);
 }
 
+// grad_x [B, D, P] contiguous; grad_mu [C, D] and grad_sig (shape of sig) are written when
+// grad_mu != nullptr, scaled by mu_scale (1/tau) and sig_scale (lam / (2 tau^2)).
 template <typename T>
 void contrast_backward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
                               const acc_t<T>* mu, const acc_t<T>* sig, CovKind cov, int64_t C,
@@ -655,4 +643,201 @@ void contrast_backward_launch(const FeatView<T>& x, const LabelView& y, const We
   }
 }
 
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
+// Parameters are prepared with a few small ATen ops on the same device and stream (scaling by
+// 1/tau and lam / (2 tau^2), symmetrising a full covariance); nothing synchronises.
+inline void check_contrast(const char* op, const at::Tensor& feats, const at::Tensor& labels,
+                           const at::Tensor& centroids, const at::Tensor* covariance,
+                           const std::optional<at::Tensor>& weights, double tau) {
+  check_pixels(op, feats, labels, weights);
+  const int64_t D = feats.size(1);
+  TORCH_CHECK_VALUE(centroids.dim() == 2 && centroids.size(1) == D, "fastuda::", op,
+                    ": centroids shape ", centroids.sizes(), " does not match the feature width D=",
+                    D, " of feats ", feats.sizes());
+  TORCH_CHECK_VALUE(centroids.size(0) >= 1, "fastuda::", op,
+                    ": need at least one class, got centroids shape ", centroids.sizes());
+  TORCH_CHECK_TYPE(centroids.is_floating_point(), "fastuda::", op,
+                   ": centroids must be floating point, got ", centroids.scalar_type());
+  TORCH_CHECK(centroids.device() == feats.device(), "fastuda::", op, ": centroids are on ",
+              centroids.device(), " but feats on ", feats.device());
+  if (covariance != nullptr) {
+    const at::Tensor& cv = *covariance;
+    const int64_t C = centroids.size(0);
+    const bool diag = cv.dim() == 2 && cv.size(0) == C && cv.size(1) == D;
+    const bool full = cv.dim() == 3 && cv.size(0) == C && cv.size(1) == D && cv.size(2) == D;
+    TORCH_CHECK_VALUE(diag || full, "fastuda::", op, ": covariance shape ", cv.sizes(),
+                      " must be [C, D] or [C, D, D] for centroids ", centroids.sizes());
+    TORCH_CHECK_TYPE(cv.is_floating_point(), "fastuda::", op,
+                     ": covariance must be floating point, got ", cv.scalar_type());
+    TORCH_CHECK(cv.device() == feats.device(), "fastuda::", op, ": covariance is on ",
+                cv.device(), " but feats on ", feats.device());
+  }
+  TORCH_CHECK_VALUE(tau > 0, "fastuda::", op, ": tau must be > 0, got ", tau);
+  TORCH_CHECK_VALUE(feats.size(0) * feats.size(2) < std::numeric_limits<int32_t>::max(),
+                    "fastuda::", op, ": too many pixels for the CUDA kernels");
+}
+
+struct ContrastParams {
+  at::Tensor mu, sig;
+  CovKind cov;
+};
+
+inline ContrastParams contrast_params(const at::Tensor& feats, const at::Tensor& centroids,
+                                      const at::Tensor* covariance, double tau, double lam) {
+  const auto acc = acc_dtype(feats);
+  ContrastParams out;
+  out.mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
+  out.cov = CovKind::kNone;
+  if (covariance != nullptr) {
+    at::Tensor cv = covariance->to(acc);
+    out.cov = cv.dim() == 3 ? CovKind::kFull : CovKind::kDiag;
+    if (cv.dim() == 3) cv = (cv + cv.transpose(1, 2)) * 0.5;  // x^T S x = x^T sym(S) x
+    out.sig = (cv * (lam / (2.0 * tau * tau))).contiguous();
+  }
+  return out;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> contrast_forward_op(
+    const char* op, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor* covariance, double tau, double lam,
+    int64_t ignore_index, const std::optional<at::Tensor>& weights, void* stream) {
+  check_contrast(op, feats, labels, centroids, covariance, weights, tau);
+  const int64_t B = feats.size(0), P = feats.size(2), C = centroids.size(0);
+  const auto opts = feats.options().dtype(acc_dtype(feats));
+  at::Tensor loss = at::empty({B, P}, opts), lse = at::empty({B, P}, opts);
+  const ContrastParams prm = contrast_params(feats, centroids, covariance, tau, lam);
+  const at::Tensor w = weights_for(weights, feats);
+  dispatch_feats(feats, op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    contrast_forward_launch<T>(feat_view<T>(feats), label_view(labels, op), weight_view(w),
+                               prm.mu.const_data_ptr<A>(),
+                               prm.sig.defined() ? prm.sig.const_data_ptr<A>() : nullptr, prm.cov,
+                               C, ignore_index, loss.mutable_data_ptr<A>(),
+                               lse.mutable_data_ptr<A>(), stream);
+  });
+  return {loss, lse};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward_op(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& feats,
+    const at::Tensor& labels, const at::Tensor& centroids, const at::Tensor* covariance,
+    const at::Tensor& lse, double tau, double lam, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool stats_grad, const Tuning& tuning,
+    void* stream) {
+  check_contrast(op, feats, labels, centroids, covariance, weights, tau);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
+                    "fastuda::", op, ": grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(),
+                    " must both match labels ", labels.sizes());
+  const auto acc = acc_dtype(feats);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2), C = centroids.size(0);
+  const ContrastParams prm = contrast_params(feats, centroids, covariance, tau, lam);
+  const at::Tensor w = weights_for(weights, feats);
+  const at::Tensor gl = grad_loss.to(acc).contiguous(), lse_acc = lse.to(acc).contiguous();
+  at::Tensor grad_feats = at::empty({B, D, P}, feats.options());
+  at::Tensor grad_mu, grad_sig;
+  if (stats_grad) {
+    grad_mu = at::empty({C, D}, feats.options().dtype(acc));
+    if (covariance) grad_sig = at::empty(covariance->sizes(), feats.options().dtype(acc));
+  }
+  const size_t acc_bytes = acc == at::kDouble ? 8 : 4;
+  const ContrastBackwardPlan plan =
+      plan_contrast_backward(B * P, D, C, acc_bytes, stats_grad, tuning);
+  at::Tensor workspace =
+      at::empty({int64_t(plan.workspace_bytes())}, feats.options().dtype(at::kByte));
+  if (B * P == 0) {
+    if (stats_grad) {
+      grad_mu.zero_();
+      if (covariance) grad_sig.zero_();
+    }
+  } else {
+    dispatch_feats(feats, op, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      contrast_backward_launch<T>(
+          feat_view<T>(feats), label_view(labels, op), weight_view(w), prm.mu.const_data_ptr<A>(),
+          prm.sig.defined() ? prm.sig.const_data_ptr<A>() : nullptr, prm.cov, C, ignore_index,
+          gl.const_data_ptr<A>(), lse_acc.const_data_ptr<A>(), plan,
+          grad_feats.mutable_data_ptr<T>(), stats_grad ? grad_mu.mutable_data_ptr<A>() : nullptr,
+          grad_sig.defined() ? grad_sig.mutable_data_ptr<A>() : nullptr, 1.0 / tau,
+          lam / (2.0 * tau * tau), workspace.mutable_data_ptr(), stream);
+    });
+  }
+  at::Tensor grad_centroids, grad_covariance;
+  if (stats_grad) {
+    grad_centroids = grad_mu.to(centroids.scalar_type());
+    grad_covariance = covariance ? grad_sig.to(covariance->scalar_type())
+                                 : at::empty({0}, feats.options().dtype(acc));
+  } else {
+    grad_centroids = at::empty({0}, centroids.options());
+    grad_covariance = covariance ? at::empty({0}, covariance->options())
+                                 : at::empty({0}, feats.options().dtype(acc));
+  }
+  return {grad_feats, grad_centroids, grad_covariance};
+}
+
 }  // namespace fastuda::FASTUDA_KNS
+
+namespace {
+
+namespace fk = fastuda::FASTUDA_KNS;
+
+std::tuple<at::Tensor, at::Tensor> proto_forward_entry(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids, double tau,
+    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+  const char* op = "proto_contrast_forward";
+  const fk::OpLaunch launch(op, feats, "feats");
+  return launch.run([&] {
+    return fk::contrast_forward_op(op, feats, labels, centroids, nullptr, tau, 0.0, ignore_index,
+                                   weights, launch.stream());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> proto_backward_entry(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor& lse, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, bool centroids_grad) {
+  const char* op = "proto_contrast_backward";
+  const fk::OpLaunch launch(op, feats, "feats");
+  return launch.run([&] {
+    auto [gf, gc, unused] = fk::contrast_backward_op(
+        op, grad_loss, feats, labels, centroids, nullptr, lse, tau, 0.0, ignore_index, weights,
+        centroids_grad, launch.tuning(), launch.stream());
+    return std::tuple<at::Tensor, at::Tensor>{gf, gc};
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dist_forward_entry(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids,
+    const at::Tensor& covariance, double tau, double lam, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights) {
+  const char* op = "dist_contrast_forward";
+  const fk::OpLaunch launch(op, feats, "feats");
+  return launch.run([&] {
+    return fk::contrast_forward_op(op, feats, labels, centroids, &covariance, tau, lam,
+                                   ignore_index, weights, launch.stream());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_backward_entry(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& centroids, const at::Tensor& covariance, const at::Tensor& lse, double tau,
+    double lam, int64_t ignore_index, const std::optional<at::Tensor>& weights,
+    bool stats_grad) {
+  const char* op = "dist_contrast_backward";
+  const fk::OpLaunch launch(op, feats, "feats");
+  return launch.run([&] {
+    return fk::contrast_backward_op(op, grad_loss, feats, labels, centroids, &covariance, lse, tau,
+                                    lam, ignore_index, weights, stats_grad, launch.tuning(),
+                                    launch.stream());
+  });
+}
+
+}  // namespace
+
+FASTUDA_KERNEL_IMPL(m) {
+  m.impl("proto_contrast_forward", &proto_forward_entry);
+  m.impl("proto_contrast_backward", &proto_backward_entry);
+  m.impl("dist_contrast_forward", &dist_forward_entry);
+  m.impl("dist_contrast_backward", &dist_backward_entry);
+}

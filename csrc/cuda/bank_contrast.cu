@@ -5,14 +5,20 @@
 //   dl/df = (1/L) [ -sum_j sig_j b_{y,j} + (sum_j sig_j) sum_k exp(f . bbar_k - nu) bbar_k ],
 //   sig_j = sigmoid(nu - pos_j).
 // One thread per pixel. The negatives need only C dot products (bbar is shared by every pixel:
-// staged in shared memory, as the centroids of contrast_kernels.cuh); the positives read the
+// staged in shared memory, as the centroids of contrast.cu); the positives read the
 // pixel's own class rows of the (small, cache-resident) bank. The backward writes the per-pixel
 // coefficients of every bank row and class mean ([M + C, N], pixel-contiguous) and then builds
 // each 32-channel slice of the gradient in registers from them.
-#pragma once
+//
+// The bank_contrast family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
+#include <limits>
+#include <tuple>
 
 #include "common/pair_contrast.h"
-#include "cuda/contrast_kernels.cuh"
+#include "cuda/backend.h"
+#include "cuda/contrast_common.cuh"
 
 namespace fastuda::FASTUDA_KNS {
 
@@ -245,6 +251,7 @@ FASTUDA_UNROLL
   }
 }
 
+// bank = bank / tau [C, M, D] (acc_t), lens = bank_len as int64 [C]; bbar: [C, D] scratch.
 template <typename T>
 void bank_contrast_forward_launch(const FeatView<T>& x, const LabelView& y,
                                   const acc_t<T>* bank, const int64_t* lens, int64_t C,
@@ -262,6 +269,7 @@ void bank_contrast_forward_launch(const FeatView<T>& x, const LabelView& y,
                  static_cast<const A*>(bbar), lens, C, M, ignore_index, loss, neg_lse);
 }
 
+// workspace: (C * D + (M + C) * B * P) acc_t elements.
 template <typename T>
 void bank_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                                    const acc_t<T>* bank, const int64_t* lens, int64_t C,
@@ -288,4 +296,116 @@ void bank_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                  static_cast<const A*>(q_pos), static_cast<const A*>(q_neg), grad_x);
 }
 
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
+inline void check_bank(const char* op, const at::Tensor& feats, const at::Tensor& labels,
+                       const at::Tensor& bank, const at::Tensor& bank_len, double tau) {
+  check_pixels(op, feats, labels, std::nullopt);
+  TORCH_CHECK_VALUE(bank.dim() == 3 && bank.size(2) == feats.size(1), "fastuda::", op,
+                    ": bank shape ", bank.sizes(), " does not match feats ", feats.sizes(),
+                    " (expected [C, M, ", feats.size(1), "])");
+  TORCH_CHECK_VALUE(bank.size(0) >= 1, "fastuda::", op, ": bank ", bank.sizes(),
+                    " holds no class");
+  TORCH_CHECK_VALUE(bank_len.dim() == 1 && bank_len.size(0) == bank.size(0), "fastuda::", op,
+                    ": bank_len shape ", bank_len.sizes(), " does not match bank ", bank.sizes(),
+                    " (expected [", bank.size(0), "])");
+  TORCH_CHECK_TYPE(bank.is_floating_point(), "fastuda::", op, ": bank must be floating point, got ",
+                   bank.scalar_type());
+  TORCH_CHECK_TYPE(!bank_len.is_floating_point() && !bank_len.is_complex(), "fastuda::", op,
+                   ": bank_len must be an integer tensor, got ", bank_len.scalar_type());
+  TORCH_CHECK(bank.device() == feats.device() && bank_len.device() == feats.device(),
+              "fastuda::", op, ": bank (", bank.device(), ") and bank_len (", bank_len.device(),
+              ") must be on the device of feats (", feats.device(), ")");
+  TORCH_CHECK_VALUE(tau > 0, "fastuda::", op, ": tau must be > 0, got ", tau);
+  TORCH_CHECK_VALUE(feats.size(0) * feats.size(2) < std::numeric_limits<int32_t>::max(),
+                    "fastuda::", op, ": too many pixels for the CUDA kernels");
+}
+
+inline std::tuple<at::Tensor, at::Tensor> bank_contrast_forward_op(
+    const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& bank,
+    const at::Tensor& bank_len, double tau, int64_t ignore_index, void* stream) {
+  const char* op = "bank_contrast_forward";
+  check_bank(op, feats, labels, bank, bank_len, tau);
+  const auto acc = acc_dtype(feats);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  const int64_t C = bank.size(0), M = bank.size(1);
+  const auto opts = feats.options().dtype(acc);
+  at::Tensor loss = at::empty({B, P}, opts), neg_lse = at::empty({B, P}, opts);
+  const at::Tensor bank_s = (bank.to(acc) * (1.0 / tau)).contiguous();
+  const at::Tensor lens = bank_len.to(at::kLong).contiguous();
+  at::Tensor bbar = at::empty({C, D}, opts);
+  dispatch_feats(feats, op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    bank_contrast_forward_launch<T>(feat_view<T>(feats), label_view(labels, op),
+                                    bank_s.const_data_ptr<A>(), lens.const_data_ptr<int64_t>(),
+                                    C, M, ignore_index, bbar.mutable_data_ptr<A>(),
+                                    loss.mutable_data_ptr<A>(), neg_lse.mutable_data_ptr<A>(),
+                                    stream);
+  });
+  return {loss, neg_lse};
+}
+
+inline at::Tensor bank_contrast_backward_op(const at::Tensor& grad_loss, const at::Tensor& feats,
+                                            const at::Tensor& labels, const at::Tensor& bank,
+                                            const at::Tensor& bank_len, const at::Tensor& neg_lse,
+                                            double tau, int64_t ignore_index, void* stream) {
+  const char* op = "bank_contrast_backward";
+  check_bank(op, feats, labels, bank, bank_len, tau);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == labels.sizes() && neg_lse.sizes() == labels.sizes(),
+                    "fastuda::", op, ": grad_loss ", grad_loss.sizes(), " and neg_lse ",
+                    neg_lse.sizes(), " must match labels ", labels.sizes());
+  const auto acc = acc_dtype(feats);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  const int64_t C = bank.size(0), M = bank.size(1);
+  const at::Tensor bank_s = (bank.to(acc) * (1.0 / tau)).contiguous();
+  const at::Tensor lens = bank_len.to(at::kLong).contiguous();
+  const at::Tensor gl = grad_loss.to(acc).contiguous(), nu = neg_lse.to(acc).contiguous();
+  at::Tensor grad_feats = at::empty({B, D, P}, feats.options());
+  at::Tensor workspace = at::empty({C * D + (M + C) * B * P}, feats.options().dtype(acc));
+  dispatch_feats(feats, op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    bank_contrast_backward_launch<T>(feat_view<T>(feats), label_view(labels, op),
+                                     bank_s.const_data_ptr<A>(), lens.const_data_ptr<int64_t>(),
+                                     C, M, ignore_index, gl.const_data_ptr<A>(),
+                                     nu.const_data_ptr<A>(), grad_feats.mutable_data_ptr<T>(),
+                                     workspace.mutable_data_ptr(), stream);
+  });
+  return grad_feats;
+}
+
 }  // namespace fastuda::FASTUDA_KNS
+
+namespace {
+
+namespace fk = fastuda::FASTUDA_KNS;
+
+std::tuple<at::Tensor, at::Tensor> bank_forward_entry(const at::Tensor& feats,
+                                                      const at::Tensor& labels,
+                                                      const at::Tensor& bank,
+                                                      const at::Tensor& bank_len, double tau,
+                                                      int64_t ignore_index) {
+  const fk::OpLaunch launch("bank_contrast_forward", feats, "feats");
+  return launch.run([&] {
+    return fk::bank_contrast_forward_op(feats, labels, bank, bank_len, tau, ignore_index,
+                                        launch.stream());
+  });
+}
+
+at::Tensor bank_backward_entry(const at::Tensor& grad_loss, const at::Tensor& feats,
+                               const at::Tensor& labels, const at::Tensor& bank,
+                               const at::Tensor& bank_len, const at::Tensor& neg_lse, double tau,
+                               int64_t ignore_index) {
+  const fk::OpLaunch launch("bank_contrast_backward", feats, "feats");
+  return launch.run([&] {
+    return fk::bank_contrast_backward_op(grad_loss, feats, labels, bank, bank_len, neg_lse, tau,
+                                         ignore_index, launch.stream());
+  });
+}
+
+}  // namespace
+
+FASTUDA_KERNEL_IMPL(m) {
+  m.impl("bank_contrast_forward", &bank_forward_entry);
+  m.impl("bank_contrast_backward", &bank_backward_entry);
+}

@@ -32,12 +32,25 @@
 // Column tiles that hold no pair of interest for any row of the block (only ignored pixels, a
 // single class in the pass over negatives, zero coefficients) are skipped from the labels alone,
 // before any feature is read.
-#pragma once
+//
+// The pixel_contrast family's CUDA side in one file: kernels, launch plan, op bodies
+// and registration. nvcc builds it for the GPU, g++ for the host SIMT emulator (cuda/backend.h
+// says what differs).
+#include <limits>
+#include <optional>
+#include <tuple>
 
 #include "common/pair_contrast.h"
-#include "cuda/contrast_kernels.cuh"
+#include "cuda/backend.h"
+#include "cuda/contrast_common.cuh"
 
 namespace fastuda::FASTUDA_KNS {
+
+// ---- launch plan --------------------------------------------------------------------------------
+// Channels of the feature gradient one block of the backward owns (grid.y splits D into slices of
+// at most this many; each slice recomputes the similarity tiles, the accumulators stay in
+// registers). A multiple of 32.
+inline constexpr int32_t kPixelGradChannelsMax = 128;
 
 namespace pixel_detail {
 constexpr int kRows = 32;                         // anchor rows per block
@@ -402,6 +415,8 @@ FASTUDA_UNROLL
 }
 
 // ---- launchers ------------------------------------------------------------------------------------
+// x: L2-normalised features; w: anchor weights, pw: pair weights a (w_ij = a_i a_j), either
+// absent (1). loss, neg_lse, pos_acc, n_pos: [B * P] acc_t, written at every pixel (0 at ignored).
 template <typename T>
 void pixel_contrast_forward_launch(const FeatView<T>& x, const LabelView& y, const WeightView& w,
                                    const WeightView& pw, double tau, int64_t ignore_index,
@@ -416,6 +431,9 @@ void pixel_contrast_forward_launch(const FeatView<T>& x, const LabelView& y, con
                  A(1.0 / tau), ignore_index, loss, neg_lse, pos_acc, n_pos);
 }
 
+// grad_loss, neg_lse, pos_acc: [B * P] contiguous acc_t; grad_x: [B, D, P] contiguous;
+// grad_pair: [B * P] or null (no pair weights); coef: [B * P] acc_t scratch. grad_channels: a
+// multiple of 32 in [32, kPixelGradChannelsMax].
 template <typename T>
 void pixel_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                                     const WeightView& w, const WeightView& pw, double tau,
@@ -439,4 +457,132 @@ void pixel_contrast_backward_launch(const FeatView<T>& x, const LabelView& y,
                  grad_pair);
 }
 
+// ---- op bodies: checks, output allocation, parameter preparation, launch ------------------------
+inline void check_pixel_map(const char* op, const char* name, const at::Tensor& t,
+                            const at::Tensor& feats, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(t.sizes() == labels.sizes(), "fastuda::", op, ": ", name, " shape ",
+                    t.sizes(), " does not match labels shape ", labels.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "fastuda::", op, ": ", name,
+                   " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == feats.device(), "fastuda::", op, ": ", name, " is on ", t.device(),
+              " but feats on ", feats.device());
+}
+
+inline void check_pixel_contrast(const char* op, const at::Tensor& feats,
+                                 const at::Tensor& labels,
+                                 const std::optional<at::Tensor>& weights,
+                                 const std::optional<at::Tensor>& pair_weights, double tau) {
+  check_pixels(op, feats, labels, std::nullopt);
+  if (weights.has_value() && weights->defined())
+    check_pixel_map(op, "weights", *weights, feats, labels);
+  if (pair_weights.has_value() && pair_weights->defined())
+    check_pixel_map(op, "pair_weights", *pair_weights, feats, labels);
+  TORCH_CHECK_VALUE(tau > 0, "fastuda::", op, ": tau must be > 0, got ", tau);
+  TORCH_CHECK_VALUE(feats.size(0) * feats.size(2) < std::numeric_limits<int32_t>::max(),
+                    "fastuda::", op, ": too many pixels for the CUDA kernels");
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_contrast_forward_op(
+    const at::Tensor& feats, const at::Tensor& labels, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& pair_weights,
+    void* stream) {
+  const char* op = "pixel_contrast_forward";
+  check_pixel_contrast(op, feats, labels, weights, pair_weights, tau);
+  const int64_t B = feats.size(0), P = feats.size(2);
+  const auto opts = feats.options().dtype(acc_dtype(feats));
+  at::Tensor loss = at::empty({B, P}, opts), neg_lse = at::empty({B, P}, opts);
+  at::Tensor pos_acc = at::empty({B, P}, opts), n_pos = at::empty({B, P}, opts);
+  if (B * P == 0) return {loss, neg_lse, pos_acc, n_pos};
+  const at::Tensor w = weights_for(weights, feats), a = weights_for(pair_weights, feats);
+  dispatch_feats(feats, op, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    pixel_contrast_forward_launch<T>(feat_view<T>(feats), label_view(labels, op), weight_view(w),
+                                     weight_view(a), tau, ignore_index,
+                                     loss.mutable_data_ptr<A>(), neg_lse.mutable_data_ptr<A>(),
+                                     pos_acc.mutable_data_ptr<A>(), n_pos.mutable_data_ptr<A>(),
+                                     stream);
+  });
+  return {loss, neg_lse, pos_acc, n_pos};
+}
+
+// grad_channels: channels of the feature gradient per block (kPixelGradChannelsMax on a GPU;
+// fewer in emulation, so small inputs still split D over several blocks).
+inline std::tuple<at::Tensor, at::Tensor> pixel_contrast_backward_op(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& neg_lse, const at::Tensor& pos_acc, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& pair_weights,
+    int32_t grad_channels, void* stream) {
+  const char* op = "pixel_contrast_backward";
+  check_pixel_contrast(op, feats, labels, weights, pair_weights, tau);
+  check_pixel_map(op, "grad_loss", grad_loss, feats, labels);
+  check_pixel_map(op, "neg_lse", neg_lse, feats, labels);
+  check_pixel_map(op, "pos_acc", pos_acc, feats, labels);
+  TORCH_CHECK(grad_channels >= 32 && grad_channels <= kPixelGradChannelsMax &&
+                  grad_channels % 32 == 0,
+              "fastuda::", op, ": grad_channels must be a multiple of 32 in [32, ",
+              kPixelGradChannelsMax, "], got ", grad_channels);
+  const auto acc = acc_dtype(feats);
+  const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
+  const bool has_pair = pair_weights.has_value() && pair_weights->defined();
+  at::Tensor grad_feats = at::empty({B, D, P}, feats.options());
+  at::Tensor grad_pair = has_pair ? at::empty({B, P}, feats.options().dtype(acc)) : at::Tensor();
+  if (B * P > 0) {
+    const at::Tensor gl = grad_loss.to(acc).contiguous(), nu = neg_lse.to(acc).contiguous();
+    const at::Tensor pa = pos_acc.to(acc).contiguous();
+    const at::Tensor w = weights_for(weights, feats), a = weights_for(pair_weights, feats);
+    at::Tensor coef = at::empty({B * P}, feats.options().dtype(acc));  // c_n: B * P scalars
+    dispatch_feats(feats, op, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      pixel_contrast_backward_launch<T>(
+          feat_view<T>(feats), label_view(labels, op), weight_view(w), weight_view(a), tau,
+          ignore_index, gl.const_data_ptr<A>(), nu.const_data_ptr<A>(), pa.const_data_ptr<A>(),
+          grad_channels, grad_feats.mutable_data_ptr<T>(),
+          has_pair ? grad_pair.mutable_data_ptr<A>() : nullptr, coef.mutable_data_ptr<A>(),
+          stream);
+    });
+  }
+  // the gradient of the pair weights in their own dtype, as the CPU kernel returns it
+  if (!has_pair) return {grad_feats, at::empty({0}, feats.options().dtype(at::kFloat))};
+  return {grad_feats, grad_pair.to(pair_weights->scalar_type())};
+}
+
 }  // namespace fastuda::FASTUDA_KNS
+
+namespace {
+
+namespace fk = fastuda::FASTUDA_KNS;
+
+// 32-channel gradient slices in emulation: a feature width over 32 already runs several grid.y
+// blocks on the small test inputs.
+constexpr int32_t kGradChannels = fk::kEmulated ? 32 : fk::kPixelGradChannelsMax;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_forward_entry(
+    const at::Tensor& feats, const at::Tensor& labels, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& pair_weights) {
+  const fk::OpLaunch launch("pixel_contrast_forward", feats, "feats");
+  return launch.run([&] {
+    return fk::pixel_contrast_forward_op(feats, labels, tau, ignore_index, weights, pair_weights,
+                                         launch.stream());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_backward_entry(
+    const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
+    const at::Tensor& neg_lse, const at::Tensor& pos_acc, double tau, int64_t ignore_index,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& pair_weights) {
+  const fk::OpLaunch launch("pixel_contrast_backward", feats, "feats");
+  return launch.run([&] {
+    return fk::pixel_contrast_backward_op(grad_loss, feats, labels, neg_lse, pos_acc, tau,
+                                          ignore_index, weights, pair_weights, kGradChannels,
+                                          launch.stream());
+  });
+}
+
+}  // namespace
+
+FASTUDA_KERNEL_IMPL(m) {
+  m.impl("pixel_contrast_forward", &pixel_forward_entry);
+  m.impl("pixel_contrast_backward", &pixel_backward_entry);
+}

@@ -1,7 +1,8 @@
 // Majority-vote label downscaling (ops.md section 7): one thread per output cell.
-#pragma once
-
-#include "cuda/views.h"
+//
+// The label family's CUDA side in one file: kernel, launch, op body and registration. nvcc builds
+// it for the GPU, g++ for the host SIMT emulator (cuda/backend.h says what differs).
+#include "cuda/backend.h"
 
 namespace fastuda::FASTUDA_KNS {
 
@@ -61,4 +62,45 @@ void downscale_labels_launch(const void* labels, LabelKind kind, int64_t stride_
                  ignore_index, out, kind);
 }
 
+// ---- op body ------------------------------------------------------------------------------------
+inline at::Tensor downscale_labels_op(const at::Tensor& labels, int64_t factor,
+                                      int64_t num_classes, double min_ratio,
+                                      int64_t ignore_index, void* stream) {
+  TORCH_CHECK_VALUE(labels.dim() == 3, "fastuda::downscale_labels: labels must be [B, H, W], got shape ",
+              labels.sizes());
+  TORCH_CHECK_VALUE(factor >= 1, "fastuda::downscale_labels: factor must be >= 1, got ", factor);
+  TORCH_CHECK_VALUE(factor <= 46340, "fastuda::downscale_labels: factor ", factor,
+              " is too large (the cell's factor^2 votes are counted in int32)");
+  TORCH_CHECK_VALUE(num_classes >= 1, "fastuda::downscale_labels: num_classes must be >= 1, got ",
+              num_classes);
+  const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
+  TORCH_CHECK_VALUE(H % factor == 0 && W % factor == 0, "fastuda::downscale_labels: labels ", H, "x", W,
+              " are not divisible by factor ", factor);
+  const LabelKind kind = label_kind(labels, "downscale_labels");
+  at::Tensor out = at::empty({B, H / factor, W / factor}, labels.options());
+  downscale_labels_launch(labels.const_data_ptr(), kind, labels.stride(0), labels.stride(1),
+                          labels.stride(2), B, H, W, int32_t(factor), num_classes,
+                          float(min_ratio), ignore_index, out.mutable_data_ptr(), stream);
+  return out;
+}
+
 }  // namespace fastuda::FASTUDA_KNS
+
+namespace {
+
+namespace fk = fastuda::FASTUDA_KNS;
+
+at::Tensor downscale_labels_entry(const at::Tensor& labels, int64_t factor, int64_t num_classes,
+                                  double min_ratio, int64_t ignore_index) {
+  const fk::OpLaunch launch("downscale_labels", labels, "labels");
+  return launch.run([&] {
+    return fk::downscale_labels_op(labels, factor, num_classes, min_ratio, ignore_index,
+                                   launch.stream());
+  });
+}
+
+}  // namespace
+
+FASTUDA_KERNEL_IMPL(m) {
+  m.impl("downscale_labels", &downscale_labels_entry);
+}
