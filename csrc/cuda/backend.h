@@ -9,12 +9,28 @@
 // emulation) and only enqueue work: they never synchronise.
 #pragma once
 
+// Only the ATen headers the op bodies use: <ATen/ATen.h> declares every operator and nvcc parses
+// the whole unit once for the host and once per architecture, so it dominated the family's
+// compile time. AT_PER_OPERATOR_HEADERS makes ATen's own headers (ATen/TensorOperators.h) include
+// per-operator headers instead of <ATen/Functions.h>; TORCH_ASSERT_ONLY_METHOD_OPERATORS turns an
+// include of an all-operator header into a compile error, so the unit stays lean.
+#ifndef AT_PER_OPERATOR_HEADERS
+#define AT_PER_OPERATOR_HEADERS
+#endif
+#ifndef TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#endif
+
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "cuda/ops_common.h"

@@ -2,7 +2,13 @@
 // and for the host emulation): dtype mapping, shape checks and the views handed to the launchers.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include "cuda/views.h"
 

@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/cuda, executed on the CPU through the host SIMT layer.
 
-fastuda._C_emu compiles the very kernel sources nvcc compiles (csrc/cuda/*_kernels.cuh) against
+fastuda._C_emu compiles the very op family files nvcc compiles (csrc/cuda/<f>.cu) against
 csrc/common/simt_host.h and registers them as CPU ops under torch.ops.fastuda_emu with the schemas
 of torch.ops.fastuda. Every test compares them with fastuda.ops.reference. Shapes are small (the
 emulator runs every simulated thread on one core) but chosen so launches have several blocks and

@@ -1,5 +1,5 @@
-"""The CUDA pixel_contrast kernels (csrc/cuda/pixel_contrast_kernels.cuh) executed on the CPU
-through the host SIMT layer (torch.ops.fastuda_emu), against fastuda.ops.reference.
+"""The CUDA pixel_contrast kernels (csrc/cuda/pixel_contrast.cu) executed on the CPU through
+the host SIMT layer (torch.ops.fastuda_emu), against fastuda.ops.reference.
 
 The emulated forward gets the autograd of the real op (fastuda.ops.pixel_contrast.make_backward
 with the emulated backward), so the losses, the feature gradients (through the L2 normalisation,
