@@ -164,6 +164,11 @@ class ModelConfig:
     # last stage dilated: half the backbone's compute, for CPU demos)
     output_stride: int = 0
 
+    @property
+    def stride(self) -> int:
+        """The network's output stride: ``output_stride`` where set, else the model's own."""
+        return self.output_stride or OUTPUT_STRIDE[self.name]
+
     def __post_init__(self) -> None:
         allowed = {"deeplabv2": ("resnet18", "resnet50", "resnet101", "resnet50_v1c",
                                  "resnet101_v1c", "resnet101_deeplab"),
@@ -345,11 +350,10 @@ class HRDAConfig:
         """The sliding-window stride of the detail inference."""
         return list(self.slide_stride) or [self.detail_crop[0] // 2, self.detail_crop[1] // 2]
 
-    def check_against(self, model: str, crop_size: list[int]) -> None:
+    def check_against(self, model: str, s: int, crop_size: list[int]) -> None:
         """Sizes that must fit the model's output stride s: the detail box and the crops are
         placed on the context grid (multiples of s / context_scale full-resolution pixels), the
         sliding windows on the detail grid (multiples of s)."""
-        s = OUTPUT_STRIDE[model]
         align = round(s / self.context_scale)
         for i, side in enumerate(("height", "width")):
             _check(self.detail_crop[i] <= crop_size[i], "hrda.detail_crop", self.detail_crop,
@@ -445,7 +449,7 @@ class Config:
                self.model.num_classes, f"equal to data.source.num_classes "
                f"({self.data.source.num_classes})")
         if self.hrda.enabled:
-            self.hrda.check_against(self.model.name, self.data.crop_size)
+            self.hrda.check_against(self.model.name, self.model.stride, self.data.crop_size)
         # past the horizon the poly factor (1 - it / poly_iters) would turn negative
         _check(self.optim.poly_iters == 0 or self.optim.poly_iters >= self.train.max_iters,
                "optim.poly_iters", self.optim.poly_iters,

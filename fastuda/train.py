@@ -247,13 +247,11 @@ class _StopSignals:
 
 def check_before_start(cfg: Config) -> None:
     """Config facts that are known before any work and would otherwise fail deep inside a step."""
-    from .config import OUTPUT_STRIDE
-
     mult = 8  # the coarsest feature map of every model is 1/8 of the crop (DeepLab: stride 8)
     if cfg.data.crop_size[0] % mult or cfg.data.crop_size[1] % mult:
         raise ConfigError(f"invalid value for data.crop_size: {cfg.data.crop_size} (expected "
                           f"multiples of {mult}; {cfg.model.name}'s output stride is "
-                          f"{OUTPUT_STRIDE[cfg.model.name]})")
+                          f"{cfg.model.stride})")
     if cfg.data.val.num_classes != cfg.model.num_classes:
         raise ConfigError(f"invalid value for data.val.num_classes: {cfg.data.val.num_classes} "
                           f"(expected model.num_classes = {cfg.model.num_classes})")

@@ -50,6 +50,10 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     ("[hrda]\nenabled = true\ndetail_crop = [100, 96]\n", "hrda.detail_crop"),
     ("[hrda]\nenabled = true\n[data]\ncrop_size = [516, 512]\n", "data.crop_size"),
     ("[hrda]\nenabled = true\nslide_stride = [258, 256]\n", "hrda.slide_stride"),
+    # the detail box's corner must sit on the stride-16 grid that model.output_stride asks for
+    ('[model]\nname = "deeplabv2"\nbackbone = "resnet18"\noutput_stride = 16\n'
+     "[hrda]\nenabled = true\ncrop_divisible = 8\n",
+     "hrda.crop_divisible"),
     ('methods = ["corda"]\n[hrda]\nenabled = true\n', "hrda.enabled"),
     ('[self_training]\nteacher_norm = "eval"\n', "self_training.teacher_norm"),
     ('[self_training]\nquality_weight = "pixel"\n', "self_training.quality_weight"),

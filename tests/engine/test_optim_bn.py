@@ -82,7 +82,7 @@ def test_optimiser_name_is_validated() -> None:
         load_config(REPO / "configs" / "demo.toml", ["optim.momentum=1.0"])
     # a horizon shorter than the run would make the poly factor negative
     with pytest.raises(ConfigError, match=r"optim\.poly_iters: 500"):
-        load_config(REPO / "configs" / "demo.toml", ["optim.poly_iters=500"])
+        load_config(REPO / "configs" / "demo.toml", ["optim.poly_iters=500", "train.max_iters=600"])
 
 
 def set_lr_at(cfg_overrides: list[str], its: list[int]) -> list[float]:
