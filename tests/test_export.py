@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "deeplabv2": ["model.name='deeplabv2'", "model.backbone='resnet18'", "model.embed_dim=16"],
     "daformer": ["model.name='daformer'", "model.backbone='mit_b0'", "model.embed_dim=16",
-                 "model.decoder_channels=32"],
+                 "model.decoder_channels=32", "model.output_stride=0"],
 }
 
 

@@ -255,7 +255,7 @@ def test_every_contrast_method_trains_on_a_vit(demo: str, synthetic_root: str,
     path = REPO / "configs" / f"{demo}.toml"
     sets = tiny_overrides(synthetic_root, path) + [
         "model.name='vit'", "model.backbone='dinov2_vits14'", "model.drop_path=0.0",
-        "data.val.resize=[64, 64]"]
+        "model.output_stride=0", "data.val.resize=[64, 64]"]
     cfg = load_config(path, sets)
     record = train(cfg, tmp_path / "run")
     assert record is not None and 0.0 <= record["mIoU"] <= 100.0

@@ -102,7 +102,8 @@ def write_pretrained(path: Path, seed: int) -> Path:
 def make_trainer(pretrained: Path, extra: list[str] | None = None) -> SelfTraining:
     cfg = load_config(CONFIGS / "demo_daformer.toml",
                       ['methods=["fdist"]', f'model.pretrained="{pretrained}"',
-                       "data.crop_size=[64, 64]", *(extra or [])])
+                       "data.crop_size=[64, 64]", "model.output_stride=8",  # batches' grid
+                       *(extra or [])])
     torch.manual_seed(0)
     model = build_network(cfg)
     methods = build_methods(cfg, model, torch.device("cpu"))
@@ -173,7 +174,8 @@ def test_student_gets_the_gradient_of_the_distance(tmp_path: Path) -> None:
     path = write_pretrained(tmp_path / "imnet.pth", seed=1)
     fd = make_trainer(path).methods["fdist"]
     student = build_model(load_config(CONFIGS / "demo_daformer.toml",
-                                      [f'model.pretrained="{path}"']).model)
+                                      [f'model.pretrained="{path}"',
+                                       "model.output_stride=8"]).model)
     src, _ = batches(0)
     fd.start_step(StepView(0, src, {}, source_image=src["image"], source_label=src["label"]))
     out = student(src["image"])

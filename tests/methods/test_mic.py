@@ -212,7 +212,8 @@ def test_mic_adds_its_pass_last_and_resumes_its_masks_exactly() -> None:
 
 def test_mic_with_hrda_masks_the_full_resolution_crop() -> None:
     t = make_trainer(DEMO_MIC, "hrda.enabled=true", "hrda.detail_crop=[32, 32]",
-                     "hrda.attention_channels=8", "mic.block_size=16")
+                     "hrda.attention_channels=8", "mic.block_size=16",
+                     "model.output_stride=8")  # the 8-aligned detail box
     r = t.step(*batches(0), 0)
     assert r.finite and {"mic.masked.ce", "mic.masked.ce_detail", "mix.ce_detail"} <= set(r.losses)
 

@@ -128,7 +128,7 @@ def test_trainer_teacher_modes_and_hrda_inference(norm: str) -> None:
     assert trainer.step(src, {"image": torch.randn(2, 3, 64, 64, generator=g)}, 5).finite
     assert all(m.training == (norm == "batch") for m in bns) and not trainer.teacher.training
     s_after = [m.running_mean for m in trainer.student.modules() if isinstance(m, nn.BatchNorm2d)]
-    a = 1.0 - 1.0 / 6  # ema_alpha(5, 0.999)
+    a = 1.0 - 1.0 / 7  # ema_alpha(5 + 1, 0.999): alpha(it + 1) after step it, as released
     for tb, t0, s1 in zip(bns, before, s_after, strict=True):
         if norm == "running":  # no teacher forward moved them; the EMA of the student's
             assert torch.allclose(tb.running_mean, a * t0 + (1 - a) * s1, atol=1e-6)

@@ -191,7 +191,7 @@ def test_feature_key_is_checked() -> None:
         load_config(DEMO, ["spcl.feature='layer3'"])
     with pytest.raises(ConfigError, match="deeplabv2"):
         load_config(DEMO, ["spcl.feature='backbone'", "model.name='daformer'",
-                           "model.backbone='mit_b0'"])
+                           "model.backbone='mit_b0'", "model.output_stride=0"])
     with pytest.raises(ConfigError, match="projection"):
         load_config(DEMO, ["spcl.feature='embeddings'", "model.projection=false"])
     preset = load_config(DEMO.parent / "spcl" / "deeplabv2_gta2cs.toml")
