@@ -71,6 +71,7 @@ def equivalence_config(root: str) -> Config:
         "self_training.class_balanced_crop=false", "self_training.pseudo_threshold=0.01",
         "sepico.reg_weight=0.0", "self_training.downscale_min_ratio=0.01",
         "optim.warmup_iters=0",
+        "model.output_stride=8",  # the label grids below are the stride-8 ones
         "optim.lr=1e-3"])
 
 
