@@ -165,7 +165,7 @@ class ModelConfig:
     output_stride: int = 0
 
     @property
-    def stride(self) -> int:
+    def net_output_stride(self) -> int:
         """The network's output stride: ``output_stride`` where set, else the model's own."""
         return self.output_stride or OUTPUT_STRIDE[self.name]
 
@@ -449,7 +449,8 @@ class Config:
                self.model.num_classes, f"equal to data.source.num_classes "
                f"({self.data.source.num_classes})")
         if self.hrda.enabled:
-            self.hrda.check_against(self.model.name, self.model.stride, self.data.crop_size)
+            self.hrda.check_against(self.model.name, self.model.net_output_stride,
+                                    self.data.crop_size)
         # past the horizon the poly factor (1 - it / poly_iters) would turn negative
         _check(self.optim.poly_iters == 0 or self.optim.poly_iters >= self.train.max_iters,
                "optim.poly_iters", self.optim.poly_iters,

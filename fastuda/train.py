@@ -251,7 +251,7 @@ def check_before_start(cfg: Config) -> None:
     if cfg.data.crop_size[0] % mult or cfg.data.crop_size[1] % mult:
         raise ConfigError(f"invalid value for data.crop_size: {cfg.data.crop_size} (expected "
                           f"multiples of {mult}; {cfg.model.name}'s output stride is "
-                          f"{cfg.model.stride})")
+                          f"{cfg.model.net_output_stride})")
     if cfg.data.val.num_classes != cfg.model.num_classes:
         raise ConfigError(f"invalid value for data.val.num_classes: {cfg.data.val.num_classes} "
                           f"(expected model.num_classes = {cfg.model.num_classes})")
