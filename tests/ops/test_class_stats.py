@@ -212,11 +212,15 @@ def test_bad_labels_and_shapes(backend):
     feats = torch.randn(2, 4, 3, 5, device=dev)
     labels = torch.randint(0, 3, (2, 3, 5), device=dev)
     labels[1, 2, 4] = 7
-    with pytest.raises(ValueError, match=r"label value 7 .*outside \[0, 3\)"):
-        class_stats(feats, labels, 3, backend=name)
+    # on a GPU a bad label is a device-side assert that poisons the CUDA context (csrc/README.md):
+    # test_cuda_device.py checks it in a child process; here only the emulated kernel raises
+    if dev.type != "cuda":
+        with pytest.raises(ValueError, match=r"label value 7 .*outside \[0, 3\)"):
+            class_stats(feats, labels, 3, backend=name)
     labels[1, 2, 4] = -2
-    with pytest.raises(ValueError, match=r"label value -2 .*ignore_index \(255\)"):
-        class_stats(feats, labels, 3, backend=name)
+    if dev.type != "cuda":
+        with pytest.raises(ValueError, match=r"label value -2 .*ignore_index \(255\)"):
+            class_stats(feats, labels, 3, backend=name)
     with pytest.raises(ValueError, match=r"labels shape \(2, 3, 4\) does not match feats shape"):
         class_stats(feats, labels[:, :, :4], 3, backend=name)
     with pytest.raises(ValueError, match=r"weights shape \(2, 15\) does not match"):
@@ -240,7 +244,7 @@ def test_cpu_kernel_errors():
         torch.ops.fastuda.class_stats(feats, labels[:, :9], 2, 255, None, False)
     with pytest.raises(TypeError, match="weights must be float32"):
         torch.ops.fastuda.class_stats(feats, labels, 2, 255, w.double(), False)
-    with pytest.raises(ValueError, match="compiled kernels|cannot run on"):
+    with pytest.raises(ValueError, match="compiled kernels|cannot run on|not implemented"):
         class_stats(feats[0].t(), labels[0], 2, backend="cuda")
 
 

@@ -216,7 +216,16 @@ def test_public_ops_use_the_cuda_backend_with_autograd() -> None:
     torch.testing.assert_close(stats.mean, want.mean, atol=1e-5, rtol=1e-4)
 
 
-def test_bad_label_is_a_device_side_assert() -> None:
+_BAD_LABEL_CALLS = {
+    "class_stats": "torch.ops.fastuda.class_stats(f, y, 5, 255, None, False)",
+    "downscale_labels": "torch.ops.fastuda.downscale_labels(y.reshape(1, 10, 10), 2, 5, 255)",
+    "proto_contrast": ("torch.ops.fastuda.proto_contrast_forward("
+                       "f, y, torch.randn(5, 8, device='cuda'), 0.5, 255, None, True)"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_BAD_LABEL_CALLS))
+def test_bad_label_is_a_device_side_assert(op: str) -> None:
     """A label outside [0, C) triggers a device-side assert naming the value; it poisons the CUDA
     context, so it runs in a child process."""
     import subprocess
@@ -225,7 +234,7 @@ def test_bad_label_is_a_device_side_assert() -> None:
         "import torch, fastuda.ops\n"
         "f = torch.randn(1, 8, 100, device='cuda')\n"
         "y = torch.zeros(1, 100, dtype=torch.long, device='cuda'); y[0, 7] = 42\n"
-        "torch.ops.fastuda.class_stats(f, y, 5, 255, None, False)\n"
+        f"{_BAD_LABEL_CALLS[op]}\n"
         "torch.cuda.synchronize()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)

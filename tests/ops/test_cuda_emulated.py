@@ -48,13 +48,15 @@ def test_downscale_labels_random(dtype: torch.dtype, factor: int) -> None:
     g = torch.Generator().manual_seed(factor)
     B, H, W, C = 2, 24, 44, 5  # 2*12*22 = 528 cells at factor 2: three 256-thread blocks
     labels = torch.randint(0, C, (B, H, W), generator=g)
-    # blocky regions as in real label maps, plus ignore and out-of-range values
+    # blocky regions as in real label maps, plus ignore (int8 cannot hold 255: -1 there)
     labels = labels.repeat_interleave(2, 1)[:, :H].repeat_interleave(2, 2)[:, :, :W]
-    labels[torch.rand(B, H, W, generator=g) < 0.15] = 255 if dtype != torch.int8 else -1
+    ignore = 255 if dtype != torch.int8 else -1
+    labels[torch.rand(B, H, W, generator=g) < 0.15] = ignore
     labels = labels.to(dtype)
     for min_ratio in (0.0, 0.5, 0.75):
-        got = emu.downscale_labels(labels, factor, C, min_ratio, 255)
-        want = ref.downscale_labels(labels, factor, num_classes=C, min_ratio=min_ratio)
+        got = emu.downscale_labels(labels, factor, C, min_ratio, ignore)
+        want = ref.downscale_labels(labels, factor, num_classes=C, min_ratio=min_ratio,
+                                    ignore_index=ignore)
         assert got.dtype == labels.dtype
         assert torch.equal(got, want)
 
@@ -93,6 +95,15 @@ def test_downscale_labels_errors() -> None:
         emu.downscale_labels(torch.zeros(8, 8, dtype=torch.long), 2, 3, 0.5, 255)
     with pytest.raises(TypeError, match="labels must be uint8"):
         emu.downscale_labels(torch.zeros(1, 8, 8), 2, 3, 0.5, 255)
+    # a bad label in a cell whose vote is decided before it is read (the first three of four
+    # votes are class 0) is still found
+    bad = torch.zeros(1, 4, 4, dtype=torch.long)
+    bad[0, 1, 1] = 7
+    with pytest.raises(ValueError, match=r"label value 7 is outside \[0, 3\)"):
+        emu.downscale_labels(bad, 2, 3, 0.5, 255)
+    bad[0, 1, 1] = -1
+    with pytest.raises(ValueError, match=r"label value -1 is outside \[0, 3\)"):
+        emu.downscale_labels(bad, 2, 3, 0.5, 255)
 
 
 # ----------------------------------------------------------------------------------------------
