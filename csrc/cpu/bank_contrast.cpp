@@ -27,6 +27,7 @@
 
 #include "common/pair_contrast.h"
 #include "cpu/gemm_kernel.h"
+#include "cpu/output_buffer.h"
 #include "cpu/pair_contrast_host.h"
 
 namespace fastuda::cpu {
@@ -442,11 +443,13 @@ at::Tensor bank_contrast_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   // pixels that take no part (ignored, or their class has no entry) get no gradient: zeros,
   // written by the windows themselves when any pixel counts
   if (pb.rows() == 0) return at::zeros({pb.B, pb.D, pb.P}, feats.options());
-  at::Tensor grad = at::empty({pb.B, pb.D, pb.P}, feats.options());
+  static GradBuffer grad_buffer;  // cpu/output_buffer.h: the pages of the last step's gradient
+  at::Tensor grad = grad_buffer.empty({pb.B, pb.D, pb.P}, feats.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "bank_contrast_backward", [&] {
     backward_impl<scalar_t>(grad_loss, feats, bank, neg_lse, pb, tau, grad);
   });
+  grad_buffer.keep(grad);
   return grad;
 }
 

@@ -25,16 +25,13 @@
 #include <utility>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 #include "common/online_softmax.h"
 #include "cpu/gemm_kernel.h"
+#include "cpu/output_buffer.h"
 
 namespace fastuda {
 namespace {
@@ -595,19 +592,6 @@ at::Tensor merge_partials(const at::Tensor& partials, double scale) {
   return out;
 }
 
-// A large output about to be written in full: ask Linux for transparent huge pages first (where
-// THP is in "madvise" mode). Faulting in 4 KiB pages costs more CPU time than this kernel's
-// arithmetic at DAFormer scale; the advice is only a hint and its failure is harmless.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
-  if (end >= begin + 4 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Op entry points: checks, parameter preparation, output allocation
@@ -746,8 +730,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
   const at::Tensor w = weights_as(weights, acc);
   const at::Tensor gl = grad_loss.to(acc).contiguous();
   const at::Tensor lse_acc = lse.to(acc).contiguous();
-  at::Tensor grad_feats = at::empty({B, D, P}, feats.options());  // contiguous
-  advise_huge_pages(grad_feats);
+  // one kept gradient block per op (cpu/output_buffer.h): proto and dist may run in one step
+  static GradBuffer proto_grad_buffer, dist_grad_buffer;
+  GradBuffer& grad_buffer = covariance ? dist_grad_buffer : proto_grad_buffer;
+  at::Tensor grad_feats = grad_buffer.empty({B, D, P}, feats.options());  // contiguous
   const int64_t n_tiles = B * ((P + kTile - 1) / kTile);
   int64_t n_chunks = (n_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
   const int64_t sigma_size = covariance ? (full ? C * D * D : D * c_pad(C)) : 0;
@@ -800,6 +786,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
     if (covariance) grad_covariance = at::empty({0}, covariance->options());
   }
   if (!covariance) grad_covariance = at::empty({0}, feats.options().dtype(acc));
+  grad_buffer.keep(grad_feats);
   return {grad_feats, grad_centroids, grad_covariance};
 }
 
