@@ -592,7 +592,6 @@ at::Tensor merge_partials(const at::Tensor& partials, double scale) {
   return out;
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Op entry points: checks, parameter preparation, output allocation
 // ---------------------------------------------------------------------------------------------

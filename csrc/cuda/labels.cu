@@ -20,10 +20,12 @@ downscale_labels_kernel(const void* labels, LabelKind kind, int64_t stride_b, in
        cell += int64_t(gridDim.x) * blockDim.x) {
     const int64_t ox = cell % w, oy = (cell / w) % h, b = cell / (w * h);
     const int64_t base = b * stride_b + oy * factor * stride_y + ox * factor * stride_x;
+    auto label_at = [&](int32_t i) {
+      return load_label(labels, kind, base + (i / factor) * stride_y + (i % factor) * stride_x);
+    };
     // every label of the cell is checked before the vote, which may stop before reading them all
     for (int32_t i = 0; i < k; ++i) {
-      const int64_t v = load_label(labels, kind, base + (i / factor) * stride_y +
-                                                     (i % factor) * stride_x);
+      const int64_t v = label_at(i);
       if ((v < 0 || v >= num_classes) && v != ignore_index) {
         report_bad_label(v, num_classes, ignore_index);
         break;
@@ -31,8 +33,7 @@ downscale_labels_kernel(const void* labels, LabelKind kind, int64_t stride_b, in
     }
     // class ids stay, ignore becomes slot C
     auto key = [&](int32_t i) {
-      const int64_t v = load_label(labels, kind, base + (i / factor) * stride_y +
-                                                      (i % factor) * stride_x);
+      const int64_t v = label_at(i);
       return (v >= 0 && v < num_classes) ? v : num_classes;
     };
     int64_t best_key = num_classes + 1;
