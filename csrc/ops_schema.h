@@ -16,18 +16,23 @@
   /* 1. per-class count, mean and m2 (diag [C, D] or full [C, D, D]) of one batch */             \
   X("class_stats(Tensor feats, Tensor labels, int num_classes, int ignore_index, "               \
     "Tensor? weights, bool full_cov) -> (Tensor count, Tensor mean, Tensor m2)")                 \
-  /* 3. pixel-to-centroid contrast: per-pixel weighted loss and the logsumexp the backward */    \
+  /* 3. pixel-to-centroid contrast: per-pixel weighted loss and the logsumexp the backward    */ \
+  /*    needs; keep_probs: also the softmax probs [B, C, P], so the backward need not recompute */ \
+  /*    the logits (CPU kernel; the GPU kernels refuse it); else probs is empty                 */ \
   X("proto_contrast_forward(Tensor feats, Tensor labels, Tensor centroids, float tau, "          \
-    "int ignore_index, Tensor? weights) -> (Tensor loss, Tensor lse)")                           \
+    "int ignore_index, Tensor? weights, bool keep_probs=False) "                                 \
+    "-> (Tensor loss, Tensor lse, Tensor probs)")                                                \
   X("proto_contrast_backward(Tensor grad_loss, Tensor feats, Tensor labels, Tensor centroids, "  \
-    "Tensor lse, float tau, int ignore_index, Tensor? weights, bool centroids_grad) "            \
-    "-> (Tensor grad_feats, Tensor grad_centroids)")                                             \
+    "Tensor lse, float tau, int ignore_index, Tensor? weights, bool centroids_grad, "            \
+    "Tensor? probs=None) -> (Tensor grad_feats, Tensor grad_centroids)")                         \
   /* 4. distributional upper bound (covariance [C, D] diagonal or [C, D, D] full) */             \
   X("dist_contrast_forward(Tensor feats, Tensor labels, Tensor centroids, Tensor covariance, "   \
-    "float tau, float lam, int ignore_index, Tensor? weights) -> (Tensor loss, Tensor lse)")     \
+    "float tau, float lam, int ignore_index, Tensor? weights, bool keep_probs=False) "           \
+    "-> (Tensor loss, Tensor lse, Tensor probs)")                                                \
   X("dist_contrast_backward(Tensor grad_loss, Tensor feats, Tensor labels, Tensor centroids, "   \
     "Tensor covariance, Tensor lse, float tau, float lam, int ignore_index, Tensor? weights, "   \
-    "bool stats_grad) -> (Tensor grad_feats, Tensor grad_centroids, Tensor grad_covariance)")    \
+    "bool stats_grad, Tensor? probs=None) "                                                      \
+    "-> (Tensor grad_feats, Tensor grad_centroids, Tensor grad_covariance)")                     \
   /* 5. memory-bank contrast (bank [C, M, D], bank_len [C]) */                                   \
   X("bank_contrast_forward(Tensor feats, Tensor labels, Tensor bank, Tensor bank_len, "          \
     "float tau, int ignore_index) -> (Tensor loss, Tensor neg_lse)")                             \

@@ -10,8 +10,12 @@
 //          logits [C][T] = (mu / tau) [C][D] @ X [D][T]            (+ Sigma terms)
 //          grad_X [D][T] = (mu / tau)^T [D][C] @ G [C][T]          (+ Sigma terms)
 //          grad_mu^T [D][C] += X [D][T] @ G^T [T][C]               (per-chunk partials)
-// Nothing of size N x C is kept beyond one tile; the backward recomputes the logits from the
-// features and the saved per-pixel logsumexp.
+// With keep_probs the forward also writes the softmax probabilities [B, C, P] (C / D of the
+// features' size) and the backward takes its class weights from them: the logit GEMMs are not
+// done twice, and the ProtoCL backward without centroid gradient does not read the features at
+// all. Without them, the backward recomputes the logits from the features and the saved
+// per-pixel logsumexp. A full covariance's backward needs Sigma'_c x per class, so it recomputes
+// either way.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -334,7 +338,8 @@ constexpr int64_t kTilesPerChunk = 8;
 // Forward
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
-void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLabel& first_bad) {
+void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, acc_t* probs,
+                  FirstBadLabel& first_bad) {
   const int64_t n_tiles = pb.num_tiles();
   const int64_t C = pb.C;
   const int64_t n_chunks = (n_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
@@ -368,6 +373,17 @@ void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, FirstBadLab
             if (pb.weights != nullptr) v *= pb.weights[o + t];
           }
           loss[o + t] = v;
+        }
+        if (probs != nullptr) {  // p = exp(logit - lse), written [B][C][P]
+          acc_t l[kTile], one[kTile];
+          for (int64_t t = 0; t < kTile; ++t) {
+            l[t] = t < n ? lse[o + t] : acc_t(0);
+            one[t] = acc_t(1);
+          }
+          acc_t* x = pb.cov == Cov::None ? a : bq;  // the logits, not needed any more
+          tile_scaled_softmax(x, C, l, one, x);
+          for (int64_t c = 0; c < C; ++c)
+            std::memcpy(probs + (b * C + c) * pb.P + p0, x + c * kTile, n * sizeof(acc_t));
         }
       }
     }
@@ -458,10 +474,13 @@ acc_t* streamable_grad_tile(const Problem<acc_t>& pb, at::Tensor& out, int64_t b
 
 template <typename acc_t>
 void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t* lse,
-                   bool stats_grad, int64_t n_chunks, BackwardOut<acc_t>& out,
-                   FirstBadLabel& first_bad) {
+                   const acc_t* probs, bool stats_grad, int64_t n_chunks,
+                   BackwardOut<acc_t>& out, FirstBadLabel& first_bad) {
   const int64_t n_tiles = pb.num_tiles();
   const int64_t C = pb.C, D = pb.D, P = pb.P;
+  if (pb.cov == Cov::Full) probs = nullptr;  // it needs Sigma'_c X: recomputed with the logits
+  // with the forward's probs, the features are read only for the Sigma term and the statistics
+  const bool needs_x = probs == nullptr || pb.cov != Cov::None || stats_grad;
   const int64_t sigma_size = pb.cov == Cov::Full ? C * D * D : D * c_pad(C);
   for_each_chunk(n_chunks, [&](const auto& claim) {
     Scratch<acc_t> s(pb, true, stats_grad);
@@ -498,20 +517,33 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
           store_grad(pb, out.grad_feats, b, p0, n, gx);
           continue;
         }
-        s.fetch(pb, b, p0, n);
-        tile_logits(pb, s, true);
+        if (needs_x) s.fetch(pb, b, p0, n);
         const acc_t* X = s.X;
         const int64_t ldx = s.ldx;
-        acc_t* a = s.a.data();
-        acc_t* bq = s.b.data();
         acc_t* ga = s.g_a.data();
         acc_t* gb = s.g_b.data();
         // softmax p = exp(a + b - lse); g_a = s (p - onehot), g_b = 2 s p
-        acc_t l[kTile];
-        for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
-        if (pb.cov != Cov::None)  // b <- a + b: the full logits
-          for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
-        tile_scaled_softmax(pb.cov == Cov::None ? a : bq, C, l, scale, ga);
+        if (probs != nullptr) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t* pc = probs + (b * C + c) * P + p0;
+            for (int64_t t = 0; t < kTile; ++t)
+              ga[c * kTile + t] = t < n && scale[t] != acc_t(0) ? scale[t] * pc[t] : acc_t(0);
+          }
+          if (pb.cov == Cov::Diag && stats_grad) {  // X o X, as tile_logits makes it
+            acc_t* X2 = s.X2.data();
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
+          }
+        } else {
+          tile_logits(pb, s, true);
+          acc_t* a = s.a.data();
+          acc_t* bq = s.b.data();
+          acc_t l[kTile];
+          for (int64_t t = 0; t < kTile; ++t) l[t] = t < n ? lse[o + t] : acc_t(0);
+          if (pb.cov != Cov::None)  // b <- a + b: the full logits
+            for (int64_t i = 0; i < C * kTile; ++i) bq[i] += a[i];
+          tile_scaled_softmax(pb.cov == Cov::None ? a : bq, C, l, scale, ga);
+        }
         if (pb.cov != Cov::None)
           for (int64_t i = 0; i < C * kTile; ++i) gb[i] = acc_t(2) * ga[i];
         for (int64_t t = 0; t < kTile; ++t)
@@ -689,33 +721,37 @@ at::Tensor weights_as(const std::optional<at::Tensor>& weights, at::ScalarType a
   return weights.has_value() ? weights->to(acc).contiguous() : at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor> contrast_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_forward(
     const char* op, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor* covariance, double tau, double lam,
-    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+    int64_t ignore_index, const std::optional<at::Tensor>& weights, bool keep_probs) {
   check_inputs(op, feats, labels, centroids, covariance, weights, tau);
   const auto acc = acc_type_of(feats);
-  const int64_t B = feats.size(0), P = feats.size(2);
+  const int64_t B = feats.size(0), P = feats.size(2), C = centroids.size(0);
   at::Tensor loss = at::empty({B, P}, feats.options().dtype(acc));
   at::Tensor lse = at::empty({B, P}, feats.options().dtype(acc));
+  at::Tensor probs = at::empty({keep_probs ? B : 0, keep_probs ? C : 0, keep_probs ? P : 0},
+                               feats.options().dtype(acc));
   const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
   const at::Tensor sigma = scaled_sigma(covariance, acc, tau, lam);
   const at::Tensor w = weights_as(weights, acc);
   FirstBadLabel first_bad;
   AT_DISPATCH_FLOATING_TYPES(acc, "fastuda_contrast_forward", [&] {
     const auto pb = make_problem<scalar_t>(feats, labels, centroids, ignore_index, w, mu, sigma);
-    forward_impl<scalar_t>(pb, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), first_bad);
+    forward_impl<scalar_t>(pb, loss.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                           keep_probs ? probs.data_ptr<scalar_t>() : nullptr, first_bad);
   });
   if (first_bad.found())
     raise_bad_label(op, labels, first_bad.index.load(), centroids.size(0), ignore_index);
-  return {loss, lse};
+  return {loss, lse, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& feats,
     const at::Tensor& labels, const at::Tensor& centroids, const at::Tensor* covariance,
     const at::Tensor& lse, double tau, double lam, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights, bool stats_grad) {
+    const std::optional<at::Tensor>& weights, bool stats_grad,
+    const std::optional<at::Tensor>& probs) {
   check_inputs(op, feats, labels, centroids, covariance, weights, tau);
   TORCH_CHECK_VALUE(grad_loss.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
                     "fastuda::", op, ": grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(),
@@ -723,6 +759,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
   const auto acc = acc_type_of(feats);
   const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2);
   const int64_t C = centroids.size(0);
+  TORCH_CHECK_VALUE(!probs.has_value() || probs->sizes() == at::IntArrayRef({B, C, P}),
+                    "fastuda::", op, ": probs ", probs.has_value() ? probs->sizes() : lse.sizes(),
+                    " must be [B, C, P] = [", B, ", ", C, ", ", P, "] (the forward's keep_probs)");
+  const at::Tensor probs_acc = probs.has_value() ? probs->to(acc).contiguous() : at::Tensor();
   const bool full = covariance != nullptr && covariance->dim() == 3;
   const at::Tensor mu = (centroids.to(acc) * (1.0 / tau)).contiguous();
   const at::Tensor sigma = scaled_sigma(covariance, acc, tau, lam);
@@ -761,6 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
       if (covariance) out.grad_sigma = part_sigma.data_ptr<scalar_t>();
     }
     backward_impl<scalar_t>(pb, gl.data_ptr<scalar_t>(), lse_acc.data_ptr<scalar_t>(),
+                            probs_acc.defined() ? probs_acc.data_ptr<scalar_t>() : nullptr,
                             stats_grad, n_chunks, out, first_bad);
     if (stats_grad) {
       // d a_c / d mu_c = f / tau
@@ -790,38 +831,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> proto_contrast_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_contrast_forward(
     const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids, double tau,
-    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+    int64_t ignore_index, const std::optional<at::Tensor>& weights, bool keep_probs) {
   return contrast_forward("proto_contrast_forward", feats, labels, centroids, nullptr, tau, 0.0,
-                          ignore_index, weights);
+                          ignore_index, weights, keep_probs);
 }
 
 std::tuple<at::Tensor, at::Tensor> proto_contrast_backward(
     const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor& lse, double tau, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights, bool centroids_grad) {
+    const std::optional<at::Tensor>& weights, bool centroids_grad,
+    const std::optional<at::Tensor>& probs) {
   auto [gf, gc, unused] =
       contrast_backward("proto_contrast_backward", grad_loss, feats, labels, centroids, nullptr,
-                        lse, tau, 0.0, ignore_index, weights, centroids_grad);
+                        lse, tau, 0.0, ignore_index, weights, centroids_grad, probs);
   return {gf, gc};
 }
 
-std::tuple<at::Tensor, at::Tensor> dist_contrast_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_contrast_forward(
     const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids,
     const at::Tensor& covariance, double tau, double lam, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& weights, bool keep_probs) {
   return contrast_forward("dist_contrast_forward", feats, labels, centroids, &covariance, tau,
-                          lam, ignore_index, weights);
+                          lam, ignore_index, weights, keep_probs);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_contrast_backward(
     const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor& covariance, const at::Tensor& lse, double tau,
     double lam, int64_t ignore_index, const std::optional<at::Tensor>& weights,
-    bool stats_grad) {
+    bool stats_grad, const std::optional<at::Tensor>& probs) {
   return contrast_backward("dist_contrast_backward", grad_loss, feats, labels, centroids,
-                           &covariance, lse, tau, lam, ignore_index, weights, stats_grad);
+                           &covariance, lse, tau, lam, ignore_index, weights, stats_grad, probs);
 }
 
 }  // namespace

@@ -697,10 +697,19 @@ inline ContrastParams contrast_params(const at::Tensor& feats, const at::Tensor&
   return out;
 }
 
-inline std::tuple<at::Tensor, at::Tensor> contrast_forward_op(
+// keep_probs / probs: the CPU kernels' option of keeping the softmax for the backward. These
+// kernels recompute the logits in the backward, from the features they read anyway.
+inline void check_no_probs(const char* op, bool keep_probs, const std::optional<at::Tensor>& probs) {
+  TORCH_CHECK_VALUE(!keep_probs && !probs.has_value(), "fastuda::", op, ": keep_probs / probs "
+                    "are a CPU kernel option; the GPU kernels recompute the softmax");
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_forward_op(
     const char* op, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor* covariance, double tau, double lam,
-    int64_t ignore_index, const std::optional<at::Tensor>& weights, void* stream) {
+    int64_t ignore_index, const std::optional<at::Tensor>& weights, bool keep_probs,
+    void* stream) {
+  check_no_probs(op, keep_probs, std::nullopt);
   check_contrast(op, feats, labels, centroids, covariance, weights, tau);
   const int64_t B = feats.size(0), P = feats.size(2), C = centroids.size(0);
   const auto opts = feats.options().dtype(acc_dtype(feats));
@@ -716,15 +725,16 @@ inline std::tuple<at::Tensor, at::Tensor> contrast_forward_op(
                                C, ignore_index, loss.mutable_data_ptr<A>(),
                                lse.mutable_data_ptr<A>(), stream);
   });
-  return {loss, lse};
+  return {loss, lse, at::empty({0, 0, 0}, opts)};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> contrast_backward_op(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& feats,
     const at::Tensor& labels, const at::Tensor& centroids, const at::Tensor* covariance,
     const at::Tensor& lse, double tau, double lam, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights, bool stats_grad, const Tuning& tuning,
-    void* stream) {
+    const std::optional<at::Tensor>& weights, bool stats_grad,
+    const std::optional<at::Tensor>& probs, const Tuning& tuning, void* stream) {
+  check_no_probs(op, false, probs);
   check_contrast(op, feats, labels, centroids, covariance, weights, tau);
   TORCH_CHECK_VALUE(grad_loss.sizes() == labels.sizes() && lse.sizes() == labels.sizes(),
                     "fastuda::", op, ": grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(),
@@ -782,40 +792,41 @@ namespace {
 
 namespace fk = fastuda::FASTUDA_KNS;
 
-std::tuple<at::Tensor, at::Tensor> proto_forward_entry(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_forward_entry(
     const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids, double tau,
-    int64_t ignore_index, const std::optional<at::Tensor>& weights) {
+    int64_t ignore_index, const std::optional<at::Tensor>& weights, bool keep_probs) {
   const char* op = "proto_contrast_forward";
   const fk::OpLaunch launch(op, feats, "feats");
   return launch.run([&] {
     return fk::contrast_forward_op(op, feats, labels, centroids, nullptr, tau, 0.0, ignore_index,
-                                   weights, launch.stream());
+                                   weights, keep_probs, launch.stream());
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> proto_backward_entry(
     const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor& lse, double tau, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights, bool centroids_grad) {
+    const std::optional<at::Tensor>& weights, bool centroids_grad,
+    const std::optional<at::Tensor>& probs) {
   const char* op = "proto_contrast_backward";
   const fk::OpLaunch launch(op, feats, "feats");
   return launch.run([&] {
     auto [gf, gc, unused] = fk::contrast_backward_op(
         op, grad_loss, feats, labels, centroids, nullptr, lse, tau, 0.0, ignore_index, weights,
-        centroids_grad, launch.tuning(), launch.stream());
+        centroids_grad, probs, launch.tuning(), launch.stream());
     return std::tuple<at::Tensor, at::Tensor>{gf, gc};
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dist_forward_entry(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_forward_entry(
     const at::Tensor& feats, const at::Tensor& labels, const at::Tensor& centroids,
     const at::Tensor& covariance, double tau, double lam, int64_t ignore_index,
-    const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& weights, bool keep_probs) {
   const char* op = "dist_contrast_forward";
   const fk::OpLaunch launch(op, feats, "feats");
   return launch.run([&] {
     return fk::contrast_forward_op(op, feats, labels, centroids, &covariance, tau, lam,
-                                   ignore_index, weights, launch.stream());
+                                   ignore_index, weights, keep_probs, launch.stream());
   });
 }
 
@@ -823,13 +834,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dist_backward_entry(
     const at::Tensor& grad_loss, const at::Tensor& feats, const at::Tensor& labels,
     const at::Tensor& centroids, const at::Tensor& covariance, const at::Tensor& lse, double tau,
     double lam, int64_t ignore_index, const std::optional<at::Tensor>& weights,
-    bool stats_grad) {
+    bool stats_grad, const std::optional<at::Tensor>& probs) {
   const char* op = "dist_contrast_backward";
   const fk::OpLaunch launch(op, feats, "feats");
   return launch.run([&] {
     return fk::contrast_backward_op(op, grad_loss, feats, labels, centroids, &covariance, lse, tau,
-                                    lam, ignore_index, weights, stats_grad, launch.tuning(),
-                                    launch.stream());
+                                    lam, ignore_index, weights, stats_grad, probs,
+                                    launch.tuning(), launch.stream());
   });
 }
 

@@ -40,7 +40,7 @@ def proto_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, *, tau: flo
                                         reduction=reduction)
     per_pixel = PROTO_CONTRAST.kernel(which)(
         _backend.as_bdp(feats), labels_bp, centroids, float(tau), int(ignore_index),
-        weights_bp)[0]
+        weights_bp, _keep_probs(which, feats, centroids))[0]
     return _reduce(per_pixel, labels_bp, labels.shape, ignore_index, reduction)
 
 
@@ -70,8 +70,15 @@ def dist_contrast(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: 
                                        reduction=reduction)
     per_pixel = DIST_CONTRAST.kernel(which)(
         _backend.as_bdp(feats), labels_bp, centroids, covariance, float(tau), float(lam),
-        int(ignore_index), weights_bp)[0]
+        int(ignore_index), weights_bp, _keep_probs(which, feats, centroids, covariance))[0]
     return _reduce(per_pixel, labels_bp, labels.shape, ignore_index, reduction)
+
+
+def _keep_probs(which: str, *inputs: Tensor) -> bool:
+    """Whether the forward keeps its softmax for the backward: the CPU kernel's option (the
+    backward then skips the logit GEMMs; C / D of the features' memory), when a gradient will be
+    asked for. The GPU kernels recompute it."""
+    return which == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def _check_common(op: str, feats: Tensor, labels: Tensor, centroids: Tensor,
@@ -118,15 +125,30 @@ def _reduce(per_pixel: Tensor, labels_bp: Tensor, shape: torch.Size, ignore_inde
 # ---------------------------------------------------------------------------------------------
 # fake (meta) and autograd implementations, shared by every namespace with these schemas
 # ---------------------------------------------------------------------------------------------
-def _fake_forward(feats: Tensor, labels: Tensor, centroids: Tensor, *args) -> tuple[Tensor, Tensor]:
+def _fake_forward(feats: Tensor, centroids: Tensor, keep_probs: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     B, _, P = feats.shape
     loss = feats.new_empty((B, P), dtype=_op.out_dtype(feats))
-    return loss, torch.empty_like(loss)
+    probs = loss.new_empty((B, centroids.shape[0], P) if keep_probs else (0, 0, 0))
+    return loss, torch.empty_like(loss), probs
+
+
+def _fake_proto_forward(feats: Tensor, labels: Tensor, centroids: Tensor, tau: float,
+                        ignore_index: int, weights: Tensor | None, keep_probs: bool = False
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    return _fake_forward(feats, centroids, keep_probs)
+
+
+def _fake_dist_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: Tensor,
+                       tau: float, lam: float, ignore_index: int, weights: Tensor | None,
+                       keep_probs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return _fake_forward(feats, centroids, keep_probs)
 
 
 def _fake_proto_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
                          lse: Tensor, tau: float, ignore_index: int, weights: Tensor | None,
-                         centroids_grad: bool) -> tuple[Tensor, Tensor]:
+                         centroids_grad: bool, probs: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor]:
     grad_feats = feats.new_empty(feats.shape)  # contiguous [B, D, P]
     grad_centroids = centroids.new_empty(centroids.shape if centroids_grad else (0,))
     return grad_feats, grad_centroids
@@ -134,8 +156,8 @@ def _fake_proto_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centr
 
 def _fake_dist_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
                         covariance: Tensor, lse: Tensor, tau: float, lam: float,
-                        ignore_index: int, weights: Tensor | None,
-                        stats_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        ignore_index: int, weights: Tensor | None, stats_grad: bool,
+                        probs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     grad_feats = feats.new_empty(feats.shape)
     grad_centroids = centroids.new_empty(centroids.shape if stats_grad else (0,))
     grad_covariance = covariance.new_empty(covariance.shape if stats_grad else (0,))
@@ -143,42 +165,47 @@ def _fake_dist_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centro
 
 
 def _proto_setup_context(ctx, inputs, output) -> None:
-    feats, labels, centroids, tau, ignore_index, weights = inputs
-    ctx.save_for_backward(feats, labels, centroids, weights, output[1])
+    feats, labels, centroids, tau, ignore_index, weights, *rest = inputs
+    keep_probs = bool(rest and rest[0])  # a call may leave the schema's default out
+    ctx.save_for_backward(feats, labels, centroids, weights, output[1],
+                          output[2] if keep_probs else None)
     ctx.tau, ctx.ignore_index = tau, ignore_index
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _make_proto_backward(backward_op: Callable[..., tuple[Tensor, Tensor]]
                          ) -> Callable[..., tuple]:
-    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
-        feats, labels, centroids, weights, lse = ctx.saved_tensors
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None, _grad_probs: Tensor | None):
+        feats, labels, centroids, weights, lse, probs = ctx.saved_tensors
         want_c = ctx.needs_input_grad[2]
         grad_feats, grad_centroids = backward_op(
-            grad_loss, feats, labels, centroids, lse, ctx.tau, ctx.ignore_index, weights, want_c)
+            grad_loss, feats, labels, centroids, lse, ctx.tau, ctx.ignore_index, weights, want_c,
+            probs)
         return (grad_feats if ctx.needs_input_grad[0] else None, None,
-                grad_centroids if want_c else None, None, None, None)
+                grad_centroids if want_c else None, None, None, None, None)
     return backward
 
 
 def _dist_setup_context(ctx, inputs, output) -> None:
-    feats, labels, centroids, covariance, tau, lam, ignore_index, weights = inputs
-    ctx.save_for_backward(feats, labels, centroids, covariance, weights, output[1])
+    feats, labels, centroids, covariance, tau, lam, ignore_index, weights, *rest = inputs
+    keep_probs = bool(rest and rest[0])
+    ctx.save_for_backward(feats, labels, centroids, covariance, weights, output[1],
+                          output[2] if keep_probs else None)
     ctx.tau, ctx.lam, ctx.ignore_index = tau, lam, ignore_index
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _make_dist_backward(backward_op: Callable[..., tuple[Tensor, Tensor, Tensor]]
                         ) -> Callable[..., tuple]:
-    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None):
-        feats, labels, centroids, covariance, weights, lse = ctx.saved_tensors
+    def backward(ctx, grad_loss: Tensor, _grad_lse: Tensor | None, _grad_probs: Tensor | None):
+        feats, labels, centroids, covariance, weights, lse, probs = ctx.saved_tensors
         want_c, want_cov = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         grad_feats, grad_centroids, grad_covariance = backward_op(
             grad_loss, feats, labels, centroids, covariance, lse, ctx.tau, ctx.lam,
-            ctx.ignore_index, weights, want_c or want_cov)
+            ctx.ignore_index, weights, want_c or want_cov, probs)
         return (grad_feats if ctx.needs_input_grad[0] else None, None,
                 grad_centroids if want_c else None, grad_covariance if want_cov else None,
-                None, None, None, None)
+                None, None, None, None, None)
     return backward
 
 
@@ -186,7 +213,8 @@ def _make_dist_backward(backward_op: Callable[..., tuple[Tensor, Tensor, Tensor]
 PROTO_CONTRAST = _op.Op(
     "proto_contrast", ("proto_contrast_forward", "proto_contrast_backward"),
     reference.proto_contrast,
-    {"proto_contrast_forward": _fake_forward, "proto_contrast_backward": _fake_proto_backward},
+    {"proto_contrast_forward": _fake_proto_forward,
+     "proto_contrast_backward": _fake_proto_backward},
     _op.Autograd("proto_contrast_forward", "proto_contrast_backward", _make_proto_backward,
                  _proto_setup_context),
     triton="fastuda.ops.triton.contrast",
@@ -194,7 +222,7 @@ PROTO_CONTRAST = _op.Op(
 DIST_CONTRAST = _op.Op(
     "dist_contrast", ("dist_contrast_forward", "dist_contrast_backward"),
     reference.dist_contrast,
-    {"dist_contrast_forward": _fake_forward, "dist_contrast_backward": _fake_dist_backward},
+    {"dist_contrast_forward": _fake_dist_forward, "dist_contrast_backward": _fake_dist_backward},
     _op.Autograd("dist_contrast_forward", "dist_contrast_backward", _make_dist_backward,
                  _dist_setup_context),
     triton="fastuda.ops.triton.contrast",

@@ -85,9 +85,9 @@ def test_contrast_forward_backward(shape: dict, cov: str | None, dtype: torch.dt
     tau, lam = 0.2, 0.5
     fb, yb, wb = as_bdp(feats), as_bp(labels, feats), as_bp(weights, feats)
     if cov is None:
-        loss, lse = torch.ops.fastuda.proto_contrast_forward(fb, yb, centroids, tau, 255, wb)
+        loss, lse, _ = torch.ops.fastuda.proto_contrast_forward(fb, yb, centroids, tau, 255, wb)
     else:
-        loss, lse = torch.ops.fastuda.dist_contrast_forward(fb, yb, centroids, covariance, tau,
+        loss, lse, _ = torch.ops.fastuda.dist_contrast_forward(fb, yb, centroids, covariance, tau,
                                                             lam, 255, wb)
     f64 = feats.double().requires_grad_()
     c64 = centroids.double().requires_grad_()
@@ -220,7 +220,7 @@ _BAD_LABEL_CALLS = {
     "class_stats": "torch.ops.fastuda.class_stats(f, y, 5, 255, None, False)",
     "downscale_labels": "torch.ops.fastuda.downscale_labels(y.reshape(1, 10, 10), 2, 5, 255)",
     "proto_contrast": ("torch.ops.fastuda.proto_contrast_forward("
-                       "f, y, torch.randn(5, 8, device='cuda'), 0.5, 255, None, True)"),
+                       "f, y, torch.randn(5, 8, device='cuda'), 0.5, 255, None)"),
 }
 
 

@@ -265,9 +265,10 @@ def _contrast_case(seed: int, *, C: int = 5, D: int = 37, B: int = 2, H: int = 9
 def _emu_forward(feats, labels, centroids, covariance, weights, tau, lam):
     w = _bp(weights, feats)
     if covariance is None:
-        return emu.proto_contrast_forward(_bdp(feats), _bp(labels, feats), centroids, tau, 255, w)
+        return emu.proto_contrast_forward(_bdp(feats), _bp(labels, feats), centroids, tau, 255,
+                                          w)[:2]
     return emu.dist_contrast_forward(_bdp(feats), _bp(labels, feats), centroids, covariance, tau,
-                                     lam, 255, w)
+                                     lam, 255, w)[:2]
 
 
 def _emu_backward(grad_loss, feats, labels, centroids, covariance, weights, lse, tau, lam,

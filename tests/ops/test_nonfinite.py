@@ -67,10 +67,10 @@ def _emu_per_pixel(op: str, feats, labels, centroids, covariance, bank, bank_len
     x, y = _backend.as_bdp(feats).contiguous(), labels.reshape(B, H * W)
     g = torch.ones(B, H * W)
     if op == "proto":
-        loss, lse = emu.proto_contrast_forward(x, y, centroids, 0.5, 255, None)
+        loss, lse, _ = emu.proto_contrast_forward(x, y, centroids, 0.5, 255, None)
         grad = emu.proto_contrast_backward(g, x, y, centroids, lse, 0.5, 255, None, False)[0]
     elif op == "dist":
-        loss, lse = emu.dist_contrast_forward(x, y, centroids, covariance, 0.5, 1.0, 255, None)
+        loss, lse, _ = emu.dist_contrast_forward(x, y, centroids, covariance, 0.5, 1.0, 255, None)
         grad = emu.dist_contrast_backward(g, x, y, centroids, covariance, lse, 0.5, 1.0, 255,
                                           None, False)[0]
     elif op == "bank":

@@ -281,16 +281,26 @@ def _cov_strides(covariance: Tensor | None) -> tuple[int, int, int]:
 # registered as torch.ops.fastuda_triton.* by the op descriptors (fastuda/ops/contrast.py), which
 # also give them their fake and autograd implementations.
 # ----------------------------------------------------------------------------------------------
+def _no_probs(op: str, keep_probs: bool, probs: Tensor | None) -> None:
+    """keep_probs / probs are the CPU kernels' option; these kernels recompute the softmax."""
+    if keep_probs or probs is not None:
+        raise ValueError(f"fastuda_triton::{op}: keep_probs / probs are a CPU kernel option; "
+                         "the Triton kernels recompute the softmax")
+
+
 def _centroid_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covariance: Tensor | None,
-                      tau: float, lam: float, ignore_index: int, weights: Tensor | None
-                      ) -> tuple[Tensor, Tensor]:
+                      tau: float, lam: float, ignore_index: int, weights: Tensor | None,
+                      keep_probs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    _no_probs("dist_contrast_forward" if covariance is not None else "proto_contrast_forward",
+              keep_probs, None)
     B, D, P = feats.shape
     C = centroids.shape[0]
     acc = cc.acc_torch_dtype(feats)
     loss = torch.empty((B, P), dtype=acc, device=feats.device)
     lse = torch.empty((B, P), dtype=acc, device=feats.device)
+    no_probs = torch.empty((0, 0, 0), dtype=acc, device=feats.device)
     if B * P == 0:
-        return loss, lse
+        return loss, lse, no_probs
     cov_kind = _cov_kind(covariance)
     cfg = _config(feats, C, cov_kind)
     err = cc.new_label_error(feats)
@@ -305,15 +315,17 @@ def _centroid_forward(feats: Tensor, labels: Tensor, centroids: Tensor, covarian
         COV=cov_kind, HAS_W=weights is not None, ACC=cc.acc_tl_dtype(feats),
         PREC=cc.dot_precision(_centroid_fwd_kernel, feats), **cfg)
     cc.raise_label_error("centroid_contrast", err, C, ignore_index)
-    return loss, lse
+    return loss, lse, no_probs
 
 
 def _centroid_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
                        covariance: Tensor | None, lse: Tensor, tau: float, lam: float,
-                       ignore_index: int, weights: Tensor | None, stats_grad: bool
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       ignore_index: int, weights: Tensor | None, stats_grad: bool,
+                       probs: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_feats [B, D, P], grad_centroids [C, D], grad_covariance) ; the two class-table
     gradients are empty tensors unless ``stats_grad``."""
+    _no_probs("dist_contrast_backward" if covariance is not None else "proto_contrast_backward",
+              False, probs)
     B, D, P = feats.shape
     C = centroids.shape[0]
     acc = cc.acc_torch_dtype(feats)
@@ -382,15 +394,18 @@ def _class_feature_sum(g: Tensor, feats: Tensor, C: int, square: bool, cfg: dict
 
 
 def _proto_forward(feats: Tensor, labels: Tensor, centroids: Tensor, tau: float,
-                   ignore_index: int, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _centroid_forward(feats, labels, centroids, None, tau, 0.0, ignore_index, weights)
+                   ignore_index: int, weights: Tensor | None, keep_probs: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    return _centroid_forward(feats, labels, centroids, None, tau, 0.0, ignore_index, weights,
+                             keep_probs)
 
 
 def _proto_backward(grad_loss: Tensor, feats: Tensor, labels: Tensor, centroids: Tensor,
                     lse: Tensor, tau: float, ignore_index: int, weights: Tensor | None,
-                    centroids_grad: bool) -> tuple[Tensor, Tensor]:
+                    centroids_grad: bool, probs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     grad_feats, grad_mu, _ = _centroid_backward(grad_loss, feats, labels, centroids, None, lse,
-                                                tau, 0.0, ignore_index, weights, centroids_grad)
+                                                tau, 0.0, ignore_index, weights, centroids_grad,
+                                                probs)
     return grad_feats, grad_mu
 
 
