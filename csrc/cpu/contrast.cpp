@@ -292,17 +292,20 @@ struct Scratch {
 };
 
 // a [C][T] = mu/tau @ X and b [C][T] = the Sigma term (left untouched for ProtoCL). For the full
-// covariance, U_c = Sigma'_c @ X [D][T] is kept per class when keep_u (the backward needs it).
+// covariance, U_c = Sigma'_c @ X [D][T] is kept per class when keep_u (the backward needs it);
+// keep_x2: X o X is also written to s.X2 (the diagonal variance gradient needs it).
 template <typename acc_t>
-void tile_logits(const Problem<acc_t>& pb, Scratch<acc_t>& s, bool keep_u) {
+void tile_logits(const Problem<acc_t>& pb, Scratch<acc_t>& s, bool keep_u, bool keep_x2) {
   const int64_t D = pb.D, C = pb.C, ldx = s.ldx;
   const acc_t* X = s.X;
   gemm<acc_t>(C, D, kTile, pb.mu_scaled, D, 1, X, ldx, s.a.data(), kTile, false, s.ahead);
-  if (pb.cov == Cov::Diag) {
-    acc_t* X2 = s.X2.data();
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
-    gemm<acc_t>(C, D, kTile, pb.sigma_scaled, D, 1, X2, kTile, s.b.data(), kTile, false);
+  if (pb.cov == Cov::Diag) {  // sigma' @ (X o X), squared in the GEMM's registers
+    gemm<acc_t, true>(C, D, kTile, pb.sigma_scaled, D, 1, X, ldx, s.b.data(), kTile, false);
+    if (keep_x2) {
+      acc_t* X2 = s.X2.data();
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
+    }
   } else if (pb.cov == Cov::Full) {
     for (int64_t c = 0; c < C; ++c) {
       acc_t* U = s.U.data() + (keep_u ? c * D * kTile : 0);
@@ -355,7 +358,7 @@ void forward_impl(const Problem<acc_t>& pb, acc_t* loss, acc_t* lse, acc_t* prob
         const int64_t bad = load_labels(pb, b, p0, n, y);
         if (bad >= 0) first_bad.offer(b * pb.P + p0 + bad);
         s.fetch(pb, b, p0, n);
-        tile_logits(pb, s, false);
+        tile_logits(pb, s, false, false);
         acc_t* a = s.a.data();
         acc_t* bq = s.b.data();
         if (pb.cov != Cov::None)  // b <- a + b: the full logits
@@ -529,13 +532,13 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
             for (int64_t t = 0; t < kTile; ++t)
               ga[c * kTile + t] = t < n && scale[t] != acc_t(0) ? scale[t] * pc[t] : acc_t(0);
           }
-          if (pb.cov == Cov::Diag && stats_grad) {  // X o X, as tile_logits makes it
+          if (pb.cov == Cov::Diag && stats_grad) {  // X o X for the variance gradient
             acc_t* X2 = s.X2.data();
             for (int64_t d = 0; d < D; ++d)
               for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
           }
         } else {
-          tile_logits(pb, s, true);
+          tile_logits(pb, s, true, stats_grad);
           acc_t* a = s.a.data();
           acc_t* bq = s.b.data();
           acc_t l[kTile];

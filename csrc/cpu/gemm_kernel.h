@@ -79,9 +79,12 @@ inline void put_vec(T* p, const V& v) {
 // requested while row k of Bm is used: the features of a later tile stream in spread over the work
 // instead of in one burst. They go to L2 (a tile's rows fill all of L1 on their own).
 // kStream: Out is written with streaming stores (put_vec), its rows aligned to the vector width.
+// kSquareB: Bm's elements are squared as they are loaded (Out = A @ (Bm o Bm): the DistCL
+// variance term, without a squared copy of the tile).
 // init: the accumulators' initial values (row stride ldi; Out itself to accumulate), or null for
 // zeros.
-template <typename T, int RB, int NB, bool kPrefetch = false, bool kStream = false>
+template <typename T, int RB, int NB, bool kPrefetch = false, bool kStream = false,
+          bool kSquareB = false>
 inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm, int64_t ldb,
                        T* Out, int64_t ldo, const T* init, int64_t ldi, const T* ahead = nullptr,
                        int64_t ahead_cols = 0) {
@@ -101,7 +104,10 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
         __builtin_prefetch(ahead + k * ldb + j, /*rw=*/0, /*locality=*/2);
     V b[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) b[j] = load_vec(Bm + k * ldb + j * kLanes);
+    for (int j = 0; j < NV; ++j) {
+      b[j] = load_vec(Bm + k * ldb + j * kLanes);
+      if constexpr (kSquareB) b[j] *= b[j];
+    }
 #pragma GCC unroll 32
     for (int r = 0; r < RB; ++r) {
       const T a = A[r * a_rs + k * a_ks];
@@ -116,7 +122,7 @@ inline void gemm_block(int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const 
 }
 
 // Columns that do not fill a vector (N % lanes of them)
-template <typename T>
+template <typename T, bool kSquareB = false>
 inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
                       const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi) {
   for (int64_t r = 0; r < R; ++r) {
@@ -127,7 +133,7 @@ inline void gemm_tail(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs,
     for (int64_t k = 0; k < K; ++k) {
       const T a = A[r * a_rs + k * a_ks];
       const T* b = Bm + k * ldb;
-      for (int64_t n = 0; n < N; ++n) o[n] += a * b[n];
+      for (int64_t n = 0; n < N; ++n) o[n] += a * (kSquareB ? b[n] * b[n] : b[n]);
     }
   }
 }
@@ -146,23 +152,24 @@ constexpr int block_rows(int vectors_per_row) {
 }
 
 // gemm_block for a run-time number of rows (1 .. RB)
-template <typename T, int NB, int RB, bool kPrefetch, bool kStream>
+template <typename T, int NB, int RB, bool kPrefetch, bool kStream, bool kSquareB>
 inline void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t a_rs, int64_t a_ks,
                       const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
                       const T* ahead, int64_t ahead_cols) {
   if constexpr (RB > 0) {
     if (rows == RB)
-      return gemm_block<T, RB, NB, kPrefetch, kStream>(K, A, a_rs, a_ks, Bm, ldb, Out, ldo,
-                                                       init, ldi, ahead, ahead_cols);
-    gemm_rows<T, NB, RB - 1, kPrefetch, kStream>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo,
-                                                 init, ldi, ahead, ahead_cols);
+      return gemm_block<T, RB, NB, kPrefetch, kStream, kSquareB>(K, A, a_rs, a_ks, Bm, ldb, Out,
+                                                                 ldo, init, ldi, ahead,
+                                                                 ahead_cols);
+    gemm_rows<T, NB, RB - 1, kPrefetch, kStream, kSquareB>(rows, K, A, a_rs, a_ks, Bm, ldb, Out,
+                                                           ldo, init, ldi, ahead, ahead_cols);
   }
 }
 
 // All R rows of one column block of width NB, in equal register blocks (19 classes: 5 + 5 + 5 +
 // 4, not 6 + 6 + 6 + 1), so every block has enough independent accumulators to hide the FMA
 // latency. With `ahead`, the first row block also prefetches ahead_cols columns of it.
-template <typename T, int NB, bool kStream>
+template <typename T, int NB, bool kStream, bool kSquareB>
 inline void gemm_column(int64_t R, int64_t K, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
                         int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
                         const T* ahead, int64_t ahead_cols) {
@@ -172,13 +179,12 @@ inline void gemm_column(int64_t R, int64_t K, const T* A, int64_t a_rs, int64_t 
     const int64_t r = R * blk / n_blocks;
     const int64_t rows = R * (blk + 1) / n_blocks - r;
     if (ahead != nullptr && blk == 0)
-      gemm_rows<T, NB, kMaxRows, true, kStream>(rows, K, A, a_rs, a_ks, Bm, ldb, Out, ldo, init,
-                                                ldi, ahead, ahead_cols);
+      gemm_rows<T, NB, kMaxRows, true, kStream, kSquareB>(rows, K, A, a_rs, a_ks, Bm, ldb, Out,
+                                                          ldo, init, ldi, ahead, ahead_cols);
     else
-      gemm_rows<T, NB, kMaxRows, false, kStream>(rows, K, A + r * a_rs, a_rs, a_ks, Bm, ldb,
-                                                 Out + r * ldo, ldo,
-                                                 init != nullptr ? init + r * ldi : nullptr, ldi,
-                                                 nullptr, 0);
+      gemm_rows<T, NB, kMaxRows, false, kStream, kSquareB>(
+          rows, K, A + r * a_rs, a_rs, a_ks, Bm, ldb, Out + r * ldo, ldo,
+          init != nullptr ? init + r * ldi : nullptr, ldi, nullptr, 0);
   }
 }
 
@@ -186,7 +192,7 @@ inline void gemm_column(int64_t R, int64_t K, const T* A, int64_t a_rs, int64_t 
 // `ahead`: optional, as Bm but for a later tile; its first N columns are fetched into cache during
 // the first row block. kStream: Out is written with streaming stores; Out and ldo must then be
 // aligned to the vector width and N a whole number of vectors (the scalar tail has plain stores).
-template <typename T, bool kStream = false>
+template <typename T, bool kStream = false, bool kSquareB = false>
 void gemm_init(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks,
                const T* Bm, int64_t ldb, T* Out, int64_t ldo, const T* init, int64_t ldi,
                const T* ahead = nullptr) {
@@ -195,23 +201,25 @@ void gemm_init(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_
   int64_t n0 = 0;
   const auto init_at = [&](int64_t col) { return init != nullptr ? init + col : nullptr; };
   for (; n0 + NB <= N; n0 += NB) {
-    gemm_column<T, NB, kStream>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, init_at(n0),
-                                ldi, n0 == 0 ? ahead : nullptr, N);
+    gemm_column<T, NB, kStream, kSquareB>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo,
+                                          init_at(n0), ldi, n0 == 0 ? ahead : nullptr, N);
   }
   if (n0 + kLanes <= N) {
-    gemm_column<T, kLanes, kStream>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo,
-                                    init_at(n0), ldi, n0 == 0 ? ahead : nullptr, N);
+    gemm_column<T, kLanes, kStream, kSquareB>(R, K, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo,
+                                              init_at(n0), ldi, n0 == 0 ? ahead : nullptr, N);
     n0 += kLanes;
   }
   if (n0 < N)
-    gemm_tail<T>(R, K, N - n0, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, init_at(n0), ldi);
+    gemm_tail<T, kSquareB>(R, K, N - n0, A, a_rs, a_ks, Bm + n0, ldb, Out + n0, ldo, init_at(n0),
+                           ldi);
 }
 
-// Out[R][N] (+)= A[R][K] @ Bm[K][N] (accumulate: add to Out)
-template <typename T>
+// Out[R][N] (+)= A[R][K] @ Bm[K][N] (accumulate: add to Out); kSquareB: A @ (Bm o Bm)
+template <typename T, bool kSquareB = false>
 void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
           int64_t ldb, T* Out, int64_t ldo, bool accumulate, const T* ahead = nullptr) {
-  gemm_init<T>(R, K, N, A, a_rs, a_ks, Bm, ldb, Out, ldo, accumulate ? Out : nullptr, ldo, ahead);
+  gemm_init<T, false, kSquareB>(R, K, N, A, a_rs, a_ks, Bm, ldb, Out, ldo,
+                                accumulate ? Out : nullptr, ldo, ahead);
 }
 
 }  // namespace fastuda
