@@ -269,7 +269,7 @@ struct Scratch {
       g_a.resize(C * kTile);
       g_b.resize(C * kTile);
       gx.resize(D * kTile);
-      if (pb.cov != Cov::None) tmp.resize(D * kTile);
+      if (pb.cov == Cov::Full) tmp.resize(D * kTile);
       if (stats_grad) gT.resize(kTile * c_pad(C));
       if (stats_grad && pb.cov == Cov::Full) XT.resize(kTile * D);
     }
@@ -551,33 +551,40 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
           for (int64_t i = 0; i < C * kTile; ++i) gb[i] = acc_t(2) * ga[i];
         for (int64_t t = 0; t < kTile; ++t)
           if (y[t] >= 0) ga[y[t] * kTile + t] -= scale[t];
-        // grad_X = (mu/tau)^T g_a + the Sigma terms (2 Sigma' X g_b), the latter formed first in
-        // tmp and taken as the GEMM's initial value, so the GEMM's result is the tile's gradient
-        const acc_t* init = nullptr;
+        // grad_X = (mu/tau)^T g_a + the Sigma terms (2 Sigma' X g_b). Diagonal: both products
+        // and the product with X in one pass (gemm_pair). Otherwise the Sigma terms (full) are
+        // formed first in tmp and taken as the GEMM's initial value, so the GEMM's result is the
+        // tile's gradient. Full tiles of an fp32 gradient go straight from the registers to the
+        // output, around the caches; others through gx and store_grad.
+        acc_t* dst = streamable_grad_tile(pb, out.grad_feats, b, p0, n);
         if (pb.cov == Cov::Diag) {
-          acc_t* tmp = s.tmp.data();
-          gemm<acc_t>(D, C, kTile, pb.sigma_scaled, 1, D, gb, kTile, tmp, kTile, false);
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t t = 0; t < kTile; ++t) tmp[d * kTile + t] *= X[d * ldx + t];
-          init = tmp;
-        } else if (pb.cov == Cov::Full) {
-          acc_t* tmp = s.tmp.data();
-          std::fill(s.tmp.begin(), s.tmp.end(), acc_t(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t* U = s.U.data() + c * D * kTile;
-            const acc_t* gbc = gb + c * kTile;
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t t = 0; t < kTile; ++t) tmp[d * kTile + t] += gbc[t] * U[d * kTile + t];
-          }
-          init = tmp;
-        }
-        if (acc_t* dst = streamable_grad_tile(pb, out.grad_feats, b, p0, n)) {
-          // straight from the registers to the output, around the caches
-          gemm_init<acc_t, true>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, dst, P, init, kTile);
+          if (dst != nullptr)
+            gemm_pair<acc_t, true>(D, C, kTile, pb.mu_scaled, pb.sigma_scaled, 1, D, ga, gb,
+                                   kTile, X, ldx, dst, P);
+          else
+            gemm_pair<acc_t>(D, C, kTile, pb.mu_scaled, pb.sigma_scaled, 1, D, ga, gb, kTile, X,
+                             ldx, gx, ldg);
         } else {
-          gemm_init<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, init, kTile);
-          store_grad(pb, out.grad_feats, b, p0, n, gx);
+          const acc_t* init = nullptr;
+          if (pb.cov == Cov::Full) {
+            acc_t* tmp = s.tmp.data();
+            std::fill(s.tmp.begin(), s.tmp.end(), acc_t(0));
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t* U = s.U.data() + c * D * kTile;
+              const acc_t* gbc = gb + c * kTile;
+              for (int64_t d = 0; d < D; ++d)
+                for (int64_t t = 0; t < kTile; ++t)
+                  tmp[d * kTile + t] += gbc[t] * U[d * kTile + t];
+            }
+            init = tmp;
+          }
+          if (dst != nullptr)
+            gemm_init<acc_t, true>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, dst, P, init,
+                                   kTile);
+          else
+            gemm_init<acc_t>(D, C, kTile, pb.mu_scaled, 1, D, ga, kTile, gx, ldg, init, kTile);
         }
+        if (dst == nullptr) store_grad(pb, out.grad_feats, b, p0, n, gx);
         if (!stats_grad) continue;
         // statistics partials: X [D][T] @ g_a^T [T][Cp] (g transposed, zero padded to Cp
         // columns), (X o X) @ g_b^T for a diagonal Sigma, sum_t g_b[c][t] x_t x_t^T for a full one

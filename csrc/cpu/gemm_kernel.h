@@ -214,6 +214,96 @@ void gemm_init(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_
                            ldi);
 }
 
+// Two products of the same shape and an elementwise epilogue in one pass over the output:
+//   Out[R][N] = A1[R][K] @ B1[K][N] + E[R][N] o (A2[R][K] @ B2[K][N])
+// (the DistCL feature gradient: mu^T g_a + x o (Sigma'^T g_b)). A1 and A2 share their strides,
+// B1 and B2 their row stride ldb; E has row stride lde. Both accumulator sets of an RB x NB
+// block stay in registers over K; E is read once, in the block's epilogue, and its rows are
+// requested when the block starts. kStream as for gemm_block. One block of NB columns: one
+// vector with AVX2 (2 x RB accumulators of 16 registers), two with AVX-512.
+template <typename T, int RB, int NB, bool kStream>
+inline void gemm_pair_block(int64_t K, const T* A1, const T* A2, int64_t a_rs, int64_t a_ks,
+                            const T* B1, const T* B2, int64_t ldb, const T* E, int64_t lde,
+                            T* Out, int64_t ldo) {
+  using V = typename SimdOf<T>::type;
+  constexpr int kLanes = kVecBytes / sizeof(T);
+  constexpr int NV = NB / kLanes;
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < NB; j += 64 / sizeof(T)) __builtin_prefetch(E + r * lde + j, 0, 3);
+  V acc1[RB][NV], acc2[RB][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc1[r][j] = acc2[r][j] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b1[NV], b2[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      b1[j] = load_vec(B1 + k * ldb + j * kLanes);
+      b2[j] = load_vec(B2 + k * ldb + j * kLanes);
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) {
+      const T a1 = A1[r * a_rs + k * a_ks], a2 = A2[r * a_rs + k * a_ks];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        acc1[r][j] += a1 * b1[j];
+        acc2[r][j] += a2 * b2[j];
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j)
+      put_vec<kStream>(Out + r * ldo + j * kLanes,
+                       acc1[r][j] + load_vec(E + r * lde + j * kLanes) * acc2[r][j]);
+}
+
+template <typename T, int NB, int RB, bool kStream>
+inline void gemm_pair_rows(int64_t rows, int64_t K, const T* A1, const T* A2, int64_t a_rs,
+                           int64_t a_ks, const T* B1, const T* B2, int64_t ldb, const T* E,
+                           int64_t lde, T* Out, int64_t ldo) {
+  if constexpr (RB > 0) {
+    if (rows == RB)
+      return gemm_pair_block<T, RB, NB, kStream>(K, A1, A2, a_rs, a_ks, B1, B2, ldb, E, lde, Out,
+                                                 ldo);
+    gemm_pair_rows<T, NB, RB - 1, kStream>(rows, K, A1, A2, a_rs, a_ks, B1, B2, ldb, E, lde, Out,
+                                           ldo);
+  }
+}
+
+template <typename T, int NB, bool kStream>
+inline void gemm_pair_column(int64_t R, int64_t K, const T* A1, const T* A2, int64_t a_rs,
+                             int64_t a_ks, const T* B1, const T* B2, int64_t ldb, const T* E,
+                             int64_t lde, T* Out, int64_t ldo) {
+  constexpr int kMaxRows = block_rows<T>(2 * (NB / kLanesOf<T>));
+  const int64_t n_blocks = (R + kMaxRows - 1) / kMaxRows;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t r = R * blk / n_blocks, rows = R * (blk + 1) / n_blocks - r;
+    gemm_pair_rows<T, NB, kMaxRows, kStream>(rows, K, A1 + r * a_rs, A2 + r * a_rs, a_rs, a_ks,
+                                             B1, B2, ldb, E + r * lde, lde, Out + r * ldo, ldo);
+  }
+}
+
+// gemm_pair over R rows and N columns, N a whole number of vectors (kStream: Out, ldo aligned)
+template <typename T, bool kStream = false>
+void gemm_pair(int64_t R, int64_t K, int64_t N, const T* A1, const T* A2, int64_t a_rs,
+               int64_t a_ks, const T* B1, const T* B2, int64_t ldb, const T* E, int64_t lde,
+               T* Out, int64_t ldo) {
+  constexpr int kLanes = kLanesOf<T>;
+  constexpr int NB = kVecBytes == 64 ? 2 * kLanes : kLanes;
+  int64_t n0 = 0;
+  for (; n0 + NB <= N; n0 += NB)
+    gemm_pair_column<T, NB, kStream>(R, K, A1, A2, a_rs, a_ks, B1 + n0, B2 + n0, ldb, E + n0,
+                                     lde, Out + n0, ldo);
+  if constexpr (NB != kLanes)
+    if (n0 < N)
+      gemm_pair_column<T, kLanes, kStream>(R, K, A1, A2, a_rs, a_ks, B1 + n0, B2 + n0, ldb,
+                                           E + n0, lde, Out + n0, ldo);
+}
+
 // Out[R][N] (+)= A[R][K] @ Bm[K][N] (accumulate: add to Out); kSquareB: A @ (Bm o Bm)
 template <typename T, bool kSquareB = false>
 void gemm(int64_t R, int64_t K, int64_t N, const T* A, int64_t a_rs, int64_t a_ks, const T* Bm,
