@@ -291,6 +291,14 @@ struct Scratch {
   }
 };
 
+// s.X2 = X o X (the diagonal variance gradient's operand)
+template <typename acc_t>
+void square_tile(Scratch<acc_t>& s, int64_t D) {
+  acc_t* X2 = s.X2.data();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = s.X[d * s.ldx + t] * s.X[d * s.ldx + t];
+}
+
 // a [C][T] = mu/tau @ X and b [C][T] = the Sigma term (left untouched for ProtoCL). For the full
 // covariance, U_c = Sigma'_c @ X [D][T] is kept per class when keep_u (the backward needs it);
 // keep_x2: X o X is also written to s.X2 (the diagonal variance gradient needs it).
@@ -301,11 +309,7 @@ void tile_logits(const Problem<acc_t>& pb, Scratch<acc_t>& s, bool keep_u, bool 
   gemm<acc_t>(C, D, kTile, pb.mu_scaled, D, 1, X, ldx, s.a.data(), kTile, false, s.ahead);
   if (pb.cov == Cov::Diag) {  // sigma' @ (X o X), squared in the GEMM's registers
     gemm<acc_t, true>(C, D, kTile, pb.sigma_scaled, D, 1, X, ldx, s.b.data(), kTile, false);
-    if (keep_x2) {
-      acc_t* X2 = s.X2.data();
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
-    }
+    if (keep_x2) square_tile(s, D);
   } else if (pb.cov == Cov::Full) {
     for (int64_t c = 0; c < C; ++c) {
       acc_t* U = s.U.data() + (keep_u ? c * D * kTile : 0);
@@ -532,11 +536,7 @@ void backward_impl(const Problem<acc_t>& pb, const acc_t* grad_loss, const acc_t
             for (int64_t t = 0; t < kTile; ++t)
               ga[c * kTile + t] = t < n && scale[t] != acc_t(0) ? scale[t] * pc[t] : acc_t(0);
           }
-          if (pb.cov == Cov::Diag && stats_grad) {  // X o X for the variance gradient
-            acc_t* X2 = s.X2.data();
-            for (int64_t d = 0; d < D; ++d)
-              for (int64_t t = 0; t < kTile; ++t) X2[d * kTile + t] = X[d * ldx + t] * X[d * ldx + t];
-          }
+          if (pb.cov == Cov::Diag && stats_grad) square_tile(s, D);
         } else {
           tile_logits(pb, s, true, stats_grad);
           acc_t* a = s.a.data();
